@@ -1,0 +1,1 @@
+"""Energy and storage cost analysis."""

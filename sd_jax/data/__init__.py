@@ -1,0 +1,1 @@
+"""TFDS-based input pipelines."""

@@ -1,0 +1,1 @@
+"""Model zoo: networks built by name, dense or SD."""

@@ -1,0 +1,1 @@
+"""Flax linen layers for SmartDeal and dense <-> SD conversion of variables."""

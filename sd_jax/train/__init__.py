@@ -1,0 +1,1 @@
+"""Training: state, optax transformations, steps, loop and checkpoints."""
