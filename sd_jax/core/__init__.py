@@ -1,0 +1,1 @@
+"""Pure jax.numpy numerics of SmartDeal: no Flax, no global state."""
