@@ -9,7 +9,8 @@ Layouts (Flax kernel layouts in, blocks of shape (n, m, k) out):
   input vector is zero-padded and cut into rows of `row_length` values; rows are split evenly into
   blocks of at most `max_rows` rows (din = 2048, k = 3 gives 4 blocks of 171 rows, as the reference).
 - "depthwise", kernel (kh, kw, 1, channels): one (kh x kw) block per channel.
-`to_blocks` and `from_blocks` are exact inverses (padding is dropped on the way back).
+`to_blocks` and `from_blocks` are exact inverses (padding is dropped on the way back). Both take
+NumPy or JAX arrays and return the same kind, so host-side preparation compiles nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -100,22 +102,27 @@ def _dense_rows_spec(kind, shape, din, dout, row_length, max_rows) -> BlockSpec:
     return BlockSpec(kind, "dense_rows", shape, dout, splits, rows, row_length, rows * row_length)
 
 
+def _numpy_or_jax(array):
+    return np if isinstance(array, np.ndarray) else jnp
+
+
 def to_blocks(weight: Array, spec: BlockSpec) -> Array:
     """View `weight` as blocks of shape spec.block_shape (zero rows where the layout pads)."""
     if tuple(weight.shape) != spec.shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match the block spec {spec.shape}")
+    xp = _numpy_or_jax(weight)
     if spec.layout == "depthwise":
-        return jnp.transpose(weight[:, :, 0, :], (2, 0, 1))  # (channels, kh, kw)
+        return xp.transpose(weight[:, :, 0, :], (2, 0, 1))  # (channels, kh, kw)
     if spec.layout == "dense_rows":
         din = spec.shape[-2]
         vectors = weight.reshape(din, spec.num_outputs).T  # (dout, din)
         padded = spec.blocks_per_output * spec.inputs_per_block
-        vectors = jnp.pad(vectors, ((0, 0), (0, padded - din)))
+        vectors = xp.pad(vectors, ((0, 0), (0, padded - din)))
         return vectors.reshape(spec.block_shape)
     kh, kw, cin, cout = spec.shape
-    per_output = jnp.transpose(weight, (3, 2, 0, 1))  # (cout, cin, kh, kw)
+    per_output = xp.transpose(weight, (3, 2, 0, 1))  # (cout, cin, kh, kw)
     padded = spec.blocks_per_output * spec.inputs_per_block
-    per_output = jnp.pad(per_output, ((0, 0), (0, padded - cin), (0, 0), (0, 0)))
+    per_output = xp.pad(per_output, ((0, 0), (0, padded - cin), (0, 0), (0, 0)))
     return per_output.reshape(spec.block_shape)  # rows: (input channel, kernel row), channel-major
 
 
@@ -123,26 +130,27 @@ def from_blocks(blocks: Array, spec: BlockSpec) -> Array:
     """Inverse of `to_blocks`: reassemble a weight of spec.shape, dropping padding."""
     if tuple(blocks.shape[-3:]) != spec.block_shape:
         raise ValueError(f"blocks shape {tuple(blocks.shape)} does not match {spec.block_shape}")
+    xp = _numpy_or_jax(blocks)
     if spec.layout == "depthwise":
-        return jnp.transpose(blocks, (1, 2, 0))[:, :, None, :]
+        return xp.transpose(blocks, (1, 2, 0))[:, :, None, :]
     if spec.layout == "dense_rows":
         din = spec.shape[-2]
         vectors = blocks.reshape(spec.num_outputs, -1)[:, :din]
         return vectors.T.reshape(spec.shape)
     kh, kw, cin, cout = spec.shape
     per_output = blocks.reshape(cout, -1, kh, kw)[:, :cin]
-    return jnp.transpose(per_output, (2, 3, 1, 0))
+    return xp.transpose(per_output, (2, 3, 1, 0))
 
 
-def real_rows(spec: BlockSpec) -> Array:
+def real_rows(spec: BlockSpec) -> np.ndarray:
     """Boolean (blocks_per_output, rows): True for rows that hold at least one real weight entry."""
     if spec.layout == "depthwise":
-        return jnp.ones((1, spec.rows), bool)
+        return np.ones((1, spec.rows), bool)
     if spec.layout == "dense_rows":
         din = spec.shape[-2]
-        first_input = jnp.arange(spec.blocks_per_output * spec.rows) * spec.k
+        first_input = np.arange(spec.blocks_per_output * spec.rows) * spec.k
         return (first_input < din).reshape(spec.blocks_per_output, spec.rows)
     kh, cin = spec.shape[0], spec.shape[2]
-    channel = jnp.arange(spec.blocks_per_output * spec.inputs_per_block)
-    real = jnp.repeat(channel < cin, kh)
+    channel = np.arange(spec.blocks_per_output * spec.inputs_per_block)
+    real = np.repeat(channel < cin, kh)
     return real.reshape(spec.blocks_per_output, spec.rows)

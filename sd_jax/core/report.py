@@ -77,8 +77,9 @@ class TensorReport:
     shape: tuple[int, ...]
     params: int
     rel_error: float
-    density: float
+    density: float  # non-zeros over the entries of C (padding included), so never above 1
     nonzeros: int
+    coeff_entries: int
     distinct_exponents: int
     min_exponent: int | None
     max_exponent: int | None
@@ -102,13 +103,15 @@ class TensorReport:
         norm = math.sqrt(float(stats["norm_sq"]))
         error = math.sqrt(float(stats["error_sq"]))
         distinct = int(present.size) if options.pow2 else 0
+        entries = spec.num_blocks * spec.rows * spec.k  # C as stored, padding included
         bits = storage_bits(
-            nonzeros, distinct, spec.num_blocks * spec.rows * spec.k, spec.num_blocks * spec.k * spec.k,
+            nonzeros, distinct, entries, spec.num_blocks * spec.k * spec.k,
             spec.num_blocks * spec.rows if options.row_scale else 0, pow2_coefficients=options.pow2,
         )
         return cls(
             name=name, kind=kind, shape=tuple(spec.shape), params=spec.size,
-            rel_error=error / norm if norm > 0 else 0.0, density=nonzeros / spec.size, nonzeros=nonzeros,
+            rel_error=error / norm if norm > 0 else 0.0, density=nonzeros / entries, nonzeros=nonzeros,
+            coeff_entries=entries,
             distinct_exponents=distinct,
             min_exponent=int(present.min()) if present.size and options.pow2 else None,
             max_exponent=int(present.max()) if present.size and options.pow2 else None,
@@ -123,6 +126,7 @@ class TensorReport:
 def totals(reports: Sequence[TensorReport], dense_params: int = 0) -> dict[str, Any]:
     """Whole-network figures; `dense_params` counts weights left dense (stored at 32 bits)."""
     params = sum(r.params for r in reports)
+    entries = sum(r.coeff_entries for r in reports)
     storage = sum(r.storage_bits for r in reports) + 32 * dense_params
     dense = 32 * (params + dense_params)
     return dict(
@@ -130,7 +134,7 @@ def totals(reports: Sequence[TensorReport], dense_params: int = 0) -> dict[str, 
         decomposed_params=params,
         dense_params=dense_params,
         nonzeros=sum(r.nonzeros for r in reports),
-        density=sum(r.nonzeros for r in reports) / params if params else 0.0,
+        density=sum(r.nonzeros for r in reports) / entries if entries else 0.0,
         storage_bits=storage,
         dense_bits=dense,
         compression=dense / storage if storage else math.inf,

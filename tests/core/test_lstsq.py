@@ -35,3 +35,11 @@ def test_degenerate_systems_stay_finite_and_fit():
     assert np.isfinite(solution).all()
     fitted = np.einsum("bkm,bkp->bpm", dependent, solution)
     np.testing.assert_allclose(fitted, rhs, atol=1e-4)
+    np.testing.assert_allclose(solution, _numpy_lstsq(dependent, rhs), atol=1e-4)  # minimum norm
+
+
+def test_collinear_columns_give_the_minimum_norm_solution():
+    base = np.array(jax.random.normal(jax.random.key(6), (4, 3, 12)))
+    base[:, 2] = 2.0 * base[:, 0]  # exactly dependent, as powers of two often are
+    rhs = np.asarray(jax.random.normal(jax.random.key(7), (4, 3, 12)))
+    np.testing.assert_allclose(lstsq(base, rhs), _numpy_lstsq(base, rhs), atol=1e-4)

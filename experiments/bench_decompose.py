@@ -1,0 +1,200 @@
+"""Benchmark: whole-network SD decomposition, batched JAX against the authors' NumPy per-block loop.
+
+    python -m experiments.bench_decompose [--networks=resnet50,resnet18_cifar] [--repeats=3]
+        [--numpy_fraction=1.0] [--json]
+
+For ImageNet ResNet-50 and CIFAR ResNet-18 (kernel shapes traced from the model zoo, seeded
+He-normal weights), it times `decompose_network` (compilation reported apart) and the NumPy loop of
+`experiments/numpy_reference.py` on the same blocks with the same options, alternating A B A B in
+one process, and reports medians, the speed-up and both reconstruction errors. With
+--numpy_fraction < 1 the loop runs on a seeded sample of every tensor's blocks; its time is scaled
+to all blocks and both errors are then measured on that sample. It also times the k x k
+least-squares solve (unrolled Gram-Schmidt) against jnp.linalg.solve on the normal equations.
+Runs in about 2-4 minutes on 2 CPU cores; the last line with --json is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import numpy_reference
+from sd_jax import models
+from sd_jax.core import blocking
+from sd_jax.core.decompose import DecomposeOptions
+from sd_jax.core.lstsq import lstsq
+from sd_jax.core.network import decompose_network
+
+NETWORKS = {  # name -> (zoo name, classes, input side)
+    "resnet50": ("resnet50_imagenet", 1000, 224),
+    "resnet18_cifar": ("resnet18", 10, 32),
+}
+
+_NETWORKS = flags.DEFINE_list("networks", list(NETWORKS), f"Networks to run, of {list(NETWORKS)}.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed JAX runs per network (after one compiling run).")
+_NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed NumPy-loop runs per network.")
+_NUMPY_FRACTION = flags.DEFINE_float("numpy_fraction", 1.0, "Fraction of each tensor's blocks the NumPy loop runs.")
+_THRESHOLD = flags.DEFINE_float("threshold", 1e-3, "Element sparsity threshold.")
+_ITERATIONS = flags.DEFINE_integer("iterations", 30, "Most alternating rounds per block.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+
+
+def he_kernels(zoo_name: str, classes: int, side: int, seed: int = 0) -> dict:
+    """The model's parameter tree with He-normal kernels (std sqrt(2 / fan_in)) and zero others."""
+    model = models.get(zoo_name, num_classes=classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False))
+    params = flax.core.unfreeze(shapes["params"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    rng = np.random.default_rng(seed)
+    values = []
+    for path, leaf in leaves:
+        if str(getattr(path[-1], "key", "")) == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            values.append((rng.standard_normal(leaf.shape, np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+        else:
+            values.append(np.zeros(leaf.shape, np.float32))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - start, out
+
+
+def numpy_loop(samples, options: DecomposeOptions):
+    """Run the NumPy loop on every sampled block; return per-block errors and norms (squared)."""
+    error_sq = norm_sq = 0.0
+    for blocks in samples:
+        coeff, basis = numpy_reference.decompose_blocks(
+            blocks, threshold=options.threshold, max_coeff=options.max_coeff, iterations=options.iterations
+        )
+        error_sq += float(np.sum((blocks - coeff @ basis) ** 2))
+        norm_sq += float(np.sum(blocks**2))
+    return error_sq, norm_sq
+
+
+def bench_network(name: str) -> dict:
+    zoo_name, classes, side = NETWORKS[name]
+    params = he_kernels(zoo_name, classes, side)
+    defaults = dict(threshold=_THRESHOLD.value, iterations=_ITERATIONS.value)
+    options = DecomposeOptions(**defaults)
+    compile_seconds, result = timed(lambda: decompose_network(params, **defaults))
+    decomposed = {r.name for r in result.reports}
+    leaves = {"/".join(str(getattr(k, "key", k)) for k in p): v
+              for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    rng = np.random.default_rng(1)
+    samples, picks, total_blocks, sampled_blocks = [], [], 0, 0
+    for report in result.reports:
+        spec = blocking.block_spec(report.shape, report.kind)
+        blocks = np.asarray(blocking.to_blocks(jnp.asarray(leaves[report.name]), spec))
+        count = max(1, round(_NUMPY_FRACTION.value * spec.num_blocks))
+        pick = np.sort(rng.choice(spec.num_blocks, count, replace=False))
+        samples.append(blocks[pick])
+        picks.append((report.name, pick))
+        total_blocks += spec.num_blocks
+        sampled_blocks += count
+
+    jax_times, numpy_times = [], []
+    for repeat in range(max(_REPEATS.value, _NUMPY_REPEATS.value)):
+        if repeat < _REPEATS.value:
+            seconds, result = timed(lambda: decompose_network(params, **defaults))
+            jax_times.append(seconds)
+        if repeat < _NUMPY_REPEATS.value:
+            seconds, (np_error_sq, np_norm_sq) = timed(lambda: numpy_loop(samples, options))
+            numpy_times.append(seconds * total_blocks / sampled_blocks)
+
+    by_name = {r.name: r for r in result.reports}
+    tree_leaves = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        result.tree, is_leaf=lambda x: hasattr(x, "reconstruct"))[0]:
+        tree_leaves["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+    jax_error_sq = 0.0
+    for (layer, pick), blocks in zip(picks, samples):
+        sd = tree_leaves[layer]
+        rebuilt = np.asarray(sd.coeff)[pick] @ np.asarray(sd.basis)[pick]
+        jax_error_sq += float(np.sum((blocks - rebuilt) ** 2))
+    seconds = statistics.median(jax_times)
+    numpy_seconds = statistics.median(numpy_times)
+    decomposed_params = sum(r.params for r in by_name.values())
+    return dict(
+        params=int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params))),
+        decomposed_params=int(decomposed_params),
+        decomposed_tensors=len(decomposed),
+        blocks=total_blocks,
+        seconds=seconds,
+        compile_seconds=compile_seconds - seconds,
+        numpy_seconds=numpy_seconds,
+        numpy_fraction=sampled_blocks / total_blocks,
+        speedup=numpy_seconds / seconds,
+        params_per_second=decomposed_params / seconds,
+        rel_error=float(np.sqrt(jax_error_sq / np_norm_sq)),
+        numpy_rel_error=float(np.sqrt(np_error_sq / np_norm_sq)),
+        network_rel_error=float(np.sqrt(sum(r.rel_error**2 * r.params for r in result.reports) / decomposed_params)),
+        density=sum(r.nonzeros for r in result.reports) / sum(r.coeff_entries for r in result.reports),
+        max_rounds=max(r.rounds for r in result.reports),
+        jax_runs=jax_times,
+        numpy_runs=numpy_times,
+    )
+
+
+def bench_solver(num_blocks: int = 45_000, rows: int = 192, repeats: int = 5) -> dict:
+    """Unrolled Gram-Schmidt least squares against LAPACK solves of the normal equations."""
+    key_a, key_b = jax.random.split(jax.random.key(2))
+    columns = jax.random.normal(key_a, (num_blocks, 3, rows))
+    rhs = jax.random.normal(key_b, (num_blocks, 3, rows))
+    ours = jax.jit(lstsq)
+    lapack = jax.jit(lambda c, r: jnp.linalg.solve(c @ jnp.swapaxes(c, 1, 2), c @ jnp.swapaxes(r, 1, 2)))
+    jax.block_until_ready((ours(columns, rhs), lapack(columns, rhs)))
+    ours_times, lapack_times = [], []
+    for _ in range(repeats):
+        ours_times.append(timed(lambda: ours(columns, rhs))[0])
+        lapack_times.append(timed(lambda: lapack(columns, rhs))[0])
+    return dict(blocks=num_blocks, rows=rows, gram_schmidt_seconds=statistics.median(ours_times),
+                lapack_seconds=statistics.median(lapack_times),
+                lapack_over_gram_schmidt=statistics.median(lapack_times) / statistics.median(ours_times))
+
+
+def machine() -> dict:
+    return dict(devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
+                flax=flax.__version__, cpus=os.cpu_count(), python=platform.python_version(),
+                threads=os.environ.get("XLA_FLAGS", ""))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    unknown = sorted(set(_NETWORKS.value) - set(NETWORKS))
+    if unknown:
+        raise app.UsageError(f"unknown network(s) {unknown}; pick from {list(NETWORKS)}")
+    results = {name: bench_network(name) for name in _NETWORKS.value}
+    results["solver"] = bench_solver()
+    results["machine"] = machine()
+    print(f"{'network':16} {'params':>11} {'blocks':>7} {'jax s':>7} {'compile s':>9} {'numpy s':>8} "
+          f"{'speedup':>8} {'rel.err':>8} {'numpy err':>9} {'density':>7}")
+    for name in _NETWORKS.value:
+        r = results[name]
+        print(f"{name:16} {r['params']:>11,} {r['blocks']:>7,} {r['seconds']:>7.2f} {r['compile_seconds']:>9.2f} "
+              f"{r['numpy_seconds']:>8.1f} {r['speedup']:>7.1f}x {r['rel_error']:>8.4f} "
+              f"{r['numpy_rel_error']:>9.4f} {r['density']:>7.3f}")
+    solver = results["solver"]
+    print(f"k x k solves, {solver['blocks']:,} blocks of {solver['rows']} x 3: Gram-Schmidt "
+          f"{solver['gram_schmidt_seconds']:.3f} s, LAPACK normal equations {solver['lapack_seconds']:.3f} s "
+          f"({solver['lapack_over_gram_schmidt']:.1f}x slower)")
+    print(f"medians; NumPy loop on {results[_NETWORKS.value[0]]['numpy_fraction']:.0%} of blocks, time scaled "
+          f"to all; {results['machine']['backend']} {results['machine']['devices']}, {os.cpu_count()} cores")
+    if _JSON.value:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    app.run(main)
