@@ -1,0 +1,68 @@
+"""Models by name: `get("resnet20", num_classes=10)`.
+
+Naming: a name without suffix is the CIFAR (32×32) form; `_imagenet` is the ImageNet form (7×7
+stride-2 stem and max-pool for ResNets, stride-2 stem for MobileNetV2). Adding a model is one module
+plus one line in `_BUILDERS`.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, vgg
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    # CIFAR ResNets, widths 16-32-64 (He et al. 2016).
+    "resnet20": functools.partial(resnet_cifar.CifarResNet, depth=20),
+    "resnet32": functools.partial(resnet_cifar.CifarResNet, depth=32),
+    "resnet44": functools.partial(resnet_cifar.CifarResNet, depth=44),
+    "resnet56": functools.partial(resnet_cifar.CifarResNet, depth=56),
+    "resnet110": functools.partial(resnet_cifar.CifarResNet, depth=110),
+    "resnet164": functools.partial(resnet_cifar.CifarPreActResNet, depth=164),
+    # ResNets with widths 64-512.
+    "resnet18": functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block="basic", stem="cifar"),
+    "resnet34": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block="basic", stem="cifar"),
+    "resnet50": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck", stem="cifar"),
+    "resnet18_imagenet": functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block="basic", stem="imagenet"),
+    "resnet34_imagenet": functools.partial(resnet.ResNet, stage_sizes=(3, 4, 6, 3), block="basic", stem="imagenet"),
+    "resnet50_imagenet": functools.partial(
+        resnet.ResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck", stem="imagenet"),
+    # VGG with batch norm, CIFAR form.
+    "vgg11": functools.partial(vgg.VGG, depth=11),
+    "vgg16": functools.partial(vgg.VGG, depth=16),
+    "vgg19": functools.partial(vgg.VGG, depth=19),
+    # MobileNetV2.
+    "mobilenet_v2": functools.partial(mobilenet_v2.MobileNetV2, stem="cifar"),
+    "mobilenet_v2_imagenet": functools.partial(mobilenet_v2.MobileNetV2, stem="imagenet"),
+    # Small networks for 28×28 / 32×32 images.
+    "lenet5": small.LeNet5,
+    "mlp": small.MLP,
+}
+
+_NOT_OPTIONS = ("parent", "name")
+
+
+def names() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_BUILDERS)
+
+
+def get(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+    """The model registered as `name` with `num_classes` outputs; `kwargs` set or override its fields.
+
+    Common fields: `conv` and `dense` (layer factories, see `sd_jax.models.common`), `dtype`
+    (compute dtype; parameters stay float32). Raises ValueError for an unknown name or option.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"model {name!r}: num_classes must be a positive int, got {num_classes!r}")
+    builder = _BUILDERS[name]
+    cls = builder.func if isinstance(builder, functools.partial) else builder
+    options = {f.name for f in dataclasses.fields(cls)} - set(_NOT_OPTIONS)
+    unknown = sorted(set(kwargs) - options)
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are {', '.join(sorted(options - {'num_classes'}))}")
+    return builder(num_classes=num_classes, **kwargs)

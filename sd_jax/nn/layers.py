@@ -1,0 +1,243 @@
+"""SD layers: a conv or dense layer whose kernel is stored as W = from_blocks(q(C) ⊙ mask · B).
+
+`SDConv` and `SDDense` take the constructor keywords of `nn.Conv` / `nn.Dense` that the model zoo
+uses (features, kernel_size, strides, padding, use_bias, feature_group_count, kernel_dilation, name,
+dtype), so `models.get(name, conv=SDConv, dense=SDDense)` builds an SD network. Their variables:
+
+    sd_basis / <layer> / basis   (n, k, k) float32, B, one basis per block
+    sd_coeff / <layer> / coeff   (n, m, k) float32, C
+    sd_mask  / <layer> / mask    (n, m, k) bool, the fixed non-zero pattern of C; never trained
+    params   / <layer> / bias    (features,), when use_bias
+
+with (n, m, k) the block shape of `sd_jax.core.blocking.block_spec(kernel shape, kind)`. The forward
+pass rebuilds the kernel and runs the ordinary convolution or matrix product.
+
+Coefficient modes:
+- 'latent': C is a float latent; every forward pass quantizes it (sparsify below `threshold`, clip to
+  `max_coeff`, round to a power of two) with a straight-through gradient (DESIGN.md 1.4, "simpler
+  alternative").
+- 'pow2': C already holds 0 or ±2^e (kept so by the bucket-switch update); it is used as is, and its
+  gradient is that of W with respect to C.
+
+From-scratch initialisation: C is drawn N(0, 1) (stored as is in 'latent' mode, quantized in 'pow2'
+mode), the mask is the non-zero pattern of q(C) on the real (unpadded) rows, and each block's basis
+is a random orthogonal matrix times one scale per layer, chosen so the rebuilt kernel has the
+variance of the LeCun (1 / fan_in, the nn.Conv / nn.Dense default) or He (2 / fan_in) initialiser.
+An orthogonal basis keeps every row of a block at the norm of its row of C, so the variance holds
+per layer rather than only on average over seeds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import canonicalize_padding
+
+from sd_jax.core import blocking, pow2
+
+Array = jax.Array
+
+SD_BASIS = "sd_basis"
+SD_COEFF = "sd_coeff"
+SD_MASK = "sd_mask"
+SD_COLLECTIONS = (SD_BASIS, SD_COEFF, SD_MASK)
+
+MODES = ("latent", "pow2")
+# Kernel variance times fan_in of the initialisers an SD layer can match.
+INIT_VARIANCE_SCALE = {"lecun": 1.0, "he": 2.0}
+
+
+def init_sd_blocks(
+    key: Array,
+    spec: blocking.BlockSpec,
+    *,
+    fan_in: int,
+    variance_scale: float,
+    mode: str,
+    threshold: float,
+    max_coeff: float,
+) -> tuple[Array, Array, Array]:
+    """From-scratch (coeff (n, m, k), basis (n, k, k), mask (n, m, k) bool) for one kernel.
+
+    The rebuilt kernel has mean 0 and variance variance_scale / fan_in over its real entries.
+    """
+    coeff_key, basis_key = jax.random.split(key)
+    n, m, k = spec.block_shape
+    latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32)
+    real = jnp.tile(blocking.real_rows(spec), (spec.num_outputs, 1))[:, :, None]  # (n, m, 1)
+    quantized = pow2.quantize_pow2(latent, threshold, max_coeff)
+    mask = real & (quantized != 0)
+    quantized = jnp.where(mask, quantized, 0.0)
+    # A row of W is a row of q(C) times s·Q with Q orthogonal: its squared norm is s^2 times the
+    # row's, so mean(W^2) over the real entries is s^2 · mean(q(C)^2) over the same entries.
+    second_moment = jnp.sum(quantized**2) / (jnp.sum(real) * k)
+    scale = jnp.sqrt(variance_scale / fan_in / jnp.maximum(second_moment, 1e-30))
+    basis = scale * jax.random.orthogonal(basis_key, k, shape=(n,), dtype=jnp.float32)
+    coeff = quantized if mode == "pow2" else jnp.where(mask, latent, 0.0)
+    return coeff, basis, mask
+
+
+def rebuild_kernel(
+    coeff: Array,
+    basis: Array,
+    mask: Array,
+    spec: blocking.BlockSpec,
+    *,
+    mode: str,
+    threshold: float,
+    max_coeff: float,
+) -> Array:
+    """The kernel from_blocks(q(C) ⊙ mask · B) in its layer shape (q is the identity in 'pow2' mode)."""
+    if mode == "latent":
+        coeff = pow2.quantize_pow2_ste(coeff, threshold, max_coeff)
+    coeff = jnp.where(mask, coeff, 0.0)
+    return blocking.from_blocks(jnp.einsum("nmk,nkj->nmj", coeff, basis), spec)
+
+
+def _check_options(layer: str, mode: str, init_scheme: str, threshold: float, max_coeff: float) -> None:
+    if mode not in MODES:
+        raise ValueError(f"layer '{layer}': mode {mode!r} is not one of {MODES}")
+    if init_scheme not in INIT_VARIANCE_SCALE:
+        raise ValueError(f"layer '{layer}': init_scheme {init_scheme!r} is not one of {tuple(INIT_VARIANCE_SCALE)}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"layer '{layer}': threshold={threshold!r} must be a finite number >= 0")
+    if not (isinstance(max_coeff, (int, float)) and pow2.is_power_of_two(float(max_coeff))):
+        raise ValueError(f"layer '{layer}': max_coeff={max_coeff!r} is not a power of two; pass e.g. 32.0")
+
+
+def _sd_kernel(module: nn.Module, shape: tuple[int, ...], kind: str, fan_in: int) -> Array:
+    """Declare (or read) the layer's SD variables for a kernel of `shape` and return the kernel."""
+    _check_options(module.name, module.mode, module.init_scheme, module.threshold, module.max_coeff)
+    spec = blocking.block_spec(
+        shape, kind, group_size=module.group_size, row_length=module.row_length,
+        max_rows=module.max_rows, name=f"layer '{module.name}'",
+    )
+    initial = {}
+
+    def initial_value(which: str) -> Array:
+        # C, B and the mask are drawn together (B's scale depends on C); only when initialising.
+        if not initial:
+            coeff, basis, mask = init_sd_blocks(
+                module.make_rng("params"), spec, fan_in=fan_in,
+                variance_scale=INIT_VARIANCE_SCALE[module.init_scheme], mode=module.mode,
+                threshold=float(module.threshold), max_coeff=float(module.max_coeff),
+            )
+            initial.update(coeff=coeff, basis=basis, mask=mask)
+        return initial[which]
+
+    coeff = module.variable(SD_COEFF, "coeff", initial_value, "coeff").value
+    basis = module.variable(SD_BASIS, "basis", initial_value, "basis").value
+    mask = module.variable(SD_MASK, "mask", initial_value, "mask").value
+    for variable, value in (("coeff", coeff), ("basis", basis), ("mask", mask)):
+        expected = spec.block_shape if variable != "basis" else (spec.num_blocks, spec.k, spec.k)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"layer '{module.name}': {variable} has shape {tuple(value.shape)}, but a {kind} kernel "
+                f"{shape} with this blocking needs {expected}; convert the variables with the same "
+                "group_size, row_length and max_rows"
+            )
+    return rebuild_kernel(
+        coeff, basis, mask, spec, mode=module.mode,
+        threshold=float(module.threshold), max_coeff=float(module.max_coeff),
+    )
+
+
+def _bias(module: nn.Module) -> Array | None:
+    if not module.use_bias:
+        return None
+    return module.param("bias", nn.initializers.zeros_init(), (module.features,), jnp.float32)
+
+
+def _pair(value: int | Sequence[int], what: str, layer: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"layer '{layer}': {what} {value!r} is not an int or a pair; SDConv is 2-D only")
+    return pair
+
+
+class SDConv(nn.Module):
+    """2-D convolution (NHWC input, (kh, kw, cin / groups, features) kernel) with an SD kernel.
+
+    Constructor keywords of nn.Conv, plus the SD options: `mode` ('latent' or 'pow2'), `threshold`
+    and `max_coeff` of the quantizer, `init_scheme` ('lecun' or 'he'), the blocking (`group_size`,
+    `row_length`, `max_rows`) and `kind` (default: 'depthwise' for one input channel per group
+    and group count = features, else 'conv').
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    mode: str = "latent"
+    threshold: float = 1e-3
+    max_coeff: float = 32.0
+    init_scheme: str = "lecun"
+    group_size: int = 64
+    row_length: int = 3
+    max_rows: int = 192
+    kind: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if x.ndim != 4:
+            raise ValueError(
+                f"layer '{self.name}': input shape {tuple(x.shape)} is not (batch, height, width, channels)")
+        kernel_size = _pair(self.kernel_size, "kernel_size", self.name)
+        strides = _pair(self.strides, "strides", self.name)
+        dilation = _pair(self.kernel_dilation, "kernel_dilation", self.name)
+        if isinstance(self.padding, str) and self.padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"layer '{self.name}': padding {self.padding!r} is not supported; use 'SAME', 'VALID' or pairs")
+        padding = canonicalize_padding(self.padding, 2)
+        in_features = x.shape[-1]
+        groups = self.feature_group_count
+        if in_features % groups or self.features % groups:
+            raise ValueError(
+                f"layer '{self.name}': feature_group_count={groups} must divide the input channels "
+                f"({in_features}) and features ({self.features})"
+            )
+        shape = (*kernel_size, in_features // groups, self.features)
+        kind = self.kind or ("depthwise" if shape[2] == 1 and groups == self.features and groups > 1 else "conv")
+        kernel = _sd_kernel(self, shape, kind, fan_in=math.prod(shape[:3]))
+        bias = _bias(self)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        )
+        return y if bias is None else y + bias
+
+
+class SDDense(nn.Module):
+    """Dense layer on the last axis ((din, features) kernel) with an SD kernel.
+
+    Constructor keywords of nn.Dense, plus the SD options of `SDConv` (`kind` is always 'dense').
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    mode: str = "latent"
+    threshold: float = 1e-3
+    max_coeff: float = 32.0
+    init_scheme: str = "lecun"
+    group_size: int = 64
+    row_length: int = 3
+    max_rows: int = 192
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (x.shape[-1], self.features)
+        kernel = _sd_kernel(self, shape, "dense", fan_in=shape[0])
+        bias = _bias(self)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias
