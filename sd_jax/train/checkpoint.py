@@ -81,8 +81,13 @@ def _load_orbax(path: str) -> Any:
         if steps:
             manager = ocp.CheckpointManager(os.path.abspath(path))
             step = manager.latest_step()
-            restored = manager.restore(step, args=ocp.args.Composite(default=ocp.args.StandardRestore()))
-            return restored["default"]
+            step_dir = os.path.join(path, str(step))
+            items = sorted(d for d in os.listdir(step_dir)
+                           if os.path.isdir(os.path.join(step_dir, d)) and not d.startswith("_"))
+            if items == ["default"]:
+                return manager.restore(step, args=ocp.args.StandardRestore())
+            restored = manager.restore(step, args=ocp.args.Composite(**{i: ocp.args.StandardRestore() for i in items}))
+            return {item: restored[item] for item in items}
         return ocp.StandardCheckpointer().restore(os.path.abspath(path))
     except Exception as error:  # Orbax raises many types for a damaged directory
         raise CheckpointError(
