@@ -1,0 +1,95 @@
+"""Train state and the jitted, data-parallel train and eval steps.
+
+Variables are split by collection: `trainable` (params, sd_basis, sd_coeff) goes through the
+optimizer; `frozen` (batch_stats, updated by the forward pass, and sd_mask, never changed) does not.
+`make_steps` jits both steps with `NamedSharding` on a "data" mesh: the batch is split over the
+devices, the state is replicated and donated, so one program serves 1 device, 8 devices or several
+processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from sd_jax.train import sharding
+from sd_jax.train.optimizer import TRAINABLE
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, so it can be sharded, donated and checkpointed."""
+
+    step: jax.Array
+    trainable: dict[str, Any]
+    frozen: dict[str, Any]
+    opt_state: Any
+    key: jax.Array
+    apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {**self.trainable, **self.frozen}
+
+
+def create_train_state(
+    apply_fn: Callable[..., Any], variables: dict[str, Any], tx: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+    """Split `variables` into trainable and frozen collections and initialise the optimizer."""
+    variables = flax.core.unfreeze(variables)
+    trainable = {name: tree for name, tree in variables.items() if name in TRAINABLE}
+    frozen = {name: tree for name, tree in variables.items() if name not in TRAINABLE}
+    return TrainState(
+        step=jnp.zeros([], jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable),
+        key=key, apply_fn=apply_fn, tx=tx,
+    )
+
+
+def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on the global batch; returns the new state and mean loss and accuracy."""
+    rngs = {"dropout": jax.random.fold_in(state.key, state.step)}
+
+    def loss_fn(trainable):
+        logits, updates = state.apply_fn(
+            {**trainable, **state.frozen}, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
+        )
+        metrics = _metrics(logits, batch["label"])
+        return metrics["loss"], (metrics, updates)
+
+    (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    changes, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, changes)
+    frozen = {**state.frozen, **updates}
+    return state.replace(step=state.step + 1, trainable=trainable, frozen=frozen, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    """Mean loss and accuracy of the model in evaluation mode."""
+    logits = state.apply_fn(state.variables, batch["image"], train=False)
+    return _metrics(logits, batch["label"])
+
+
+def make_steps(mesh: Mesh, state: TrainState) -> tuple[Callable, Callable, TrainState]:
+    """Jitted train and eval steps for `mesh`, and `state` placed (replicated) on it."""
+    replicated = sharding.replicated(mesh)
+    batch = sharding.batch_sharding(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
+    state = jax.device_put(state, state_sharding)
+    train = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
+                    donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)
+    return train, evaluate, state

@@ -1,0 +1,69 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sd_jax import models
+from sd_jax.train import sharding
+from sd_jax.train.optimizer import sd_optimizer
+from sd_jax.train.step import create_train_state, make_steps
+
+
+class _Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = nn.Conv(8, (3, 3), use_bias=False, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+        return nn.Dense(10, name="head")(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+def _setup(devices):
+    model = _Tiny()
+    images = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+    batch = {"image": images, "label": jnp.arange(16) % 10}
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+    state = create_train_state(model.apply, variables, sd_optimizer(0.1), jax.random.key(2))
+    mesh = sharding.data_mesh(devices)
+    train, evaluate, state = make_steps(mesh, state)
+    return train, evaluate, state, jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def test_step_on_eight_devices_equals_one_device():
+    assert len(jax.devices()) == 8, "conftest simulates 8 CPU devices"
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        train, evaluate, state, batch = _setup(devices)
+        for _ in range(2):
+            state, metrics = train(state, batch)
+        results.append((jax.device_get(state.variables), jax.device_get(metrics), jax.device_get(evaluate(state, batch))))
+    (one, one_metrics, one_eval), (eight, eight_metrics, eight_eval) = results
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, eight)
+    np.testing.assert_allclose(one_metrics["loss"], eight_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(one_eval["accuracy"], eight_eval["accuracy"])
+
+
+def test_step_trains_a_zoo_model_and_updates_batch_stats():
+    model = models.get("lenet5", num_classes=10)
+    images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+    batch = {"image": images, "label": jnp.arange(8) % 10}
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+    state = create_train_state(model.apply, variables, sd_optimizer(0.05), jax.random.key(4))
+    train, evaluate, state = make_steps(sharding.data_mesh(jax.devices()[:2]), state)
+    first = float(evaluate(state, batch)["loss"])
+    for _ in range(20):
+        state, _ = train(state, batch)
+    assert float(evaluate(state, batch)["loss"]) < first
+    assert int(state.step) == 20
+
+
+def test_batch_that_does_not_divide_raises():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sharding.check_batch(12, sharding.data_mesh())
+
+
+def test_shard_large_splits_only_big_divisible_kernels():
+    mesh = sharding.data_mesh()
+    shardings = sharding.shard_large({"big": np.zeros((64, 1024)), "small": np.zeros(10)}, mesh, min_size=1000)
+    assert shardings["big"].spec == jax.sharding.PartitionSpec(None, "data")
+    assert shardings["small"].spec == jax.sharding.PartitionSpec()
