@@ -1,0 +1,100 @@
+"""Training checkpoints with Orbax `CheckpointManager`: asynchronous saves, the last K and the best kept.
+
+A checkpoint holds everything needed to resume bit for bit: the `TrainState` (step, every variable
+collection, optimizer state with the bucket-switch counters and SWA average, PRNG key) as item
+"state", and the input pipeline's position as the JSON item "data". Saves run in the background;
+`wait` (or `close`) before the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sd_jax.train.checkpoint import CheckpointError
+from sd_jax.train.step import TrainState
+
+
+def _to_saveable(state: TrainState) -> TrainState:
+    return state.replace(key=jax.random.key_data(state.key))  # Orbax stores raw key data, not typed keys
+
+
+class TrainCheckpoints:
+    """Save every `every_steps` steps (and when forced); keep the `keep_last` newest and the
+    `keep_best` best by `best_metric` (`best_mode` "max" or "min")."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        every_steps: int,
+        keep_last: int = 2,
+        keep_best: int = 1,
+        best_metric: str = "accuracy",
+        best_mode: str = "max",
+    ) -> None:
+        if every_steps < 1 or keep_last < 1 or keep_best < 0:
+            raise ValueError("every_steps and keep_last must be >= 1 and keep_best >= 0")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode={best_mode!r}; pass 'max' or 'min'")
+        policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+        if keep_best:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            ))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        )
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def save(self, step: int, state: TrainState, *, data_state: dict[str, Any] | None = None,
+             metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+        """Start saving (asynchronously); True when a save was started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_saveable(state)), data=ocp.args.JsonSave(data_state or {})
+        )
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]] | None:
+        """The state and data position at `step` (default: latest), or None when there is none.
+
+        `template` is a state of the same model and optimizer (e.g. freshly initialised); a
+        checkpoint of another model raises CheckpointError.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except Exception as error:  # Orbax raises many types for a mismatched or damaged checkpoint
+            raise CheckpointError(
+                f"{self.directory}: cannot restore step {step} ({type(error).__name__}: {error}); the checkpoint "
+                "is damaged or comes from a different model or optimizer: use a fresh --workdir or the matching config"
+            ) from None
+        state = restored["state"]
+        state = state.replace(key=jax.random.wrap_key_data(np.asarray(state.key)))
+        return state, dict(restored["data"] or {})
+
+    def wait(self) -> None:
+        """Block until every save in flight is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
