@@ -2,7 +2,11 @@
 
     python -m launch.main --mode=decompose --params=model.npz [--output=sd.npz] [--json]
 
-Modes: decompose (every kernel of a saved parameter tree -> SD form, per-layer report).
+    python -m launch.main --mode=analyze --model=resnet20 [--params=PATH] [--format=markdown] [--plots=DIR]
+    python -m launch.main --mode=export --model=resnet20 --params=PATH --output=model.sdpack
+
+Modes: decompose (every kernel of a saved parameter tree -> SD form, per-layer report); analyze
+(energy and storage, dense and SD side by side); export (checkpoint -> packed SD file).
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs", "decompose.py")
 
-MODES = ("decompose",)
+MODES = ("decompose", "analyze", "export")
 _MODE = flags.DEFINE_enum("mode", "decompose", MODES, "What to run.")
 _PARAMS = flags.DEFINE_string("params", None, "Parameter tree to read: an .npz or an Orbax checkpoint directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the SD variables (.npz file or Orbax directory).")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of a table.")
+_MODEL = flags.DEFINE_string("model", None, "analyze / export: zoo model name, e.g. resnet20.")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "markdown", "json", "csv"], "analyze: report format.")
+_PLOTS = flags.DEFINE_string("plots", None, "analyze: directory for PNG plots.")
 try:  # ml_collections reads --config.x overrides from sys.argv while the flag is defined
     _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG), "Config file.")
 except (AttributeError, KeyError) as _error:
@@ -45,17 +52,32 @@ def run_decompose(config, params_path: str, output: str | None, as_json: bool) -
     return report.format_table(result.reports, result.dense_params)
 
 
+def _cost_commands():
+    from sd_jax.cost import commands  # imported only by the modes that need it: slow to import
+
+    return commands
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if _MODE.value == "decompose":
-        if not _PARAMS.value:
-            raise app.UsageError("--mode=decompose needs --params=PATH (an .npz or an Orbax checkpoint)")
-        try:
-            print(run_decompose(_CONFIG.value, _PARAMS.value, _OUTPUT.value, _JSON.value))
-        except ValueError as error:  # bad input: say what and how to fix it, no traceback
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+    if _MODE.value != "analyze" and not _PARAMS.value:
+        raise app.UsageError(f"--mode={_MODE.value} needs --params=PATH (an .npz or an Orbax checkpoint)")
+    if _MODE.value != "decompose" and not _MODEL.value:
+        raise app.UsageError(f"--mode={_MODE.value} needs --model=NAME (a zoo model, e.g. resnet20)")
+    if _MODE.value == "export" and not _OUTPUT.value:
+        raise app.UsageError("--mode=export needs --output=FILE for the packed model")
+    runs = dict(
+        decompose=lambda: run_decompose(_CONFIG.value, _PARAMS.value, _OUTPUT.value, _JSON.value),
+        analyze=lambda: _cost_commands().run_analyze(_CONFIG.value, _MODEL.value, _PARAMS.value, plots_dir=_PLOTS.value,
+                                             output_format="json" if _JSON.value else _FORMAT.value),
+        export=lambda: _cost_commands().run_export(_CONFIG.value, _MODEL.value, _PARAMS.value, _OUTPUT.value),
+    )
+    try:
+        print(runs[_MODE.value]())
+    except ValueError as error:  # bad input: say what and how to fix it, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,235 @@
+"""Dense against SD, side by side: analysis of one network, its report formats and plots.
+
+`analyze` evaluates the dense view of a network on one hardware description and its SD view on
+another (usually the same technology at other bit widths); `summary`, `layer_rows` and the
+`format_*` / `to_*` functions render the result; `plot_energy` and `plot_storage` save PNGs.
+Storage totals add the model's other parameters (biases, norms) at 32 bits to both sides.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from sd_jax.cost import energy as energy_lib
+from sd_jax.cost.hardware import Hardware
+from sd_jax.cost.layers import Network
+
+OTHER_PARAM_BITS = 32
+PHASES = ("forward", "backward_activations", "backward_weights", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """Per-layer energies (NumPy) of the dense and SD views; inference and training at their batches."""
+
+    model: str
+    unit: str
+    network: Network
+    dense: dict[str, Any]
+    sd: dict[str, Any]
+    steps_per_epoch: int
+
+
+def analyze(
+    network: Network, model: str, *, unit: str, dense_hardware: Hardware, sd_hardware: Hardware,
+    inference_batch: int = 1, training_batch: int = 128, steps_per_epoch: int = 1,
+) -> Analysis:
+    """Run `energy` on both views: inference at `inference_batch`, training at `training_batch`."""
+    for name, value in (("inference_batch", inference_batch), ("training_batch", training_batch),
+                        ("steps_per_epoch", steps_per_epoch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"analyze: {name}={value!r} must be a positive integer")
+
+    def run(counts: energy_lib.Counts, hw: Hardware) -> dict[str, Any]:
+        inference = energy_lib.energy(counts, dataclasses.replace(hw, batch=np.float32(inference_batch)))
+        training = energy_lib.energy(counts, dataclasses.replace(hw, batch=np.float32(training_batch)))
+        return jax.device_get(dict(inference=inference["inference"], training=training["training"],
+                                   storage=training["storage"]))
+
+    return Analysis(model, unit, network, run(energy_lib.layer_counts(network, sd=False), dense_hardware),
+                    run(energy_lib.layer_counts(network), sd_hardware), steps_per_epoch)
+
+
+def _ratio(dense: float, sd: float) -> float:
+    return dense / sd if sd else math.inf
+
+
+def _side_totals(result: dict[str, Any], other_bits: float) -> dict[str, float]:
+    inference = float(energy_lib.total(result["inference"]))
+    training = float(energy_lib.training_total(result))
+    return dict(
+        inference_energy=inference, storage_bits=float(np.sum(result["storage"]["weights"])) + other_bits,
+        training_energy=training,
+        training_storage_bits=float(energy_lib.total(result["storage"])) + 3 * other_bits,  # value, grad, state
+    )
+
+
+def summary(analysis: Analysis) -> dict[str, Any]:
+    """Totals of both views and their ratios (dense / SD); energies in `unit`, storage in bits."""
+    other_bits = analysis.network.other_params * OTHER_PARAM_BITS
+    dense, sd = _side_totals(analysis.dense, other_bits), _side_totals(analysis.sd, other_bits)
+    out: dict[str, Any] = dict(model=analysis.model, unit=analysis.unit,
+                               macs=sum(layer.macs for layer in analysis.network.layers),
+                               layers=len(analysis.network.layers),
+                               sd_layers=sum(layer.sd is not None for layer in analysis.network.layers),
+                               steps_per_epoch=analysis.steps_per_epoch)
+    for key in dense:
+        out[f"dense_{key}"], out[f"sd_{key}"] = dense[key], sd[key]
+    out["dense_training_energy_per_epoch"] = dense["training_energy"] * analysis.steps_per_epoch
+    out["sd_training_energy_per_epoch"] = sd["training_energy"] * analysis.steps_per_epoch
+    out.update(
+        inference_energy_ratio=_ratio(dense["inference_energy"], sd["inference_energy"]),
+        storage_ratio=_ratio(dense["storage_bits"], sd["storage_bits"]),
+        training_energy_ratio=_ratio(dense["training_energy"], sd["training_energy"]),
+        training_storage_ratio=_ratio(dense["training_storage_bits"], sd["training_storage_bits"]),
+    )
+    return out
+
+
+def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:
+    """One row per layer: shapes, MACs, SD statistics, storage and energies of both views."""
+    rows = []
+    for i, layer in enumerate(analysis.network.layers):
+        pick = lambda tree: float(tree[i])
+        train = lambda result: sum(pick(part) for phase in result["training"].values() for part in phase.values())
+        rows.append(dict(
+            layer=layer.name, kind=layer.kind, kernel="x".join(map(str, layer.kernel_shape)), macs=layer.macs,
+            density=layer.sd.density if layer.sd else None, code_bits=layer.sd.code_bits if layer.sd else None,
+            dense_storage_bits=pick(analysis.dense["storage"]["weights"]),
+            sd_storage_bits=pick(analysis.sd["storage"]["weights"]),
+            dense_inference_energy=sum(pick(v) for v in analysis.dense["inference"].values()),
+            sd_inference_energy=sum(pick(v) for v in analysis.sd["inference"].values()),
+            dense_training_energy=train(analysis.dense), sd_training_energy=train(analysis.sd),
+        ))
+    return rows
+
+
+_COLUMNS = ("layer", "kind", "kernel", "macs", "density", "code_bits", "dense_storage_bits", "sd_storage_bits",
+            "dense_inference_energy", "sd_inference_energy", "dense_training_energy", "sd_training_energy")
+_HEADERS = ("layer", "kind", "kernel", "MACs", "density", "code bits", "dense bits", "SD bits",
+            "dense inf.", "SD inf.", "dense train", "SD train")
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    def cell(key: str) -> str:
+        value = row[key]
+        if value is None:
+            return "-"
+        if isinstance(value, str):
+            return value
+        if key == "density":
+            return f"{value:.3f}"
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+    return [cell(key) for key in _COLUMNS]
+
+
+def _summary_lines(analysis: Analysis) -> list[tuple[str, str, str, str]]:
+    s = summary(analysis)
+    unit = s["unit"]
+    return [
+        ("inference energy / image", f"{s['dense_inference_energy']:.4g} {unit}", f"{s['sd_inference_energy']:.4g} {unit}",
+         f"{s['inference_energy_ratio']:.2f}x"),
+        ("storage (bits)", f"{s['dense_storage_bits']:.4g}", f"{s['sd_storage_bits']:.4g}", f"{s['storage_ratio']:.2f}x"),
+        ("training energy / step", f"{s['dense_training_energy']:.4g} {unit}", f"{s['sd_training_energy']:.4g} {unit}",
+         f"{s['training_energy_ratio']:.2f}x"),
+        ("training energy / epoch", f"{s['dense_training_energy_per_epoch']:.4g} {unit}",
+         f"{s['sd_training_energy_per_epoch']:.4g} {unit}", f"{s['training_energy_ratio']:.2f}x"),
+        ("training storage / step (bits)", f"{s['dense_training_storage_bits']:.4g}",
+         f"{s['sd_training_storage_bits']:.4g}", f"{s['training_storage_ratio']:.2f}x"),
+    ]
+
+
+def format_text(analysis: Analysis) -> str:
+    """A plain-text per-layer table and the totals."""
+    rows = [list(_HEADERS)] + [_cells(row) for row in layer_rows(analysis)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    line = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    table = [line(rows[0]), "-" * len(line(rows[0])), *map(line, rows[1:])]
+    s = summary(analysis)
+    totals = [f"{analysis.model}: {s['macs']:,} MACs per image, {s['sd_layers']} of {s['layers']} layers in SD form",
+              f"{'':32s}{'dense':>22s}{'SD':>22s}{'dense/SD':>10s}"]
+    totals += [f"{a:32s}{b:>22s}{c:>22s}{d:>10s}" for a, b, c, d in _summary_lines(analysis)]
+    return "\n".join(table + [""] + totals)
+
+
+def format_markdown(analysis: Analysis) -> str:
+    """The per-layer table and totals as Markdown."""
+    md = lambda cells: "| " + " | ".join(cells) + " |"
+    lines = [md(_HEADERS), md(["---"] * len(_HEADERS)), *(md(_cells(row)) for row in layer_rows(analysis))]
+    lines += ["", md(("total", "dense", "SD", "dense / SD")), md(["---"] * 4)]
+    lines += [md(cells) for cells in _summary_lines(analysis)]
+    return "\n".join(lines)
+
+
+def to_json(analysis: Analysis) -> str:
+    """Per-layer rows and the summary as one JSON object."""
+    return json.dumps(dict(summary=summary(analysis), layers=layer_rows(analysis)))
+
+
+def to_csv(analysis: Analysis) -> str:
+    """The per-layer rows as CSV with a header line."""
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=_COLUMNS)
+    writer.writeheader()
+    writer.writerows(layer_rows(analysis))
+    return stream.getvalue()
+
+
+FORMATS = {"text": format_text, "markdown": format_markdown, "json": to_json, "csv": to_csv}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_energy(analysis: Analysis, path: str) -> None:
+    """Stacked inference energy per layer and part (DRAM, buffer, register, MAC, rebuild), dense beside SD."""
+    plt = _pyplot()
+    names = [layer.name for layer in analysis.network.layers]
+    x = np.arange(len(names))
+    figure, axis = plt.subplots(figsize=(max(8, 0.3 * len(names)), 5))
+    colors = plt.get_cmap("tab10").colors
+    for offset, (label, result, hatch) in enumerate((("dense", analysis.dense, ""), ("SD", analysis.sd, "//"))):
+        bottom = np.zeros(len(names))
+        for j, (part, values) in enumerate(sorted(result["inference"].items())):
+            axis.bar(x + (offset - 0.5) * 0.4, values, 0.4, bottom=bottom, color=colors[j], hatch=hatch,
+                     label=f"{label}: {part}")
+            bottom += np.asarray(values)
+    axis.set_xticks(x, names, rotation=90, fontsize=6)
+    axis.set_ylabel(f"inference energy per image ({analysis.unit})")
+    axis.set_title(f"{analysis.model}: energy per layer, dense (left) and SD (right, hatched)")
+    axis.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_storage(analysis: Analysis, path: str) -> None:
+    """Stored weight bits per layer, dense beside SD."""
+    plt = _pyplot()
+    names = [layer.name for layer in analysis.network.layers]
+    x = np.arange(len(names))
+    figure, axis = plt.subplots(figsize=(max(8, 0.3 * len(names)), 4))
+    axis.bar(x - 0.2, analysis.dense["storage"]["weights"], 0.4, label="dense")
+    axis.bar(x + 0.2, analysis.sd["storage"]["weights"], 0.4, label="SD")
+    axis.set_xticks(x, names, rotation=90, fontsize=6)
+    axis.set_ylabel("weight storage (bits)")
+    axis.set_yscale("log")
+    axis.set_title(f"{analysis.model}: storage per layer")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,90 @@
+"""Tests for --mode=analyze and --mode=export (sd_jax/cost/commands.py and launch/main.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.configs import decompose as decompose_config
+from launch.main import run_decompose
+from sd_jax import models
+from sd_jax.core import packing
+from sd_jax.cost import commands
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def lenet_params(tmp_path_factory):
+    model, shape = commands.model_input("lenet5")
+    params = commands.he_normal_params(model, shape)
+    path = tmp_path_factory.mktemp("ckpt") / "lenet.npz"
+    np.savez(path, **{"/".join(k): v for k, v in _flat(params).items()})
+    return str(path)
+
+
+def _flat(tree, prefix=()):
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, prefix + (key,)) if isinstance(value, dict) else {prefix + (key,): value})
+    return out
+
+
+@pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
+def test_analyze_reports_dense_and_sd_in_every_format(tmp_path):
+    config = decompose_config.get_config()
+    data = json.loads(commands.run_analyze(config, "lenet5", output_format="json", plots_dir=str(tmp_path)))
+    assert data["summary"]["storage_ratio"] > 1 and len(data["layers"]) == 5
+    assert "dense/SD" in commands.run_analyze(config, "lenet5")
+    assert commands.run_analyze(config, "lenet5", output_format="csv").startswith("layer,kind,kernel,macs")
+    assert "| --- |" in commands.run_analyze(config, "lenet5", output_format="markdown")
+    assert sorted(os.listdir(tmp_path)) == ["lenet5_energy.png", "lenet5_storage.png"]
+
+
+@pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
+def test_export_of_a_dense_checkpoint_matches_the_storage_count(lenet_params, tmp_path):
+    output = str(tmp_path / "lenet.sdpack")
+    text = commands.run_export(decompose_config.get_config(), "lenet5", lenet_params, output)
+    assert "analyzer storage count" in text
+    tensors = packing.load(output)
+    assert sum(isinstance(t, packing.SDTensor) for t in tensors.values()) == 5  # two 5x5 convs and three dense kernels
+
+
+@pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
+def test_export_of_an_sd_checkpoint(lenet_params, tmp_path):
+    config = decompose_config.get_config()
+    sd_path = str(tmp_path / "sd.npz")
+    run_decompose(config, lenet_params, sd_path, as_json=True)
+    output = str(tmp_path / "lenet.sdpack")
+    commands.run_export(config, "lenet5", sd_path, output)
+    tensors = packing.load(output)
+    data = np.load(sd_path)
+    basis = data["sd_basis/classifier/fc1/kernel"]
+    np.testing.assert_array_equal(tensors["params/classifier/fc1/kernel"].basis, basis)
+
+
+def test_unknown_cost_key_raises():
+    config = decompose_config.get_config()
+    config.cost = dict(flux=1)
+    with pytest.raises(ValueError, match="unknown key"):
+        commands.cost_options(config)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "launch.main", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_analyze_and_export(lenet_params, tmp_path):
+    analyzed = _cli("--mode=analyze", "--model=lenet5", "--format=markdown")
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert "dense / SD" in analyzed.stdout
+    exported = _cli("--mode=export", "--model=lenet5", f"--params={lenet_params}", f"--output={tmp_path / 'x.sdpack'}")
+    assert exported.returncode == 0 and "payload" in exported.stdout
+    missing = _cli("--mode=analyze")
+    assert missing.returncode != 0 and "--model" in missing.stderr
+    unknown = _cli("--mode=analyze", "--model=nonet")
+    assert unknown.returncode == 2 and "unknown model" in unknown.stderr
