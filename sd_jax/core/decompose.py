@@ -13,6 +13,7 @@ share (m, k) and the static options are decomposed in one jitted call (`decompos
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -196,6 +197,11 @@ MAX_GROUPS = 8
 _STATIC = ("iterations", "use_pow2", "use_row_scale", "use_row_rule", "decay_steps")
 
 
+def _cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _schedule(n: int, m: int, k: int) -> tuple[int, int]:
     """(independent groups, blocks per pass) for this backend.
 
@@ -204,8 +210,7 @@ def _schedule(n: int, m: int, k: int) -> tuple[int, int]:
     """
     if jax.default_backend() != "cpu":
         return 1, n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    groups = max(1, min(cores, MAX_GROUPS, n))
+    groups = max(1, min(_cores(), MAX_GROUPS, n))
     per_group = -(-n // groups)
     return groups, max(1, min(per_group, 2 ** int(math.log2(max(1, PASS_BYTES // (4 * m * k))))))
 
@@ -354,8 +359,7 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
     for index, (_, options, spec, _, _) in enumerate(prepared):
         buckets.setdefault((spec.rows, spec.k) + options.static_key(), []).append(index)
 
-    results: list[Decomposition | None] = [None] * len(prepared)
-    for members in buckets.values():
+    def run(members: list[int]) -> list[tuple[int, Decomposition]]:
         parts = [prepared[i] for i in members]
         sizes = [spec.num_blocks for _, _, spec, _, _ in parts]
 
@@ -371,16 +375,25 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             use_row_rule=options0.row_threshold > 0, decay_steps=options0.decay_steps,
         )
         stats = jax.device_get(stats)
+        done = []
         for j, (job, options, spec, _, _) in enumerate(parts):
             report = TensorReport.from_statistics(
                 job.name, job.kind, spec, options, {key: value[j] for key, value in stats.items()},
                 rounds=int(out["rounds"][j]),
             )
-            results[members[j]] = Decomposition(
+            done.append((members[j], Decomposition(
                 basis=out["basis"][j], coeff=out["coeff"][j], mask=out["mask"][j],
                 row_scale=out["row_scale"][j] if options.row_scale else None,
                 spec=spec, options=options, report=report,
-            )
+            )))
+        return done
+
+    # Buckets run from a thread pool so their compilations (about 1-2 s each) overlap.
+    results: list[Decomposition | None] = [None] * len(prepared)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(buckets), _cores()) or 1) as pool:
+        for done in pool.map(run, buckets.values()):
+            for index, decomposition in done:
+                results[index] = decomposition
     return results
 
 
