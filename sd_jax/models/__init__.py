@@ -2,9 +2,13 @@
 
 `get("resnet20", num_classes=10)` returns a Flax linen module called as
 `model.init(key, x, train=False)` and `model.apply(variables, x, train=True, mutable=["batch_stats"])`
-on NHWC float images. Conv and dense layers come from the `conv` and `dense` factory fields, so SD
-layers drop in without touching model code (contract in `sd_jax.models.common`).
+on NHWC float images; `get(name, num_classes=10, sd=True)` is the same network with SD layers (or
+`sd=sd_jax.nn.SDRules(...)` to pick them by name). Conv and dense layers come from the `conv` and
+`dense` factory fields, so SD layers drop in without touching model code (contract in
+`sd_jax.models.common`). `synthetic_variables` fills seeded stand-in variables without running the
+initialisers, for tests and benchmarks.
 """
-from sd_jax.models.registry import get, names
+from sd_jax.models.registry import get, layer_names, names
+from sd_jax.models.synthetic import synthetic_variables
 
-__all__ = ["get", "names"]
+__all__ = ["get", "layer_names", "names", "synthetic_variables"]

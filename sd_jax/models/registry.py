@@ -1,5 +1,9 @@
 """Models by name: `get("resnet20", num_classes=10)`.
 
+`get(name, sd=True)` builds the model in SD form (every conv and dense layer the method covers is an
+SDConv / SDDense); `get(name, sd=SDRules(rules, **defaults))` picks the SD layers and their options
+by name patterns (`sd_jax.nn.rules`). The zoo swaps layers through its `conv` / `dense` factories.
+
 Naming: a name without suffix is the CIFAR (32×32) form; `_imagenet` is the ImageNet form (7×7
 stride-2 stem and max-pool for ResNets, stride-2 stem for MobileNetV2). Adding a model is one module
 plus one line in `_BUILDERS`.
@@ -9,8 +13,11 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, vgg
+from sd_jax.nn.rules import SDRules
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     # CIFAR ResNets, widths 16-32-64 (He et al. 2016).
@@ -41,6 +48,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 _NOT_OPTIONS = ("parent", "name")
+# Every zoo model accepts this input; layer names do not depend on the input size.
+_PROBE_INPUT = (1, 32, 32, 3)
 
 
 def names() -> list[str]:
@@ -48,11 +57,29 @@ def names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def get(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of the conv and dense layers of a zoo model, in build order (traced abstractly)."""
+    built: list[str] = []
+
+    def recording(factory):
+        def build(**kwargs):
+            built.append(kwargs["name"])
+            return factory(**kwargs)
+        return build
+
+    probe = model.clone(conv=recording(model.conv), dense=recording(model.dense))
+    jax.eval_shape(lambda: probe.init(jax.random.key(0), jnp.zeros(_PROBE_INPUT), train=False))
+    return built
+
+
+def get(name: str, *, num_classes: int, sd: bool | SDRules = False, **kwargs: Any) -> nn.Module:
     """The model registered as `name` with `num_classes` outputs; `kwargs` set or override its fields.
 
-    Common fields: `conv` and `dense` (layer factories, see `sd_jax.models.common`), `dtype`
-    (compute dtype; parameters stay float32). Raises ValueError for an unknown name or option.
+    `sd`: False for the dense model, True for SD layers wherever the method applies, or an `SDRules`
+    that selects the SD layers and their options (a rule that matches no layer raises ValueError).
+    Common fields: `conv` and `dense` (layer factories, see `sd_jax.models.common`; not together with
+    `sd`), `dtype` (compute dtype; parameters stay float32). Raises ValueError for an unknown name or
+    option.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
@@ -65,4 +92,14 @@ def get(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
                          f"its options are {', '.join(sorted(options - {'num_classes'}))}")
-    return builder(num_classes=num_classes, **kwargs)
+    if sd is False:
+        return builder(num_classes=num_classes, **kwargs)
+    if not (sd is True or isinstance(sd, SDRules)):
+        raise ValueError(f"model {name!r}: sd must be True, False or an sd_jax.nn.SDRules, got {sd!r}")
+    factories = sorted({"conv", "dense"} & set(kwargs))
+    if factories:
+        raise ValueError(f"model {name!r}: pass either sd= or the layer factories {factories}, not both")
+    rules = SDRules() if sd is True else sd
+    if rules.rules:
+        rules.check_matches(layer_names(builder(num_classes=num_classes, **kwargs)))
+    return builder(num_classes=num_classes, conv=rules.conv_factory(), dense=rules.dense_factory(), **kwargs)

@@ -2,7 +2,10 @@
 
 `SDConv` and `SDDense` take the constructor keywords of `nn.Conv` / `nn.Dense` that the model zoo
 uses (features, kernel_size, strides, padding, use_bias, feature_group_count, kernel_dilation, name,
-dtype), so `models.get(name, conv=SDConv, dense=SDDense)` builds an SD network. Their variables:
+dtype), so `models.get(name, sd=True)` (factories from `sd_jax.nn.rules.SDRules`) builds an SD
+network. The forward passes are the functions `sd_conv_forward` / `sd_dense_forward`, which declare
+the variables in whatever module calls them: an SDConv / SDDense, or an nn.Conv / nn.Dense swapped
+by `sd_jax.nn.swap`. Their variables:
 
     sd_basis / <layer> / basis   (n, k, k) float32, B, one basis per block
     sd_coeff / <layer> / coeff   (n, m, k) float32, C
@@ -10,7 +13,9 @@ dtype), so `models.get(name, conv=SDConv, dense=SDDense)` builds an SD network. 
     params   / <layer> / bias    (features,), when use_bias
 
 with (n, m, k) the block shape of `sd_jax.core.blocking.block_spec(kernel shape, kind)`. The forward
-pass rebuilds the kernel and runs the ordinary convolution or matrix product.
+pass rebuilds the kernel (once per call: a batched (m, k) x (k, k) product and one transpose into
+the kernel layout; measured no slower than a fused multiply-add form on CPU) and runs the ordinary
+convolution or matrix product.
 
 Coefficient modes:
 - 'latent': C is a float latent; every forward pass quantizes it (sparsify below `threshold`, clip to
@@ -28,8 +33,11 @@ per layer rather than only on average over seeds.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +48,7 @@ from flax.linen.linear import canonicalize_padding
 from sd_jax.core import blocking, pow2
 
 Array = jax.Array
+Initializer = Callable[..., Array]
 
 SD_BASIS = "sd_basis"
 SD_COEFF = "sd_coeff"
@@ -98,24 +107,77 @@ def rebuild_kernel(
     return blocking.from_blocks(jnp.einsum("nmk,nkj->nmj", coeff, basis), spec)
 
 
-def _check_options(layer: str, mode: str, init_scheme: str, threshold: float, max_coeff: float) -> None:
-    if mode not in MODES:
-        raise ValueError(f"layer '{layer}': mode {mode!r} is not one of {MODES}")
-    if init_scheme not in INIT_VARIANCE_SCALE:
-        raise ValueError(f"layer '{layer}': init_scheme {init_scheme!r} is not one of {tuple(INIT_VARIANCE_SCALE)}")
-    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(f"layer '{layer}': threshold={threshold!r} must be a finite number >= 0")
-    if not (isinstance(max_coeff, (int, float)) and pow2.is_power_of_two(float(max_coeff))):
-        raise ValueError(f"layer '{layer}': max_coeff={max_coeff!r} is not a power of two; pass e.g. 32.0")
+@dataclasses.dataclass(frozen=True)
+class SDOptions:
+    """The SD options of one layer: the fields SDConv / SDDense add to nn.Conv / nn.Dense."""
+
+    mode: str = "latent"
+    threshold: float = 1e-3
+    max_coeff: float = 32.0
+    init_scheme: str = "lecun"
+    group_size: int = 64
+    row_length: int = 3
+    max_rows: int = 192
+    kind: str | None = None  # convs only; None: 'depthwise' for one input channel per group, else 'conv'
+
+    def check(self, layer: str) -> "SDOptions":
+        """Return self, or raise ValueError naming `layer`, the option and the fix."""
+        if self.mode not in MODES:
+            raise ValueError(f"layer '{layer}': mode {self.mode!r} is not one of {MODES}")
+        if self.init_scheme not in INIT_VARIANCE_SCALE:
+            raise ValueError(
+                f"layer '{layer}': init_scheme {self.init_scheme!r} is not one of {tuple(INIT_VARIANCE_SCALE)}")
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"layer '{layer}': threshold={self.threshold!r} must be a finite number >= 0")
+        if not (isinstance(self.max_coeff, (int, float)) and pow2.is_power_of_two(float(self.max_coeff))):
+            raise ValueError(f"layer '{layer}': max_coeff={self.max_coeff!r} is not a power of two; pass e.g. 32.0")
+        return self
 
 
-def _sd_kernel(module: nn.Module, shape: tuple[int, ...], kind: str, fan_in: int) -> Array:
-    """Declare (or read) the layer's SD variables for a kernel of `shape` and return the kernel."""
-    _check_options(module.name, module.mode, module.init_scheme, module.threshold, module.max_coeff)
+_DEFAULT = SDOptions()
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(SDOptions))
+
+
+@dataclasses.dataclass(frozen=True)
+class SDLayout:
+    """How one SD layer stores its kernel: the blocking and the options that rebuild it."""
+
+    spec: blocking.BlockSpec
+    options: SDOptions
+
+
+# While `record_layouts` runs, every SD kernel built registers its layout here under its module path.
+_LAYOUTS: contextvars.ContextVar[dict[tuple[str, ...], SDLayout] | None] = contextvars.ContextVar(
+    "sd_layouts", default=None)
+
+
+@contextlib.contextmanager
+def record_layouts() -> Iterator[dict[tuple[str, ...], SDLayout]]:
+    """Collect {module path: SDLayout} of every SD kernel built (traced) inside the block."""
+    layouts: dict[tuple[str, ...], SDLayout] = {}
+    token = _LAYOUTS.set(layouts)
+    try:
+        yield layouts
+    finally:
+        _LAYOUTS.reset(token)
+
+
+def _sd_kernel(module: nn.Module, layer: str, options: SDOptions, shape: tuple[int, ...], kind: str,
+               fan_in: int) -> Array:
+    """Declare (or read) the SD variables of `module` for a kernel of `shape` and return the kernel."""
     spec = blocking.block_spec(
-        shape, kind, group_size=module.group_size, row_length=module.row_length,
-        max_rows=module.max_rows, name=f"layer '{module.name}'",
+        shape, kind, group_size=options.group_size, row_length=options.row_length,
+        max_rows=options.max_rows, name=f"layer '{layer}'",
     )
+    if not module.is_initializing():
+        missing = [f"{collection}/{'/'.join(module.scope.path)}/{leaf}"
+                   for collection, leaf in ((SD_COEFF, "coeff"), (SD_BASIS, "basis"), (SD_MASK, "mask"))
+                   if not module.has_variable(collection, leaf)]
+        if missing:
+            raise ValueError(
+                f"layer '{layer}': the variables have no {', '.join(missing)}; they belong to a model where "
+                "this layer is dense. Convert them with `sd_jax.nn.to_sd` and the rules the model was built with"
+            )
     initial = {}
 
     def initial_value(which: str) -> Array:
@@ -123,8 +185,8 @@ def _sd_kernel(module: nn.Module, shape: tuple[int, ...], kind: str, fan_in: int
         if not initial:
             coeff, basis, mask = init_sd_blocks(
                 module.make_rng("params"), spec, fan_in=fan_in,
-                variance_scale=INIT_VARIANCE_SCALE[module.init_scheme], mode=module.mode,
-                threshold=float(module.threshold), max_coeff=float(module.max_coeff),
+                variance_scale=INIT_VARIANCE_SCALE[options.init_scheme], mode=options.mode,
+                threshold=float(options.threshold), max_coeff=float(options.max_coeff),
             )
             initial.update(coeff=coeff, basis=basis, mask=mask)
         return initial[which]
@@ -136,36 +198,112 @@ def _sd_kernel(module: nn.Module, shape: tuple[int, ...], kind: str, fan_in: int
         expected = spec.block_shape if variable != "basis" else (spec.num_blocks, spec.k, spec.k)
         if tuple(value.shape) != expected:
             raise ValueError(
-                f"layer '{module.name}': {variable} has shape {tuple(value.shape)}, but a {kind} kernel "
+                f"layer '{layer}': {variable} has shape {tuple(value.shape)}, but a {kind} kernel "
                 f"{shape} with this blocking needs {expected}; convert the variables with the same "
                 "group_size, row_length and max_rows"
             )
+    layouts = _LAYOUTS.get()
+    if layouts is not None:
+        layouts[tuple(module.scope.path)] = SDLayout(spec, options)
     return rebuild_kernel(
-        coeff, basis, mask, spec, mode=module.mode,
-        threshold=float(module.threshold), max_coeff=float(module.max_coeff),
+        coeff, basis, mask, spec, mode=options.mode,
+        threshold=float(options.threshold), max_coeff=float(options.max_coeff),
     )
 
 
-def _bias(module: nn.Module) -> Array | None:
-    if not module.use_bias:
+def _bias(module: nn.Module, features: int, use_bias: bool, bias_init: Initializer) -> Array | None:
+    if not use_bias:
         return None
-    return module.param("bias", nn.initializers.zeros_init(), (module.features,), jnp.float32)
+    return module.param("bias", bias_init, (features,), jnp.float32)
 
 
 def _pair(value: int | Sequence[int], what: str, layer: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2:
-        raise ValueError(f"layer '{layer}': {what} {value!r} is not an int or a pair; SDConv is 2-D only")
+        raise ValueError(f"layer '{layer}': {what} {value!r} is not an int or a pair; SD convolutions are 2-D only")
     return pair
+
+
+def sd_conv_forward(
+    module: nn.Module,
+    x: Array,
+    *,
+    layer: str,
+    options: SDOptions,
+    features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    bias_init: Initializer = nn.initializers.zeros_init(),
+) -> Array:
+    """The SD convolution of `x`, with its variables declared in `module` (an SDConv, or a swapped nn.Conv)."""
+    options.check(layer)
+    if x.ndim != 4:
+        raise ValueError(f"layer '{layer}': input shape {tuple(x.shape)} is not (batch, height, width, channels)")
+    kernel_size = _pair(kernel_size, "kernel_size", layer)
+    strides = _pair(strides, "strides", layer)
+    dilation = _pair(kernel_dilation, "kernel_dilation", layer)
+    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        raise ValueError(f"layer '{layer}': padding {padding!r} is not supported; use 'SAME', 'VALID' or pairs")
+    padding = canonicalize_padding(padding, 2)
+    in_features = x.shape[-1]
+    groups = feature_group_count
+    if in_features % groups or features % groups:
+        raise ValueError(
+            f"layer '{layer}': feature_group_count={groups} must divide the input channels "
+            f"({in_features}) and features ({features})"
+        )
+    shape = (*kernel_size, in_features // groups, features)
+    kind = options.kind or ("depthwise" if shape[2] == 1 and groups == features and groups > 1 else "conv")
+    kernel = _sd_kernel(module, layer, options, shape, kind, fan_in=math.prod(shape[:3]))
+    bias = _bias(module, features, use_bias, bias_init)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+    )
+    return y if bias is None else y + bias
+
+
+def sd_dense_forward(
+    module: nn.Module,
+    x: Array,
+    *,
+    layer: str,
+    options: SDOptions,
+    features: int,
+    use_bias: bool = True,
+    dtype: Any = None,
+    bias_init: Initializer = nn.initializers.zeros_init(),
+) -> Array:
+    """The SD dense layer on the last axis of `x`, with its variables declared in `module`."""
+    options.check(layer)
+    if options.kind not in (None, "dense"):
+        raise ValueError(f"layer '{layer}': kind {options.kind!r} is not possible for a dense layer; "
+                         "drop the kind option or set it to 'dense'")
+    shape = (x.shape[-1], features)
+    kernel = _sd_kernel(module, layer, options, shape, "dense", fan_in=shape[0])
+    bias = _bias(module, features, use_bias, bias_init)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y if bias is None else y + bias
+
+
+def _options_of(module: nn.Module) -> SDOptions:
+    return SDOptions(**{name: getattr(module, name, None) for name in OPTION_NAMES})
 
 
 class SDConv(nn.Module):
     """2-D convolution (NHWC input, (kh, kw, cin / groups, features) kernel) with an SD kernel.
 
-    Constructor keywords of nn.Conv, plus the SD options: `mode` ('latent' or 'pow2'), `threshold`
-    and `max_coeff` of the quantizer, `init_scheme` ('lecun' or 'he'), the blocking (`group_size`,
-    `row_length`, `max_rows`) and `kind` (default: 'depthwise' for one input channel per group
-    and group count = features, else 'conv').
+    Constructor keywords of nn.Conv, plus the SD options (`SDOptions`): `mode` ('latent' or 'pow2'),
+    `threshold` and `max_coeff` of the quantizer, `init_scheme` ('lecun' or 'he'), the blocking
+    (`group_size`, `row_length`, `max_rows`) and `kind` (default: 'depthwise' for one input channel
+    per group and group count = features, else 'conv').
     """
 
     features: int
@@ -176,44 +314,23 @@ class SDConv(nn.Module):
     feature_group_count: int = 1
     use_bias: bool = True
     dtype: Any = None
-    mode: str = "latent"
-    threshold: float = 1e-3
-    max_coeff: float = 32.0
-    init_scheme: str = "lecun"
-    group_size: int = 64
-    row_length: int = 3
-    max_rows: int = 192
-    kind: str | None = None
+    mode: str = _DEFAULT.mode
+    threshold: float = _DEFAULT.threshold
+    max_coeff: float = _DEFAULT.max_coeff
+    init_scheme: str = _DEFAULT.init_scheme
+    group_size: int = _DEFAULT.group_size
+    row_length: int = _DEFAULT.row_length
+    max_rows: int = _DEFAULT.max_rows
+    kind: str | None = _DEFAULT.kind
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if x.ndim != 4:
-            raise ValueError(
-                f"layer '{self.name}': input shape {tuple(x.shape)} is not (batch, height, width, channels)")
-        kernel_size = _pair(self.kernel_size, "kernel_size", self.name)
-        strides = _pair(self.strides, "strides", self.name)
-        dilation = _pair(self.kernel_dilation, "kernel_dilation", self.name)
-        if isinstance(self.padding, str) and self.padding not in ("SAME", "VALID"):
-            raise ValueError(
-                f"layer '{self.name}': padding {self.padding!r} is not supported; use 'SAME', 'VALID' or pairs")
-        padding = canonicalize_padding(self.padding, 2)
-        in_features = x.shape[-1]
-        groups = self.feature_group_count
-        if in_features % groups or self.features % groups:
-            raise ValueError(
-                f"layer '{self.name}': feature_group_count={groups} must divide the input channels "
-                f"({in_features}) and features ({self.features})"
-            )
-        shape = (*kernel_size, in_features // groups, self.features)
-        kind = self.kind or ("depthwise" if shape[2] == 1 and groups == self.features and groups > 1 else "conv")
-        kernel = _sd_kernel(self, shape, kind, fan_in=math.prod(shape[:3]))
-        bias = _bias(self)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        return sd_conv_forward(
+            self, x, layer=self.name, options=_options_of(self), features=self.features,
+            kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+            kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
+            use_bias=self.use_bias, dtype=self.dtype,
         )
-        return y if bias is None else y + bias
 
 
 class SDDense(nn.Module):
@@ -225,19 +342,15 @@ class SDDense(nn.Module):
     features: int
     use_bias: bool = True
     dtype: Any = None
-    mode: str = "latent"
-    threshold: float = 1e-3
-    max_coeff: float = 32.0
-    init_scheme: str = "lecun"
-    group_size: int = 64
-    row_length: int = 3
-    max_rows: int = 192
+    mode: str = _DEFAULT.mode
+    threshold: float = _DEFAULT.threshold
+    max_coeff: float = _DEFAULT.max_coeff
+    init_scheme: str = _DEFAULT.init_scheme
+    group_size: int = _DEFAULT.group_size
+    row_length: int = _DEFAULT.row_length
+    max_rows: int = _DEFAULT.max_rows
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        shape = (x.shape[-1], self.features)
-        kernel = _sd_kernel(self, shape, "dense", fan_in=shape[0])
-        bias = _bias(self)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        return y if bias is None else y + bias
+        return sd_dense_forward(self, x, layer=self.name, options=_options_of(self), features=self.features,
+                                use_bias=self.use_bias, dtype=self.dtype)

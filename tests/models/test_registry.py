@@ -1,9 +1,11 @@
-"""Tests for sd_jax/models/registry.py: names, look-up and the errors it promises."""
+"""Tests for sd_jax/models/registry.py: names, look-up, the sd flag and the errors it promises."""
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import pytest
 
 from sd_jax import models
+from sd_jax.nn import SDRules
 
 EXPECTED_NAMES = [
     "lenet5", "mlp", "mobilenet_v2", "mobilenet_v2_imagenet",
@@ -43,3 +45,38 @@ def test_unknown_option_raises_value_error_naming_it():
 def test_bad_num_classes_raises_value_error(num_classes):
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         models.get("resnet20", num_classes=num_classes)
+
+
+def _collections(model):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def test_sd_flag_builds_sd_layers_where_the_method_applies():
+    variables = _collections(models.get("resnet18_imagenet", num_classes=10, sd=True))
+    sd_layers = set(variables["sd_coeff"])
+    assert "head/dense" in sd_layers and "stage4_block1/conv2" in sd_layers and "stage2_block0/shortcut_conv" in sd_layers
+    assert "stem/conv" not in sd_layers and "kernel" in variables["params"]["stem/conv"]  # the 7x7 stem stays dense
+
+
+def test_sd_rules_pick_layers_and_options_by_name():
+    rules = SDRules([("^stem/conv$", {"skip": True}), ("^head/dense$", {"skip": True})], mode="pow2")
+    variables = _collections(models.get("resnet20", num_classes=10, sd=rules))
+    assert len(variables["sd_coeff"]) == 18 and {"stem/conv", "head/dense"} <= set(variables["params"])
+
+
+def test_sd_rule_matching_no_layer_raises_value_error():
+    with pytest.raises(ValueError, match=r"\['stage4'\] match no layer"):
+        models.get("resnet20", num_classes=10, sd=SDRules([("stage4", {})]))
+
+
+def test_sd_with_layer_factories_or_a_bad_value_raises_value_error():
+    with pytest.raises(ValueError, match="pass either sd= or the layer factories \\['conv'\\]"):
+        models.get("resnet20", num_classes=10, sd=True, conv=nn.Conv)
+    with pytest.raises(ValueError, match="sd must be True, False or an sd_jax.nn.SDRules"):
+        models.get("resnet20", num_classes=10, sd="yes")
+
+
+def test_sd_rule_forcing_a_kind_the_kernel_cannot_take_raises_value_error_naming_the_layer():
+    model = models.get("resnet20", num_classes=10, sd=SDRules([("^stage1_block0/conv1$", {"kind": "depthwise"})]))
+    with pytest.raises(ValueError, match="layer 'stage1_block0/conv1': a depthwise kernel has shape"):
+        _collections(model)

@@ -2,8 +2,8 @@
 
 Every registered model: parameter count against a published figure, forward pass in train and eval
 mode on a tiny batch, the conv/dense factory contract. Parameter counts use `jax.eval_shape`, so
-no weights are materialised; forward passes run eagerly (op by op), which on CPU is much cheaper than
-compiling each network.
+no weights are materialised; forward passes use `sd_jax.models.synthetic` variables rather than running
+every initialiser, which on CPU compiles per shape.
 """
 import re
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from sd_jax import models
+from sd_jax.models.synthetic import synthetic_variables
 
 # name -> (published figure, source). Counts are all leaves of the `params` collection (conv and
 # dense kernels, dense biases, batch-norm scales and offsets; running statistics are in
@@ -73,8 +74,11 @@ INPUTS.update({
     "mobilenet_v2_imagenet": ((1, 64, 64, 3), (2, 32, 32, 3)),
 })
 
-# Forward passes that take more than a few seconds on a 2-core CPU.
-SLOW_FORWARD = {"resnet110", "resnet164", "resnet34", "resnet50", "resnet34_imagenet", "resnet50_imagenet"}
+# Forward passes that take more than a few seconds on a 2-core CPU, and deeper or wider siblings of a
+# family the fast set already runs (resnet20, vgg11, mobilenet_v2); tests/models/test_sd_zoo.py runs
+# the SD form of resnet20 in train and eval mode too.
+SLOW_FORWARD = {"resnet110", "resnet164", "resnet34", "resnet50", "resnet34_imagenet", "resnet50_imagenet",
+                "resnet32", "resnet44", "resnet56", "vgg16", "vgg19", "mobilenet_v2_imagenet"}
 
 # Models whose real `init` is cheap enough for the fast set.
 INIT_FAST = ["lenet5", "mlp"]
@@ -120,26 +124,6 @@ def test_parameter_count_matches_published_figure(name):
     assert abs(count - reference) <= tolerance, f"{name}: {count:,} parameters, {source}: {figure}"
 
 
-def _test_variables(abstract, seed=0):
-    """Concrete variables of the given shapes without running the model's initialisers.
-
-    Running `init` for real costs seconds per network on CPU (every initialiser of every distinct
-    shape compiles); `test_init_*` does that, the forward tests use these: kernels N(0, 1/fan_in),
-    batch-norm scales and variances 1, biases and means 0.
-    """
-    rng = np.random.default_rng(seed)
-
-    def make(path, leaf):
-        kind = path[-1].key
-        if kind == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, fan_in ** -0.5, leaf.shape), leaf.dtype)
-        fill = 1.0 if kind in ("scale", "var") else 0.0
-        return jnp.full(leaf.shape, fill, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, abstract)
-
-
 def _check_forward(model, variables, x, num_classes):
     @jax.jit
     def train_and_eval(variables, x):
@@ -162,7 +146,7 @@ def _check_forward(model, variables, x, num_classes):
 def _forward(name):
     model = models.get(name, num_classes=_num_classes(name))
     x = jax.random.normal(jax.random.key(1), INPUTS[name][1])
-    variables = _test_variables(_abstract_variables(model, INPUTS[name][1]))
+    variables = synthetic_variables(model, x)
     _check_forward(model, variables, x, _num_classes(name))
 
 
@@ -257,7 +241,7 @@ def test_compute_dtype_keeps_parameters_float32():
     abstract = _abstract_variables(model, x.shape)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(abstract))
     assert convs and all(kwargs["dtype"] == jnp.bfloat16 for kwargs in convs + denses)
-    _check_forward(model, _test_variables(abstract), x, 10)
+    _check_forward(model, synthetic_variables(model, x), x, 10)
 
 
 def test_resnet_stems_differ_in_resolution():

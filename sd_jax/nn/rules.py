@@ -1,0 +1,160 @@
+"""Which layers become SD, and with which options: name-pattern rules shared by building and converting.
+
+`SDRules(rules, **defaults)` is the one description of an SD network. The same object builds the zoo
+model (`models.get(name, sd=rules)`), swaps the layers of a user's model (`sd_jax.nn.swap_layers`)
+and converts dense variables (`sd_jax.nn.to_sd`), so the model and its variables always agree.
+
+A rule is a `(pattern, options)` pair, as in `sd_jax.core.network.decompose_network`: `pattern` is a
+regular expression searched in the layer name (the zoo's `stage1_block0/conv1`; in a user's model
+the module path joined by '/', e.g. `Conv_0` or `encoder/Dense_1`); the first matching rule wins and
+its options override `defaults`. Option keys:
+- `skip`: True keeps the layer dense (nn.Conv / nn.Dense). Use it to leave the first conv
+  (`("^stem/conv$", {"skip": True})`) or the classifier (`("^head/dense$", {"skip": True})`) dense.
+- layer options (`SDOptions`): mode, threshold, max_coeff, init_scheme, group_size, row_length,
+  max_rows, kind ('conv' or 'depthwise'; dense layers are always 'dense').
+- decomposition options (`DecomposeOptions`), used by `to_sd` only: iterations, prune_fraction,
+  prune_group, row_threshold, decay_steps, threshold_decay. `threshold`, `max_coeff` and the
+  blocking serve both the decomposition and the layer.
+
+Layers no rule names follow the reference: 2-D convolutions up to `max_kernel_size` wide and dense
+layers become SD; wider convolutions (the 7x7 ImageNet stem) and convolutions that are not 2-D stay
+dense. A rule that names a layer the method cannot take raises ValueError naming the layer, and a
+rule that matches no layer raises ValueError naming the pattern (it is almost always a typo).
+
+In 'latent' mode the layer quantizes C with `pow2.min_coeff(threshold)`, the smallest magnitude a
+decomposition with `threshold` produces (4e-3 -> 2^-8), so converted coefficients survive the
+first forward pass unchanged; `pow2` mode uses C as stored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from sd_jax.core import pow2
+from sd_jax.core.decompose import DecomposeOptions
+from sd_jax.nn.layers import OPTION_NAMES, SDConv, SDDense, SDOptions
+
+Rule = tuple[str, Mapping[str, Any]]
+ModuleFactory = Callable[..., nn.Module]
+
+DECOMPOSE_ONLY = ("iterations", "prune_fraction", "prune_group", "row_threshold", "decay_steps", "threshold_decay")
+SHARED = ("threshold", "max_coeff", "group_size", "row_length", "max_rows")
+KNOWN_KEYS = ("skip", *OPTION_NAMES, *DECOMPOSE_ONLY)
+# DecomposeOptions fields SD layers cannot represent.
+UNSUPPORTED = {"pow2": "SD layers hold power-of-two coefficients; drop pow2",
+               "row_scale": "SD layers store no per-row scale; drop row_scale"}
+
+
+def layer_name(path: Sequence[str]) -> str:
+    """The name rules match: a module path joined by '/' (zoo layers are one path entry already)."""
+    return "/".join(path)
+
+
+def _check_keys(where: str, options: Mapping[str, Any]) -> None:
+    for key in options:
+        if key in UNSUPPORTED:
+            raise ValueError(f"{where}: option {key!r} is not possible here; {UNSUPPORTED[key]}")
+        if key not in KNOWN_KEYS:
+            raise ValueError(f"{where}: unknown option {key!r}; known options are {sorted(KNOWN_KEYS)}")
+
+
+class SDRules:
+    """Name-pattern rules and defaults that pick the SD layers of a network and their options."""
+
+    def __init__(self, rules: Sequence[Rule] = (), *, max_kernel_size: int = 5, **defaults: Any) -> None:
+        _check_keys("SDRules defaults", defaults)
+        if "skip" in defaults:
+            raise ValueError("SDRules defaults: 'skip' belongs in a rule; to keep a model dense, do not pass sd")
+        self._patterns: list[tuple[re.Pattern, dict[str, Any]]] = []
+        for index, rule in enumerate(rules):
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+                    and isinstance(rule[1], Mapping)):
+                raise ValueError(f"rule {index}: {rule!r} is not a (pattern, options-dict) pair")
+            pattern, options = rule
+            _check_keys(f"rule {index} ({pattern!r})", options)
+            try:
+                self._patterns.append((re.compile(pattern), dict(options)))
+            except re.error as error:
+                raise ValueError(f"rule {index}: {pattern!r} is not a valid regular expression ({error})") from None
+        self.rules = tuple((pattern.pattern, options) for pattern, options in self._patterns)
+        self.defaults = dict(defaults)
+        self.max_kernel_size = max_kernel_size
+        # Check the options once, the way the layers and the decomposition will see them.
+        for where, rule in [("SDRules defaults", {}), *((f"rule {i} ({p!r})", o) for i, (p, o) in enumerate(self.rules))]:
+            self._layer_options(where, rule)
+            DecomposeOptions.from_kwargs(where, **self._decompose_kwargs(rule))
+
+    def __repr__(self) -> str:
+        return f"SDRules({list(self.rules)!r}, max_kernel_size={self.max_kernel_size}, **{self.defaults!r})"
+
+    def _rule(self, layer: str) -> dict[str, Any] | None:
+        for pattern, options in self._patterns:
+            if pattern.search(layer):
+                return options
+        return None
+
+    def _layer_options(self, layer: str, rule: Mapping[str, Any]) -> SDOptions:
+        merged = {**self.defaults, **rule}
+        options = SDOptions(**{key: merged[key] for key in OPTION_NAMES if key in merged}).check(layer)
+        if options.mode == "latent":
+            options = dataclasses.replace(options, threshold=pow2.min_coeff(float(options.threshold)))
+        return options
+
+    def _decompose_kwargs(self, rule: Mapping[str, Any]) -> dict[str, Any]:
+        merged = {**self.defaults, **rule}
+        return {key: merged[key] for key in (*SHARED, *DECOMPOSE_ONLY) if key in merged}
+
+    def select(self, layer: str, kernel_size: Sequence[int] | None) -> SDOptions | None:
+        """The SD options of `layer`, or None to keep it dense; `kernel_size` is None for dense layers."""
+        rule = self._rule(layer)
+        if rule is not None and rule.get("skip", False):
+            return None
+        if kernel_size is not None:
+            if len(kernel_size) != 2:
+                if rule is None:
+                    return None
+                raise ValueError(
+                    f"layer '{layer}': a {len(kernel_size)}-D convolution (kernel size {tuple(kernel_size)}); SD "
+                    "layers take 2-D convolutions and dense layers; add a rule (pattern, {'skip': True}) for it")
+            if rule is None and max(kernel_size) > self.max_kernel_size:
+                return None
+        elif rule is not None and rule.get("kind", "dense") != "dense":
+            raise ValueError(f"layer '{layer}': kind {rule['kind']!r} is not possible for a dense layer; "
+                             "drop the kind option from its rule")
+        return self._layer_options(layer, rule or {})
+
+    def decompose_options(self, layer: str, kernel_shape: Sequence[int]) -> dict[str, Any] | None:
+        """Keyword options of `decompose_network` for the kernel of `layer`, or None to keep it dense."""
+        dense = len(kernel_shape) == 2
+        options = self.select(layer, None if dense else tuple(kernel_shape[:-2]))
+        if options is None:
+            return None
+        kind = "dense" if dense else (options.kind or "conv")
+        return dict(self._decompose_kwargs(self._rule(layer) or {}), kind=kind)
+
+    def check_matches(self, layers: Iterable[str]) -> None:
+        """Raise ValueError if a rule's pattern matches none of `layers`."""
+        layers = list(layers)
+        unused = [pattern.pattern for pattern, _ in self._patterns if not any(pattern.search(n) for n in layers)]
+        if unused:
+            raise ValueError(f"rule pattern(s) {unused} match no layer; the layers are {layers}")
+
+    def conv_factory(self) -> ModuleFactory:
+        """A zoo `conv` factory: SDConv where the rules select the layer (by its `name`), else nn.Conv."""
+        def build(**kwargs: Any) -> nn.Module:
+            options = self.select(kwargs["name"], tuple(kwargs["kernel_size"]))
+            return nn.Conv(**kwargs) if options is None else SDConv(**kwargs, **dataclasses.asdict(options))
+        return build
+
+    def dense_factory(self) -> ModuleFactory:
+        """A zoo `dense` factory: SDDense where the rules select the layer, else nn.Dense."""
+        def build(**kwargs: Any) -> nn.Module:
+            options = self.select(kwargs["name"], None)
+            if options is None:
+                return nn.Dense(**kwargs)
+            return SDDense(**kwargs, **{k: v for k, v in dataclasses.asdict(options).items() if k != "kind"})
+        return build

@@ -1,0 +1,77 @@
+"""Tests for sd_jax/nn/rules.py: which layers become SD, with which options."""
+import flax.linen as nn
+import pytest
+
+from sd_jax.core import pow2
+from sd_jax.nn import SDConv, SDDense, SDRules
+
+
+def test_defaults_select_2d_convs_and_dense_layers_and_leave_wide_or_1d_convs_dense():
+    rules = SDRules(mode="pow2", threshold=4e-3)
+    assert rules.select("block/conv", (3, 3)).threshold == 4e-3
+    assert rules.select("head/dense", None).mode == "pow2"
+    assert rules.select("stem/conv", (7, 7)) is None  # wider than max_kernel_size, as the reference
+    assert rules.select("temporal/conv", (3,)) is None  # not 2-D
+
+
+def test_first_matching_rule_wins_and_overrides_the_defaults():
+    rules = SDRules([("^stem/conv$", {"skip": True}), ("stage3", {"threshold": 0.5, "kind": "depthwise"}),
+                     ("stage", {"max_coeff": 8.0})], mode="pow2", threshold=0.25)
+    assert rules.select("stem/conv", (3, 3)) is None
+    stage3 = rules.select("stage3_block0/conv1", (3, 3))
+    assert (stage3.threshold, stage3.max_coeff, stage3.kind) == (0.5, 32.0, "depthwise")
+    stage1 = rules.select("stage1_block0/conv1", (3, 3))
+    assert (stage1.threshold, stage1.max_coeff) == (0.25, 8.0)
+
+
+def test_a_rule_naming_a_wide_conv_makes_it_sd():
+    assert SDRules([("^stem/conv$", {})]).select("stem/conv", (7, 7)) is not None
+
+
+def test_latent_layers_quantize_with_the_smallest_coefficient_of_the_threshold():
+    assert SDRules(threshold=4e-3).select("a", None).threshold == pow2.min_coeff(4e-3) == 2.0**-8
+    assert SDRules(threshold=4e-3, mode="pow2").select("a", None).threshold == 4e-3
+
+
+def test_decompose_options_carry_decomposition_and_shared_options_only():
+    rules = SDRules([("conv", {"prune_fraction": 0.5, "init_scheme": "he"})], threshold=2e-3, iterations=5)
+    assert rules.decompose_options("block/conv", (3, 3, 4, 8)) == dict(
+        threshold=2e-3, iterations=5, prune_fraction=0.5, kind="conv")
+    assert rules.decompose_options("head/dense", (8, 10))["kind"] == "dense"
+    assert SDRules([("conv", {"skip": True})]).decompose_options("block/conv", (3, 3, 4, 8)) is None
+
+
+def test_factories_build_sd_or_dense_layers_by_name():
+    rules = SDRules([("^head/dense$", {"skip": True})], mode="pow2")
+    conv = rules.conv_factory()(features=4, kernel_size=(3, 3), name="block/conv")
+    assert isinstance(conv, SDConv) and conv.mode == "pow2"
+    assert type(rules.dense_factory()(features=10, name="head/dense")) is nn.Dense
+    assert isinstance(rules.dense_factory()(features=10, name="hidden1/dense"), SDDense)
+
+
+def test_rule_matching_no_layer_raises_value_error_naming_the_pattern():
+    rules = SDRules([("^stem/conv$", {"skip": True}), ("stage9", {})])
+    with pytest.raises(ValueError, match=r"\['stage9'\] match no layer"):
+        rules.check_matches(["stem/conv", "stage1_block0/conv1"])
+
+
+def test_rule_selecting_a_kernel_kind_sd_cannot_take_raises_value_error_naming_the_layer():
+    with pytest.raises(ValueError, match="layer 'temporal/conv': a 1-D convolution"):
+        SDRules([("temporal", {})]).select("temporal/conv", (3,))
+    with pytest.raises(ValueError, match="layer 'head/dense': kind 'conv' is not possible for a dense layer"):
+        SDRules([("head", {"kind": "conv"})]).select("head/dense", None)
+
+
+@pytest.mark.parametrize("rules,defaults,message", [
+    ([("conv", {"treshold": 1.0})], {}, "unknown option 'treshold'"),
+    ([("conv", {"row_scale": True})], {}, "no per-row scale"),
+    ([], {"pow2": False}, "power-of-two coefficients"),
+    ([("(", {})], {}, "is not a valid regular expression"),
+    (["conv"], {}, "is not a \\(pattern, options-dict\\) pair"),
+    ([], {"mode": "float"}, "mode 'float' is not one of"),
+    ([], {"prune_fraction": 1.5}, "prune_fraction=1.5 must be in"),
+    ([], {"skip": True}, "'skip' belongs in a rule"),
+])
+def test_bad_rules_raise_value_error(rules, defaults, message):
+    with pytest.raises(ValueError, match=message):
+        SDRules(rules, **defaults)
