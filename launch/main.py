@@ -5,7 +5,9 @@
     python -m launch.main --mode=analyze --model=resnet20 [--params=PATH] [--format=markdown] [--plots=DIR]
     python -m launch.main --mode=export --model=resnet20 --params=PATH --output=model.sdpack
 
-Modes: decompose (every kernel of a saved parameter tree -> SD form, per-layer report); analyze
+    python -m launch.main --mode=train --config=experiments/configs/default.py --workdir=runs/x
+
+Modes: train / finetune / evaluate (see `sd_jax.train.trainer`); decompose (every kernel of a saved parameter tree -> SD form, per-layer report); analyze
 (energy and storage, dense and SD side by side); export (checkpoint -> packed SD file).
 """
 
@@ -19,7 +21,8 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs", "decompose.py")
 
-MODES = ("decompose", "analyze", "export")
+MODES = ("train", "finetune", "evaluate", "decompose", "analyze", "export")
+TRAINING_MODES = ("train", "finetune", "evaluate")
 _MODE = flags.DEFINE_enum("mode", "decompose", MODES, "What to run.")
 _PARAMS = flags.DEFINE_string("params", None, "Parameter tree to read: an .npz or an Orbax checkpoint directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the SD variables (.npz file or Orbax directory).")
@@ -27,6 +30,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object in
 _MODEL = flags.DEFINE_string("model", None, "analyze / export: zoo model name, e.g. resnet20.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "markdown", "json", "csv"], "analyze: report format.")
 _PLOTS = flags.DEFINE_string("plots", None, "analyze: directory for PNG plots.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train / finetune / evaluate: checkpoints, metrics, summary.")
 try:  # ml_collections reads --config.x overrides from sys.argv while the flag is defined
     _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG), "Config file.")
 except (AttributeError, KeyError) as _error:
@@ -52,6 +56,31 @@ def run_decompose(config, params_path: str, output: str | None, as_json: bool) -
     return report.format_table(result.reports, result.dense_params)
 
 
+def _run_training(mode: str, config, workdir: str | None) -> None:
+    """train (dense, or SD from scratch with model.sd), finetune (init.from_params: decompose a
+    dense checkpoint, then train in SD form) or evaluate the latest checkpoint in `workdir`."""
+    if not workdir:
+        raise app.UsageError(f"--mode={mode} needs --workdir=DIR (checkpoints, metrics and summary go there)")
+    if "optim" not in config:
+        raise app.UsageError(f"--mode={mode} needs a training config: --config=experiments/configs/default.py "
+                             "or an experiment config")
+    if mode == "finetune" and not config.init.from_params:
+        raise app.UsageError("--mode=finetune needs --config.init.from_params=PATH (a dense checkpoint)")
+    from sd_jax.train import trainer
+
+    try:
+        if mode == "evaluate":
+            result = trainer.evaluate(config, workdir)
+        else:
+            result = trainer.train_and_evaluate(config, workdir)
+    except (ValueError, FileNotFoundError, trainer.TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    width = max(map(len, result))
+    print("\n".join(f"{key.ljust(width)}  {value:.4f}" if isinstance(value, float) else f"{key.ljust(width)}  {value}"
+                    for key, value in result.items()))
+
+
 def _cost_commands():
     from sd_jax.cost import commands  # imported only by the modes that need it: slow to import
 
@@ -61,6 +90,9 @@ def _cost_commands():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _MODE.value in TRAINING_MODES:
+        _run_training(_MODE.value, _CONFIG.value, _WORKDIR.value)
+        return
     if _MODE.value != "analyze" and not _PARAMS.value:
         raise app.UsageError(f"--mode={_MODE.value} needs --params=PATH (an .npz or an Orbax checkpoint)")
     if _MODE.value != "decompose" and not _MODEL.value:

@@ -47,17 +47,27 @@ def flatten(tree: Any) -> dict[str, np.ndarray]:
     return {path_name(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def load_params(path: str) -> dict[str, Any]:
-    """The parameter tree stored at `path` (.npz file or Orbax checkpoint directory)."""
+def load_variables(path: str) -> dict[str, Any]:
+    """The tree stored at `path` (.npz file or Orbax checkpoint directory); for a training
+    checkpoint of `sd_jax.train` (items "state" and "data"), its variable collections."""
     if not os.path.exists(path):
         raise CheckpointError(
             f"{path}: no such file or directory; pass an .npz of parameters or an Orbax checkpoint directory"
         )
     tree = _load_npz(path) if os.path.isfile(path) else _load_orbax(path)
-    if isinstance(tree, Mapping) and "params" in tree and isinstance(tree["params"], Mapping):
-        tree = tree["params"]
+    state = tree.get("state") if isinstance(tree, Mapping) else None
+    if isinstance(state, Mapping) and "trainable" in state:
+        tree = {**state["trainable"], **state.get("frozen", {})}
     if not jax.tree.leaves(tree):
         raise CheckpointError(f"{path}: the checkpoint holds no arrays")
+    return tree
+
+
+def load_params(path: str) -> dict[str, Any]:
+    """The parameter tree stored at `path`: its "params" collection when it has one."""
+    tree = load_variables(path)
+    if isinstance(tree, Mapping) and "params" in tree and isinstance(tree["params"], Mapping):
+        tree = tree["params"]
     return tree
 
 
@@ -86,6 +96,8 @@ def _load_orbax(path: str) -> Any:
                            if os.path.isdir(os.path.join(step_dir, d)) and not d.startswith("_"))
             if items == ["default"]:
                 return manager.restore(step, args=ocp.args.StandardRestore())
+            if "state" in items:  # a training checkpoint: its "data" item is the input position, not arrays
+                items = ["state"]
             restored = manager.restore(step, args=ocp.args.Composite(**{i: ocp.args.StandardRestore() for i in items}))
             return {item: restored[item] for item in items}
         return ocp.StandardCheckpointer().restore(os.path.abspath(path))

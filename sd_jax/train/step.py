@@ -78,9 +78,15 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 
 
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Mean loss and accuracy of the model in evaluation mode."""
-    logits = state.apply_fn(state.variables, batch["image"], train=False)
-    return _metrics(logits, batch["label"])
+    """Sums of loss and correct predictions, and the example count, in evaluation mode.
+
+    A batch may carry a boolean "mask" (False on the padding of the last evaluation batch).
+    """
+    logits = state.apply_fn(state.variables, batch["image"], train=False).astype(jnp.float32)
+    weight = batch.get("mask", jnp.ones(batch["label"].shape, bool)).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
 
 
 def make_steps(mesh: Mesh, state: TrainState) -> tuple[Callable, Callable, TrainState]:

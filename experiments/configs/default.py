@@ -1,0 +1,33 @@
+"""Defaults of every training run; experiment configs import this and change what differs.
+
+    python -m launch.main --mode=train --config=experiments/configs/default.py --workdir=runs/x \
+        --config.input.dataset=fashion_mnist_idx --config.optim.epochs=2
+
+Sections: input, model, init, sd, optim, ckpt. The reference schedule and optimizer (DESIGN.md 1.4):
+SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.log_every = 50
+    config.input = ml_collections.ConfigDict(dict(
+        dataset="cifar10", data_dir="", batch_size=128, eval_batch_size=500,
+        setting="plain", part="source", split_seed=0,
+    ))
+    config.model = ml_collections.ConfigDict(dict(name="resnet20", sd=False, options=ml_collections.ConfigDict()))
+    config.init = ml_collections.ConfigDict(dict(from_params=""))  # dense checkpoint to decompose and fine-tune
+    config.sd = ml_collections.ConfigDict(dict(
+        mode="pow2", threshold=1e-3, max_coeff=32.0, iterations=30, prune_fraction=0.0, row_threshold=0.0,
+        rules=[],
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        epochs=200, lr=0.1, schedule="reference", warmup_steps=0, momentum=0.9, weight_decay=5e-4,
+        coeff_update="bucket_switch", switch_bar=1, update_threshold=0.0,
+    ))
+    config.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep_last=2, keep_best=1))
+    return config

@@ -1,0 +1,43 @@
+"""Config of the quickstart (`experiments/quickstart.py`): Fashion-MNIST, ResNet-20, dense then SD.
+
+    python -m experiments.quickstart --config=experiments/configs/quickstart.py --config.optim.epochs=1
+
+About 12 minutes on 2 CPU cores. `finetune` holds what the SD stage changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from experiments.configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The dense stage; `sd_stage` derives the fine-tuning stage from it."""
+    config = default.get_config(arg)
+    config.input.dataset = "fashion_mnist_idx"
+    config.model.name = "resnet20"
+    config.optim.epochs = 2
+    config.optim.lr = 0.1
+    config.optim.schedule = "cosine"
+    config.log_every = 20
+    config.ckpt.every_steps = 200
+    config.finetune = ml_collections.ConfigDict(dict(
+        epochs=1, lr=0.01, threshold=0.02, switch_bar=50, prune_fraction=0.0,
+    ))
+    return config
+
+
+def sd_stage(config: ml_collections.ConfigDict, dense_workdir: str) -> ml_collections.ConfigDict:
+    """Fine-tuning config: decompose the dense checkpoint, then bucket-switch training."""
+    sd = ml_collections.ConfigDict(config.to_dict())
+    sd.init.from_params = os.path.join(dense_workdir, "checkpoints")
+    sd.sd.threshold = config.finetune.threshold
+    sd.sd.prune_fraction = config.finetune.prune_fraction
+    sd.optim.epochs = config.finetune.epochs
+    sd.optim.lr = config.finetune.lr
+    sd.optim.switch_bar = config.finetune.switch_bar
+    sd.optim.coeff_update = "bucket_switch"
+    return sd

@@ -1,0 +1,218 @@
+"""The one trainer: data, model, optimizer, sharded steps, checkpoints and metrics for a config.
+
+`train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD from scratch
+with `model.sd`), or fine-tunes in SD form a dense checkpoint decomposed on the way in
+(`init.from_params`), resuming from the latest checkpoint in `workdir` when there is one. It writes
+TensorBoard events and `metrics.jsonl` in the workdir, prints a progress line, and returns a summary
+(also written to `summary.json`). A non-finite loss stops the run with a message; the last good
+checkpoint stays. `evaluate(config, workdir)` restores the latest checkpoint and evaluates it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sd_jax import data, models
+from sd_jax.core import report as core_report
+from sd_jax.nn import convert
+from sd_jax.nn.rules import SDRules
+from sd_jax.train import checkpoint, schedules, sharding
+from sd_jax.train.optimizer import sd_optimizer
+from sd_jax.train.step import TrainState, create_train_state, make_steps
+from sd_jax.train.train_checkpoint import TrainCheckpoints
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.Pipeline]:
+    common = dict(setting=config.input.setting, part=config.input.part, split_seed=config.input.split_seed,
+                  data_dir=config.input.data_dir or None)
+    train = data.input_pipeline(config.input.dataset, "train", batch_size=config.input.batch_size,
+                                seed=config.seed, **common)
+    evaluation = data.input_pipeline(config.input.dataset, "eval", batch_size=config.input.eval_batch_size,
+                                     seed=config.seed, **common)
+    return train, evaluation
+
+
+def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
+    options = dict(config.sd.to_dict())
+    rules = [tuple(rule) for rule in options.pop("rules")]
+    return SDRules(rules, **options)
+
+
+def _schedule(config: ml_collections.ConfigDict, total_steps: int):
+    if config.optim.schedule == "reference":
+        return schedules.reference_schedule(config.optim.lr, total_steps)
+    if config.optim.schedule == "cosine":
+        return schedules.cosine_schedule(config.optim.lr, total_steps, warmup_steps=config.optim.warmup_steps)
+    raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference' or 'cosine'")
+
+
+def _initial_variables(config, model, sample, key, decompose: bool) -> tuple[dict[str, Any], Any]:
+    """Fresh variables, or a dense checkpoint decomposed into SD form (fine-tuning).
+
+    When resuming (`decompose` False) the fresh variables only serve as the restore template.
+    """
+    variables = jax.jit(lambda k: model.init(k, sample, train=False))(key)
+    if not config.init.from_params or not decompose:
+        return variables, None
+    dense = checkpoint.load_variables(config.init.from_params)
+    loaded = {"params": dense.get("params", dense)}
+    if "batch_stats" in dense:
+        loaded["batch_stats"] = dense["batch_stats"]
+    sd_variables, decomposition = convert.to_sd(loaded, _sd_rules(config))
+    _check_same_structure(variables, sd_variables, config.init.from_params)
+    return sd_variables, decomposition
+
+
+def _check_same_structure(expected: Any, got: Any, source: str) -> None:
+    want = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    if want != have:
+        missing = sorted(set(want) - set(have))[:3]
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])[:3]
+        raise checkpoint.CheckpointError(
+            f"{source}: the checkpoint does not fit the model (missing {missing}, wrong shapes {wrong}); "
+            "pass the checkpoint of the same model and number of classes"
+        )
+
+
+def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    target = sharding.batch_sharding(mesh)
+    return {key: jax.make_array_from_process_local_data(target, value) for key, value in batch.items()}
+
+
+def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh) -> dict[str, float]:
+    pipeline.set_state({"epoch": 0, "step": 0, "fingerprint": pipeline.get_state()["fingerprint"]})
+    totals = np.zeros(3)
+    for _ in range(pipeline.steps_per_epoch):
+        out = jax.device_get(evaluate_step(state, _global_batch(next(pipeline), mesh)))
+        totals += [out["loss_sum"], out["correct"], out["count"]]
+    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
+
+
+def _storage(state: TrainState) -> dict[str, float]:
+    """Density and compression of the SD weights (DESIGN.md 1.5) against 32-bit dense weights."""
+    coeffs = jax.tree.leaves(state.trainable.get("sd_coeff", {}))
+    if not coeffs:
+        return {"density": 1.0, "compression_ratio": 1.0}
+    bases = jax.tree.leaves(state.trainable["sd_basis"])
+    other = sum(int(np.size(x)) for x in jax.tree.leaves(state.trainable.get("params", {})))
+    bits, nonzeros, entries, dense = 0, 0, 0, 32 * other
+    for coeff, basis in zip(coeffs, bases):
+        c = np.asarray(coeff)
+        nz = c[c != 0]
+        bits += core_report.storage_bits(int(nz.size), len(np.unique(np.abs(nz))), c.size, int(np.size(basis)))
+        nonzeros, entries, dense = nonzeros + nz.size, entries + c.size, dense + 32 * c.size
+    return {"density": nonzeros / entries, "compression_ratio": dense / (bits + 32 * other)}
+
+
+class _Writer:
+    """TensorBoard events plus one JSON line per logged step."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+        self._events = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self._events.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        self._events.close()
+        self._jsonl.close()
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str):
+    """Data, mesh, state (restored when the workdir has a checkpoint), checkpoints and step count."""
+    train_data, eval_data = _pipelines(config)
+    mesh = sharding.data_mesh()
+    sharding.check_batch(config.input.batch_size, mesh)
+    total_steps = config.optim.epochs * train_data.steps_per_epoch
+    if total_steps < 1:
+        raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
+    sd = bool(config.model.sd or config.init.from_params)
+    model = models.get(config.model.name, num_classes=train_data.num_classes,
+                       sd=_sd_rules(config) if sd else False, **config.model.options.to_dict())
+    sample = jnp.zeros((1,) + next(iter(eval_data))["image"].shape[1:], jnp.float32)
+    key = jax.random.key(config.seed)
+    checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
+                                   keep_last=config.ckpt.keep_last, keep_best=config.ckpt.keep_best)
+    resuming = checkpoints.latest_step() is not None
+    variables, _ = _initial_variables(config, model, sample, key, decompose=not resuming)
+    tx = sd_optimizer(_schedule(config, total_steps), momentum=config.optim.momentum,
+                      weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
+                      switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
+                      threshold=config.sd.threshold,
+                      max_coeff=config.sd.max_coeff)
+    state = create_train_state(model.apply, variables, tx, jax.random.fold_in(key, 1))
+    if resuming:
+        state, data_state = checkpoints.restore(state)
+        train_data.set_state(data_state)
+    train_step, eval_step, state = make_steps(mesh, state)
+    return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Accuracy and loss of the latest checkpoint in `workdir` on the evaluation split."""
+    _, eval_data, mesh, state, checkpoints, _, _, eval_step = _build(config, workdir)
+    try:
+        if checkpoints.latest_step() is None:
+            raise checkpoint.CheckpointError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
+        return _evaluate(eval_step, state, eval_data, mesh)
+    finally:
+        checkpoints.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or fine-tune) as `config` says; return and save the summary."""
+    os.makedirs(workdir, exist_ok=True)
+    start = time.perf_counter()
+    train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step = _build(config, workdir)
+    writer = _Writer(workdir)
+    first_step, tick = int(state.step), time.perf_counter()
+    try:
+        for step in range(first_step + 1, total_steps + 1):
+            state, metrics = train_step(state, _global_batch(next(train_data), mesh))
+            if step % config.log_every == 0 or step == total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(metrics["loss"]):
+                    raise TrainingError(
+                        f"loss is {metrics['loss']} at step {step}; stopped. The last good checkpoint is in "
+                        f"{checkpoints.directory} (step {checkpoints.latest_step()}); lower optim.lr and rerun"
+                    )
+                rate = (step - first_step) / (time.perf_counter() - tick)
+                writer.write(step, dict(metrics, steps_per_second=rate))
+                print(f"\rstep {step}/{total_steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}  "
+                      f"accuracy {metrics['accuracy']:.3f}", end="", file=sys.stderr, flush=True)
+            if step % config.ckpt.every_steps == 0 and step != total_steps:
+                checkpoints.save(step, state, data_state=train_data.get_state())
+        print(file=sys.stderr)
+        result = _evaluate(eval_step, state, eval_data, mesh)
+        checkpoints.save(total_steps, state, data_state=train_data.get_state(),
+                         metrics={"accuracy": result["accuracy"]}, force=True)
+        writer.write(total_steps, {f"eval_{k}": v for k, v in result.items()})
+    finally:
+        checkpoints.close()
+        writer.close()
+    summary = dict(accuracy=result["accuracy"], loss=result["loss"], steps=total_steps,
+                   seconds=time.perf_counter() - start, **_storage(state))
+    with open(os.path.join(workdir, "summary.json"), "w") as stream:
+        json.dump(summary, stream, indent=1)
+    return summary

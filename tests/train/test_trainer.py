@@ -1,0 +1,83 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import default
+from sd_jax.train import trainer
+from sd_jax.train.checkpoint import CheckpointError
+
+
+@pytest.fixture(autouse=True)
+def _mock():
+    with tfds.testing.mock_data(num_examples=64):
+        yield
+
+
+def _config(**changes):
+    config = default.get_config()
+    config.input.dataset = "mnist"
+    config.input.batch_size = 16
+    config.input.eval_batch_size = 32
+    config.model.name = "mlp"
+    config.optim.epochs = 1
+    config.optim.lr = 0.05
+    config.log_every = 1
+    config.ckpt.every_steps = 2
+    for key, value in changes.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+def test_dense_then_sd_finetune_end_to_end(tmp_path):
+    dense_dir = str(tmp_path / "dense")
+    summary = trainer.train_and_evaluate(_config(), dense_dir)
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["steps"] == 4
+    assert os.path.exists(os.path.join(dense_dir, "summary.json"))
+    lines = open(os.path.join(dense_dir, "metrics.jsonl")).read().splitlines()
+    assert json.loads(lines[-1])["step"] == 4 and any(f.startswith("events") for f in
+                                                      os.listdir(os.path.join(dense_dir, "tensorboard")))
+    sd_summary = trainer.train_and_evaluate(
+        _config(init__from_params=os.path.join(dense_dir, "checkpoints"), sd__threshold=4e-3), str(tmp_path / "sd"))
+    assert sd_summary["compression_ratio"] > 1 and 0 < sd_summary["density"] <= 1
+    evaluated = trainer.evaluate(_config(init__from_params=os.path.join(dense_dir, "checkpoints"),
+                                         sd__threshold=4e-3), str(tmp_path / "sd"))
+    assert evaluated["accuracy"] == pytest.approx(sd_summary["accuracy"])
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
+    import jax
+
+    from sd_jax.train.checkpoint import load_variables
+
+    config = _config(optim__epochs=2, ckpt__every_steps=3)
+    full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+    original, calls = trainer._global_batch, []
+
+    def interrupt_after_five(batch, mesh):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt("simulated preemption")
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "_global_batch", interrupt_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(trainer, "_global_batch", original)
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["loss"] == full["loss"] and resumed["accuracy"] == full["accuracy"]
+    jax.tree.map(np.testing.assert_array_equal, load_variables(str(tmp_path / "full" / "checkpoints")),
+                 load_variables(str(tmp_path / "resumed" / "checkpoints")))
+
+
+def test_evaluate_without_checkpoint_and_finetune_from_another_model(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        trainer.evaluate(_config(), str(tmp_path / "empty"))
+    dense_dir = str(tmp_path / "dense")
+    trainer.train_and_evaluate(_config(), dense_dir)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        trainer.train_and_evaluate(_config(model__name="lenet5", init__from_params=os.path.join(dense_dir, "checkpoints")),
+                                   str(tmp_path / "other"))
