@@ -24,9 +24,6 @@ from ml_collections import config_flags
 
 from experiments.configs.quickstart import sd_stage
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Where checkpoints, metrics and summary.json go.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"), "Config file.")
 
 
 def _dataset_available(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -62,16 +59,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
+def _define_flags() -> None:
+    """Flags exist only when this file runs as the program, so `run` can be imported anywhere."""
+    flags.DEFINE_string("workdir", "runs/quickstart", "Where checkpoints, metrics and summary.json go.")
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.py"), "Config file.")
+
+
 def main(argv: list[str]) -> None:
     del argv
-    summary = run(_CONFIG.value, _WORKDIR.value)
+    workdir = flags.FLAGS.workdir
+    summary = run(flags.FLAGS.config, workdir)
     rows = [("dense accuracy", f"{summary['dense_accuracy']:.4f}"), ("SD accuracy", f"{summary['sd_accuracy']:.4f}"),
             ("compression vs 32-bit", f"{summary['compression_ratio']:.2f}x"), ("density of C", f"{summary['density']:.3f}")]
     rows += [(f"seconds: {stage}", f"{value:.0f}") for stage, value in summary["seconds"].items()]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
-    print(f"summary: {os.path.join(_WORKDIR.value, 'summary.json')}")
+    print(f"summary: {os.path.join(workdir, 'summary.json')}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
