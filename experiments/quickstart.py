@@ -19,7 +19,7 @@ import os
 import time
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.configs.quickstart import sd_stage
@@ -68,6 +68,8 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every save at INFO
+        logging.set_verbosity(logging.WARNING)
     workdir = flags.FLAGS.workdir
     summary = run(flags.FLAGS.config, workdir)
     rows = [("dense accuracy", f"{summary['dense_accuracy']:.4f}"), ("SD accuracy", f"{summary['sd_accuracy']:.4f}"),

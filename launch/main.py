@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs", "decompose.py")
@@ -90,6 +90,8 @@ def _cost_commands():
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every save at INFO
+        logging.set_verbosity(logging.WARNING)
     if _MODE.value in TRAINING_MODES:
         _run_training(_MODE.value, _CONFIG.value, _WORKDIR.value)
         return

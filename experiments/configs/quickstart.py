@@ -24,8 +24,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.schedule = "cosine"
     config.log_every = 20
     config.ckpt.every_steps = 200
+    # Measured on 2026-11-26 (dense 91.27 %): threshold 0.02, switch_bar 50, weight decay 5e-4 gave
+    # SD 76.2 % at 7.4x; weight decay drives every coefficient's votes toward zero, so the fine-tune
+    # runs without it, and 0.03 / 200 gave SD 91.07 % at 9.7x, density 0.46.
     config.finetune = ml_collections.ConfigDict(dict(
-        epochs=1, lr=0.01, threshold=0.02, switch_bar=50, prune_fraction=0.0,
+        epochs=1, lr=0.01, threshold=0.03, switch_bar=200, weight_decay=0.0, prune_fraction=0.0,
     ))
     return config
 
@@ -39,5 +42,6 @@ def sd_stage(config: ml_collections.ConfigDict, dense_workdir: str) -> ml_collec
     sd.optim.epochs = config.finetune.epochs
     sd.optim.lr = config.finetune.lr
     sd.optim.switch_bar = config.finetune.switch_bar
+    sd.optim.weight_decay = config.finetune.weight_decay
     sd.optim.coeff_update = "bucket_switch"
     return sd
