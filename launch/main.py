@@ -31,6 +31,10 @@ _MODEL = flags.DEFINE_string("model", None, "analyze / export: zoo model name, e
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "markdown", "json", "csv"], "analyze: report format.")
 _PLOTS = flags.DEFINE_string("plots", None, "analyze: directory for PNG plots.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train / finetune / evaluate: checkpoints, metrics, summary.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Several processes: this one's index.")
+_DISTRIBUTED_AUTO = flags.DEFINE_bool("distributed_auto", False, "Detect the cluster (SLURM, TPU pod) for jax.distributed.")
 try:  # ml_collections reads --config.x overrides from sys.argv while the flag is defined
     _CONFIG = config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG), "Config file.")
 except (AttributeError, KeyError) as _error:
@@ -66,7 +70,13 @@ def _run_training(mode: str, config, workdir: str | None) -> None:
                              "or an experiment config")
     if mode == "finetune" and not config.init.from_params:
         raise app.UsageError("--mode=finetune needs --config.init.from_params=PATH (a dense checkpoint)")
-    from sd_jax.train import trainer
+    from sd_jax.train import distributed, trainer
+
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               auto=_DISTRIBUTED_AUTO.value)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
     try:
         if mode == "evaluate":

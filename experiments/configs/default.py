@@ -20,14 +20,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         setting="plain", part="source", split_seed=0,
     ))
     config.model = ml_collections.ConfigDict(dict(name="resnet20", sd=False, options=ml_collections.ConfigDict()))
-    config.init = ml_collections.ConfigDict(dict(from_params=""))  # dense checkpoint to decompose and fine-tune
+    # from_params: checkpoint to start from (a dense one is decomposed when model.sd); reset: regex of
+    # layers to re-initialise (adaptation: "^head/").
+    config.init = ml_collections.ConfigDict(dict(from_params="", reset=""))
     config.sd = ml_collections.ConfigDict(dict(
         mode="pow2", threshold=1e-3, max_coeff=32.0, iterations=30, prune_fraction=0.0, row_threshold=0.0,
         rules=[],
+        # Low-precision SD training (DESIGN.md 1.4): e.g. 8-bit layer inputs and 8-bit gradients.
+        activation_bits=ml_collections.config_dict.placeholder(int),
+        gradient_bits=ml_collections.config_dict.placeholder(int),
     ))
     config.optim = ml_collections.ConfigDict(dict(
         epochs=200, lr=0.1, schedule="reference", warmup_steps=0, momentum=0.9, weight_decay=5e-4,
         coeff_update="bucket_switch", switch_bar=1, update_threshold=0.0,
     ))
     config.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep_last=2, keep_best=1))
+    # Stochastic weight averaging from this fraction of training on (0 = off; reference: 0.8 at lr
+    # 0.05), then batch-norm statistics recomputed over bn_batches training batches.
+    config.swa = ml_collections.ConfigDict(dict(start_fraction=0.0, lr=0.05, bn_batches=50))
     return config

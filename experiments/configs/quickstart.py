@@ -37,6 +37,7 @@ def sd_stage(config: ml_collections.ConfigDict, dense_workdir: str) -> ml_collec
     """Fine-tuning config: decompose the dense checkpoint, then bucket-switch training."""
     sd = ml_collections.ConfigDict(config.to_dict())
     sd.init.from_params = os.path.join(dense_workdir, "checkpoints")
+    sd.model.sd = True
     sd.sd.threshold = config.finetune.threshold
     sd.sd.prune_fraction = config.finetune.prune_fraction
     sd.optim.epochs = config.finetune.epochs

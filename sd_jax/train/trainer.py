@@ -1,8 +1,8 @@
 """The one trainer: data, model, optimizer, sharded steps, checkpoints and metrics for a config.
 
-`train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD from scratch
-with `model.sd`), or fine-tunes in SD form a dense checkpoint decomposed on the way in
-(`init.from_params`), resuming from the latest checkpoint in `workdir` when there is one. It writes
+`train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD with
+`model.sd`) from scratch or from `init.from_params` (a dense checkpoint is decomposed on the way in
+when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from the latest checkpoint in `workdir` when there is one. It writes
 TensorBoard events and `metrics.jsonl` in the workdir, prints a progress line, and returns a summary
 (also written to `summary.json`). A non-finite loss stops the run with a message; the last good
 checkpoint stays. `evaluate(config, workdir)` restores the latest checkpoint and evaluates it.
@@ -13,20 +13,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from sd_jax import data, models
 from sd_jax.core import report as core_report
 from sd_jax.nn import convert
 from sd_jax.nn.rules import SDRules
-from sd_jax.train import checkpoint, schedules, sharding
+from sd_jax.train import checkpoint, schedules, sharding, swa
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.step import TrainState, create_train_state, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
@@ -54,27 +57,35 @@ def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
 
 def _schedule(config: ml_collections.ConfigDict, total_steps: int):
     if config.optim.schedule == "reference":
-        return schedules.reference_schedule(config.optim.lr, total_steps)
+        swa_lr = config.swa.lr if config.swa.start_fraction > 0 else None
+        return schedules.reference_schedule(config.optim.lr, total_steps, swa_lr=swa_lr)
     if config.optim.schedule == "cosine":
         return schedules.cosine_schedule(config.optim.lr, total_steps, warmup_steps=config.optim.warmup_steps)
     raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference' or 'cosine'")
 
 
-def _initial_variables(config, model, sample, key, decompose: bool) -> tuple[dict[str, Any], Any]:
-    """Fresh variables, or a dense checkpoint decomposed into SD form (fine-tuning).
+def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dict[str, Any]:
+    """Fresh variables, or those of `init.from_params`: an SD checkpoint as it is, a dense one as it is
+    for a dense model or decomposed (`to_sd`) for an SD model. Layers whose name matches
+    `init.reset` (e.g. the classifier, for the adaptation setting) keep their fresh values.
 
-    When resuming (`decompose` False) the fresh variables only serve as the restore template.
+    When resuming (`from_checkpoint` False) the fresh variables only serve as the restore template.
     """
-    variables = jax.jit(lambda k: model.init(k, sample, train=False))(key)
-    if not config.init.from_params or not decompose:
-        return variables, None
-    dense = checkpoint.load_variables(config.init.from_params)
-    loaded = {"params": dense.get("params", dense)}
-    if "batch_stats" in dense:
-        loaded["batch_stats"] = dense["batch_stats"]
-    sd_variables, decomposition = convert.to_sd(loaded, _sd_rules(config))
-    _check_same_structure(variables, sd_variables, config.init.from_params)
-    return sd_variables, decomposition
+    fresh = flax.core.unfreeze(jax.jit(lambda k: model.init(k, sample, train=False))(key))
+    if not config.init.from_params or not from_checkpoint:
+        return fresh
+    loaded = checkpoint.load_variables(config.init.from_params)
+    loaded = {name: tree for name, tree in loaded.items() if name in fresh}
+    if config.model.sd and "sd_coeff" not in loaded:
+        loaded, _ = convert.to_sd(loaded, _sd_rules(config))
+    if config.init.reset:
+        pattern = re.compile(config.init.reset)
+        for collection, layers in fresh.items():
+            for layer in layers:
+                if pattern.search(layer) and collection in loaded:
+                    loaded[collection][layer] = layers[layer]
+    _check_same_structure(fresh, loaded, config.init.from_params)
+    return loaded
 
 
 def _check_same_structure(expected: Any, got: Any, source: str) -> None:
@@ -147,26 +158,49 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
     total_steps = config.optim.epochs * train_data.steps_per_epoch
     if total_steps < 1:
         raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
-    sd = bool(config.model.sd or config.init.from_params)
     model = models.get(config.model.name, num_classes=train_data.num_classes,
-                       sd=_sd_rules(config) if sd else False, **config.model.options.to_dict())
+                       sd=_sd_rules(config) if config.model.sd else False, **config.model.options.to_dict())
     sample = jnp.zeros((1,) + next(iter(eval_data))["image"].shape[1:], jnp.float32)
     key = jax.random.key(config.seed)
     checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
                                    keep_last=config.ckpt.keep_last, keep_best=config.ckpt.keep_best)
     resuming = checkpoints.latest_step() is not None
-    variables, _ = _initial_variables(config, model, sample, key, decompose=not resuming)
+    variables = _initial_variables(config, model, sample, key, from_checkpoint=not resuming)
     tx = sd_optimizer(_schedule(config, total_steps), momentum=config.optim.momentum,
                       weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold,
                       max_coeff=config.sd.max_coeff)
+    if config.swa.start_fraction > 0:
+        tx = optax.chain(tx, swa.swa(int(config.swa.start_fraction * total_steps)))
     state = create_train_state(model.apply, variables, tx, jax.random.fold_in(key, 1))
     if resuming:
         state, data_state = checkpoints.restore(state)
         train_data.set_state(data_state)
     train_step, eval_step, state = make_steps(mesh, state)
     return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step
+
+
+def _swa_result(config: ml_collections.ConfigDict, state: TrainState, train_data: data.Pipeline, mesh) -> TrainState:
+    """The SWA average in SD form (coefficients projected back to powers of two inside the mask)
+    with batch-norm statistics recomputed over `swa.bn_batches` training batches (DESIGN.md 1.4)."""
+    trainable = dict(state.opt_state[1].average)
+    if "sd_coeff" in trainable:
+        masks = state.frozen["sd_mask"]
+        trainable["sd_coeff"] = {
+            layer: {"coeff": swa.project_coefficients(leaves["coeff"], masks[layer]["mask"],
+                                                      threshold=config.sd.threshold, max_coeff=config.sd.max_coeff)}
+            for layer, leaves in trainable["sd_coeff"].items()
+        }
+    state = state.replace(trainable=trainable)
+    if "batch_stats" in state.frozen:
+        key = jax.random.fold_in(state.key, -1)
+        forward = jax.jit(lambda variables, images: state.apply_fn(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
+        batches = (_global_batch(next(train_data), mesh)["image"] for _ in range(config.swa.bn_batches))
+        stats = swa.recompute_batch_stats(forward, state.variables, batches)
+        state = state.replace(frozen={**state.frozen, "batch_stats": stats})
+    return state
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -204,6 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.ckpt.every_steps == 0 and step != total_steps:
                 checkpoints.save(step, state, data_state=train_data.get_state())
         print(file=sys.stderr)
+        if config.swa.start_fraction > 0:
+            state = _swa_result(config, state, train_data, mesh)
         result = _evaluate(eval_step, state, eval_data, mesh)
         checkpoints.save(total_steps, state, data_state=train_data.get_state(),
                          metrics={"accuracy": result["accuracy"]}, force=True)

@@ -40,11 +40,10 @@ def test_dense_then_sd_finetune_end_to_end(tmp_path):
     lines = open(os.path.join(dense_dir, "metrics.jsonl")).read().splitlines()
     assert json.loads(lines[-1])["step"] == 4 and any(f.startswith("events") for f in
                                                       os.listdir(os.path.join(dense_dir, "tensorboard")))
-    sd_summary = trainer.train_and_evaluate(
-        _config(init__from_params=os.path.join(dense_dir, "checkpoints"), sd__threshold=4e-3), str(tmp_path / "sd"))
+    sd_config = _config(init__from_params=os.path.join(dense_dir, "checkpoints"), sd__threshold=4e-3, model__sd=True)
+    sd_summary = trainer.train_and_evaluate(sd_config, str(tmp_path / "sd"))
     assert sd_summary["compression_ratio"] > 1 and 0 < sd_summary["density"] <= 1
-    evaluated = trainer.evaluate(_config(init__from_params=os.path.join(dense_dir, "checkpoints"),
-                                         sd__threshold=4e-3), str(tmp_path / "sd"))
+    evaluated = trainer.evaluate(sd_config, str(tmp_path / "sd"))
     assert evaluated["accuracy"] == pytest.approx(sd_summary["accuracy"])
 
 
@@ -81,3 +80,41 @@ def test_evaluate_without_checkpoint_and_finetune_from_another_model(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit the model"):
         trainer.train_and_evaluate(_config(model__name="lenet5", init__from_params=os.path.join(dense_dir, "checkpoints")),
                                    str(tmp_path / "other"))
+
+
+@pytest.mark.slow
+def test_adaptation_resets_the_classifier(tmp_path):
+    import jax
+    import numpy as np
+
+    from sd_jax.train.checkpoint import load_variables
+
+    source = _config(input__setting="adaptation", input__part="source")
+    trainer.train_and_evaluate(source, str(tmp_path / "source"))
+    target = _config(input__setting="adaptation", input__part="target", init__reset="^head/",
+                     init__from_params=str(tmp_path / "source" / "checkpoints"), optim__lr=1e-9)
+    trainer.train_and_evaluate(target, str(tmp_path / "target"))
+    before = load_variables(str(tmp_path / "source" / "checkpoints"))["params"]
+    after = load_variables(str(tmp_path / "target" / "checkpoints"))["params"]
+    hidden = [name for name in before if not name.startswith("head/")][0]
+    np.testing.assert_allclose(before[hidden]["kernel"], after[hidden]["kernel"], atol=1e-6)  # kept
+    assert not np.allclose(before["head/dense"]["kernel"], after["head/dense"]["kernel"], atol=1e-3)  # reset
+
+
+@pytest.mark.slow
+def test_swa_ends_in_sd_form_with_recomputed_batch_norm(tmp_path):
+    import jax
+    import numpy as np
+
+    from sd_jax.train.checkpoint import load_variables
+
+    dense_dir = str(tmp_path / "dense")
+    trainer.train_and_evaluate(_config(model__name="lenet5"), dense_dir)
+    config = _config(model__name="lenet5", model__sd=True, init__from_params=os.path.join(dense_dir, "checkpoints"),
+                     swa__start_fraction=0.5, swa__bn_batches=2, optim__epochs=2)
+    summary = trainer.train_and_evaluate(config, str(tmp_path / "swa"))
+    assert 0 <= summary["accuracy"] <= 1
+    coeffs = load_variables(str(tmp_path / "swa" / "checkpoints"))["sd_coeff"]
+    for leaf in jax.tree.leaves(coeffs):
+        mantissa, _ = np.frexp(np.asarray(leaf, np.float64))
+        assert ((np.asarray(leaf) == 0) | (np.abs(mantissa) == 0.5)).all()
