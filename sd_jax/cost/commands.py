@@ -122,6 +122,17 @@ def packable(decomposition: NetworkDecomposition) -> dict[str, packing.SDTensor 
             if isinstance(leaf, Decomposition) else np.asarray(leaf) for path, leaf in leaves}
 
 
+def _inference_state(path: str) -> dict[str, np.ndarray]:
+    """'batch_stats/<path>' arrays of a checkpoint that has them, so the packed file can serve alone."""
+    from sd_jax.train import checkpoint
+
+    variables = checkpoint.load_variables(path)
+    stats = variables.get("batch_stats") if isinstance(variables, Mapping) else None
+    if not isinstance(stats, Mapping):
+        return {}
+    return {f"batch_stats/{key}": value for key, value in checkpoint.flatten(stats).items()}
+
+
 def _sd_checkpoint(path: str, network: layers.Network, options: Mapping[str, Any]) -> dict[str, Any] | None:
     """Tensors from an SD `.npz` (keys 'sd_coeff/<layer>/kernel', ...), or None for a dense checkpoint."""
     if not path.endswith(".npz"):
@@ -171,6 +182,7 @@ def run_export(config: Any, model_name: str, params_path: str, output: str, *, b
     tensors = _sd_checkpoint(params_path, layers.extract_layers(model, shape, train=False), options)
     if tensors is None:
         tensors = packable(decomposed(model_name, params_path, config, **model_kwargs)[3])
+    tensors.update(_inference_state(params_path))
     size = packing.save(output, tensors, basis_dtype=basis_dtype)
     with open(output, "rb") as stream:
         header = packing.header_bytes(stream.read())

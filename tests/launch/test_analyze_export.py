@@ -53,6 +53,24 @@ def test_export_of_a_dense_checkpoint_matches_the_storage_count(lenet_params, tm
 
 
 @pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
+def test_export_keeps_batch_norm_statistics_of_a_training_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from sd_jax.train.checkpoint import flatten
+
+    model, shape = commands.model_input("resnet20")
+    params = commands.he_normal_params(model, shape)
+    stats = {"stem/bn": {"mean": np.full(16, 0.5, np.float32), "var": np.full(16, 2.0, np.float32)}}
+    manager = ocp.CheckpointManager(str(tmp_path / "run"))
+    manager.save(1, args=ocp.args.StandardSave({"params": params, "batch_stats": stats}))
+    manager.wait_until_finished()
+    output = str(tmp_path / "resnet20.sdpack")
+    commands.run_export(decompose_config.get_config(), "resnet20", str(tmp_path / "run"), output)
+    tensors = packing.load(output)
+    np.testing.assert_array_equal(tensors["batch_stats/stem/bn/var"], flatten(stats)["stem/bn/var"])
+
+
+@pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
 def test_export_of_an_sd_checkpoint(lenet_params, tmp_path):
     config = decompose_config.get_config()
     sd_path = str(tmp_path / "sd.npz")
