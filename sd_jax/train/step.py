@@ -1,7 +1,8 @@
 """Train state and the jitted, data-parallel train and eval steps.
 
 Variables are split by collection: `trainable` (params, sd_basis, sd_coeff) goes through the
-optimizer; `frozen` (batch_stats, updated by the forward pass, and sd_mask, never changed) does not.
+optimizer; `frozen` (batch_stats and sd_quant, the running activation ranges of low-precision SD
+layers, updated by the forward pass, and sd_mask, never changed) does not.
 `make_steps` jits both steps with `NamedSharding` on a "data" mesh: the batch is split over the
 devices, the state is replicated and donated, so one program serves 1 device, 8 devices or several
 processes.
@@ -61,11 +62,13 @@ def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on the global batch; returns the new state and mean loss and accuracy."""
-    rngs = {"dropout": jax.random.fold_in(state.key, state.step)}
+    dropout_key, quant_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+    rngs = {"dropout": dropout_key, "quant": quant_key}  # quant: stochastic rounding of SD layers' gradients
 
     def loss_fn(trainable):
         logits, updates = state.apply_fn(
-            {**trainable, **state.frozen}, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs
+            {**trainable, **state.frozen}, batch["image"], train=True, mutable=["batch_stats", "sd_quant"],
+            rngs=rngs,
         )
         metrics = _metrics(logits, batch["label"])
         return metrics["loss"], (metrics, updates)
@@ -94,7 +97,10 @@ def make_steps(mesh: Mesh, state: TrainState) -> tuple[Callable, Callable, Train
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
     state_sharding = jax.tree.map(lambda _: replicated, state)
-    state = jax.device_put(state, state_sharding)
+    # Through host values and a jitted identity, so that with several processes every process
+    # contributes its (identical) copy to one global, replicated state.
+    host = jax.device_get(state.replace(key=jax.random.key_data(state.key)))
+    state = jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)), out_shardings=state_sharding)(host)
     train = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
                     donate_argnums=0)
     evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)

@@ -1,0 +1,59 @@
+"""One process of the multi-process test: train a few steps on a global "data" mesh, save variables.
+
+    python tests/train/multiprocess_worker.py OUT.npz [COORDINATOR NUM_PROCESSES PROCESS_ID]
+
+Each process simulates 2 CPU devices (4 when it runs alone) and feeds its slice of the global batch.
+"""
+
+import os
+import sys
+
+NUM_PROCESSES = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // NUM_PROCESSES}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+from sd_jax.train import distributed  # noqa: E402
+
+if NUM_PROCESSES > 1:
+    distributed.initialize(sys.argv[2], NUM_PROCESSES, int(sys.argv[4]))
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sd_jax.train import sharding  # noqa: E402
+from sd_jax.train.checkpoint import atomic_savez, flatten  # noqa: E402
+from sd_jax.train.optimizer import sd_optimizer  # noqa: E402
+from sd_jax.train.step import create_train_state, make_steps  # noqa: E402
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = nn.Conv(8, (3, 3), use_bias=False, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+        return nn.Dense(10, name="head")(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+model = Tiny()
+images = np.asarray(jax.random.normal(jax.random.key(1), (16, 8, 8, 3)))
+labels = np.arange(16) % 10
+variables = model.init(jax.random.key(0), images[:1], train=False)
+state = create_train_state(model.apply, variables, sd_optimizer(0.1), jax.random.key(2))
+mesh = sharding.data_mesh()
+train, _, state = make_steps(mesh, state)
+rows = slice(jax.process_index() * 16 // NUM_PROCESSES, (jax.process_index() + 1) * 16 // NUM_PROCESSES)
+target = sharding.batch_sharding(mesh)
+batch = {"image": jax.make_array_from_process_local_data(target, images[rows]),
+         "label": jax.make_array_from_process_local_data(target, labels[rows])}
+for _ in range(3):
+    state, metrics = train(state, batch)
+result = jax.tree.map(lambda x: np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+                      if not x.is_fully_addressable else np.asarray(x), state.variables)
+if jax.process_index() == 0:
+    atomic_savez(sys.argv[1], dict(flatten(result), devices=np.array(len(jax.devices()))))
