@@ -1,0 +1,27 @@
+import json
+import os
+
+from experiments import tables
+
+
+def test_tables_render_runs_and_skip_broken_json(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(dict(
+        accuracy=0.9, compression_ratio=9.5, density=0.45, seconds=120.0, dataset="cifar10_jpeg",
+        model="resnet20", sd=True, setting="plain")))
+    (tmp_path / "a" / "command.txt").write_text("python -m launch.main --mode=finetune ...")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "summary.json").write_text(json.dumps(dict(
+        dense_accuracy=0.91, sd_accuracy=0.905, compression_ratio=9.7, density=0.46, seconds={"total": 560.0})))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{not json")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "summary.json").write_text(json.dumps({"loss": 1.0}))
+    rows, skipped = tables.collect(str(tmp_path))
+    assert len(rows) == 2 and len(skipped) == 2
+    assert any("not readable JSON" in message for message in skipped)
+    text = tables.markdown(rows)
+    assert "| cifar10_jpeg | resnet20 | SD plain |  | 90.00 | 9.50x | 0.450 | 120 |" in text
+    assert "90.50" in text and "91.00" in text and "10.56x" in text and "--mode=finetune" in text
+    tables.plot(rows, str(tmp_path / "plot.png"))
+    assert os.path.getsize(tmp_path / "plot.png") > 1000
