@@ -91,6 +91,10 @@ class TrainCheckpoints:
         state = state.replace(key=jax.random.wrap_key_data(np.asarray(state.key)))
         return state, dict(restored["data"] or {})
 
+    def delete(self, step: int) -> None:
+        """Remove the checkpoint of `step` (one found bad after it was written)."""
+        self._manager.delete(step)
+
     def wait(self) -> None:
         """Block until every save in flight is on disk."""
         self._manager.wait_until_finished()

@@ -130,6 +130,18 @@ def _storage(state: TrainState) -> dict[str, float]:
     return {"density": nonzeros / entries, "compression_ratio": dense / (bits + 32 * other)}
 
 
+def _stop(step: int, loss: float, checkpoints: TrainCheckpoints) -> None:
+    """Raise TrainingError for a non-finite loss at `step`, first dropping the checkpoint of step - 1
+    (the state that loss came from), so that the latest checkpoint left is a good one."""
+    checkpoints.wait()
+    if checkpoints.latest_step() == step - 1:
+        checkpoints.delete(step - 1)
+    last = checkpoints.latest_step()
+    where = (f"the last good checkpoint is in {checkpoints.directory} (step {last})" if last is not None
+             else "no checkpoint was saved before it (lower ckpt.every_steps to keep one)")
+    raise TrainingError(f"loss is {loss} at step {step}; stopped; {where}; lower optim.lr and rerun")
+
+
 class _Writer:
     """TensorBoard events plus one JSON line per logged step."""
 
@@ -221,26 +233,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step = _build(config, workdir)
     writer = _Writer(workdir)
     first_step, tick = int(state.step), time.perf_counter()
+    every = config.ckpt.every_steps
     try:
         for step in range(first_step + 1, total_steps + 1):
             state, metrics = train_step(state, _global_batch(next(train_data), mesh))
-            if step % config.log_every == 0 or step == total_steps:
+            logged = step % config.log_every == 0 or step == total_steps
+            # The loss of step s is that of the state after step s - 1: it vouches for a checkpoint saved then.
+            vouches = step - 1 > first_step and (step - 1) % every == 0
+            if logged or vouches:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not math.isfinite(metrics["loss"]):
-                    raise TrainingError(
-                        f"loss is {metrics['loss']} at step {step}; stopped. The last good checkpoint is in "
-                        f"{checkpoints.directory} (step {checkpoints.latest_step()}); lower optim.lr and rerun"
-                    )
+                    _stop(step, metrics["loss"], checkpoints)
+            if logged:
                 rate = (step - first_step) / (time.perf_counter() - tick)
                 writer.write(step, dict(metrics, steps_per_second=rate))
                 print(f"\rstep {step}/{total_steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}  "
                       f"accuracy {metrics['accuracy']:.3f}", end="", file=sys.stderr, flush=True)
-            if step % config.ckpt.every_steps == 0 and step != total_steps:
+            if step % every == 0 and step != total_steps:
                 checkpoints.save(step, state, data_state=train_data.get_state())
         print(file=sys.stderr)
         if config.swa.start_fraction > 0:
             state = _swa_result(config, state, train_data, mesh)
         result = _evaluate(eval_step, state, eval_data, mesh)
+        if not math.isfinite(result["loss"]):
+            _stop(total_steps + 1, result["loss"], checkpoints)
         checkpoints.save(total_steps, state, data_state=train_data.get_state(),
                          metrics={"accuracy": result["accuracy"]}, force=True)
         writer.write(total_steps, {f"eval_{k}": v for k, v in result.items()})

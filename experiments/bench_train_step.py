@@ -1,0 +1,208 @@
+"""Benchmark: the full train step (forward, backward, optimizer update) of SD models against dense.
+
+    python -m experiments.bench_train_step [--models=resnet20,resnet18] [--batch=128] [--repeats=5]
+        [--breakdown] [--json]
+
+For CIFAR ResNet-20 and ResNet-18 (32x32x3 inputs, 10 classes, float32, batch 128) it times the
+jitted, donating train step of `sd_jax.train.step.make_steps` (one-device "data" mesh):
+- dense: `models.get(name)`, SGD with momentum 0.9 and weight decay 5e-4 on `params`;
+- SD: `models.get(name, sd=SDRules(mode="pow2"))` (every conv and the classifier SD, C used as
+  stored), SGD on `params` and `sd_basis`, the bucket-switch update on `sd_coeff`;
+both built by `sd_optimizer` exactly as the trainer builds them (constant learning rate `--lr`).
+Weights (`sd_jax.models.synthetic`) and the batch are seeded. The state is donated, so each call
+takes the state the previous call returned (the model keeps training; the work per step is the same).
+Dense and SD calls alternate (A B A B ...) in one process; the first call of each is compilation,
+reported apart as `*_compile_seconds` (tracing, compiling and one run); medians of `--repeats` calls,
+each ended with `jax.block_until_ready`.
+
+`--breakdown` also times, alternating in the same way, what the SD step is made of: the gradients
+alone (forward+backward of the same loss, `grads_*`), the optimizer update alone (`tx.update` +
+`apply_updates` on fixed gradients, `update_*`), the rule for C alone (`coeff_bucket_switch_sd`
+against `coeff_sgd_sd`, SGD with momentum on the same C), and the SD step with the latent-STE update
+of C instead of the bucket switch (`step_sd_latent`), so SD's extra cost splits into model and
+optimizer. Their first calls (compilation for the new functions) are `breakdown_*_first_call_seconds`.
+
+Runs in about 2.5 minutes on the shared 2-core CPU (about 8 with --breakdown). The last line with
+--json is one JSON object with one entry per model: dense_seconds, sd_seconds, sd_over_dense,
+images_per_second (dense_images_per_second and sd_images_per_second, at the median step time),
+compile times, the final losses, all timings, and the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+
+from sd_jax import models
+from sd_jax.models.synthetic import synthetic_variables
+from sd_jax.nn import SDRules
+from sd_jax.train import sharding
+from sd_jax.train.bucket_switch import bucket_switch
+from sd_jax.train.optimizer import sd_optimizer, sgd
+from sd_jax.train.step import TrainState, create_train_state, make_steps
+
+_MODELS = flags.DEFINE_list("models", ["resnet20", "resnet18"], "Zoo models to time (CIFAR forms).")
+_BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per function after the compiling call.")
+_LR = flags.DEFINE_float("lr", 0.01, "Constant learning rate of both optimizers.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time gradients and optimizer update apart.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+
+NUM_CLASSES = 10
+SIDE = 32
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+class Side:
+    """One model + optimizer: its donating train step and the state it carries from call to call."""
+
+    def __init__(self, name: str, batch: dict[str, jax.Array], sd: SDRules | bool, coeff_update: str, lr: float):
+        self.model = models.get(name, num_classes=NUM_CLASSES, sd=sd)
+        variables = synthetic_variables(self.model, batch["image"])
+        self.lr = lr
+        self.tx = sd_optimizer(lr, coeff_update=coeff_update)
+        state = create_train_state(self.model.apply, variables, self.tx, jax.random.key(0))
+        self.mesh = sharding.data_mesh(jax.devices()[:1])
+        self.train, _, self.state = make_steps(self.mesh, state)
+        self.batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+        self.loss = float("nan")
+
+    def step(self) -> TrainState:
+        """One train step; the donated state is replaced by the one it returns."""
+        self.state, metrics = self.train(self.state, self.batch)
+        self.loss = metrics["loss"]
+        return self.state
+
+    def parts(self) -> dict[str, Callable[[], Any]]:
+        """The step's two halves, jitted apart (not donating): gradients, and the optimizer update."""
+        state, batch = self.state, self.batch
+
+        @jax.jit
+        def grads(trainable, frozen):
+            def loss_fn(trainable):
+                logits, updates = state.apply_fn({**trainable, **frozen}, batch["image"], train=True,
+                                                 mutable=["batch_stats", "sd_quant"])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), updates
+
+            return jax.grad(loss_fn, has_aux=True)(trainable)
+
+        @jax.jit
+        def update(gradients, opt_state, trainable):
+            changes, opt_state = self.tx.update(gradients, opt_state, trainable)
+            return optax.apply_updates(trainable, changes), opt_state
+
+        fixed_grads, _ = grads(state.trainable, state.frozen)
+        functions = {
+            "grads": lambda: grads(self.state.trainable, self.state.frozen),
+            "update": lambda: update(fixed_grads, self.state.opt_state, self.state.trainable),
+        }
+        if "sd_coeff" in state.trainable:  # the rule for C alone: bucket switch against plain SGD
+            for label, tx in (("coeff_bucket_switch", bucket_switch(self.lr)), ("coeff_sgd", sgd(self.lr))):
+                functions[label] = self._coeff_update(tx, fixed_grads["sd_coeff"])
+        return functions
+
+    def _coeff_update(self, tx: optax.GradientTransformation, coeff_grads: Any) -> Callable[[], Any]:
+        coeff = jax.tree.map(jnp.copy, self.state.trainable["sd_coeff"])  # the state's own copy is donated
+        opt_state = tx.init(coeff)
+
+        @jax.jit
+        def update(gradients, opt_state, coeff):
+            changes, opt_state = tx.update(gradients, opt_state, coeff)
+            return optax.apply_updates(coeff, changes), opt_state
+
+        return lambda: update(coeff_grads, opt_state, coeff)
+
+
+def _alternate(functions: dict[str, Callable[[], Any]], repeats: int, result: dict[str, Any],
+               first_call: str = "{}_compile_seconds") -> dict[str, float]:
+    """Call each function once (compilation; its time recorded under `first_call`), then time them in
+    turn `repeats` times; their medians."""
+    for label, fn in functions.items():
+        result[first_call.format(label)] = _seconds(fn)
+    times: dict[str, list[float]] = {label: [] for label in functions}
+    for _ in range(repeats):
+        for label, fn in functions.items():
+            times[label].append(_seconds(fn))
+    result.setdefault("all_seconds", {}).update({k: [round(t, 4) for t in v] for k, v in times.items()})
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def bench_model(name: str, batch_size: int, repeats: int, lr: float, breakdown: bool) -> dict[str, Any]:
+    """Alternating dense / SD train-step timings of one model; medians, ratios, throughput, compile times."""
+    key_x, key_y = jax.random.split(jax.random.key(1))
+    batch = {"image": jax.random.normal(key_x, (batch_size, SIDE, SIDE, 3), jnp.float32),
+             "label": jax.random.randint(key_y, (batch_size,), 0, NUM_CLASSES)}
+    pow2 = SDRules(mode="pow2")
+    sides = {"dense": Side(name, batch, False, "bucket_switch", lr), "sd": Side(name, batch, pow2, "bucket_switch", lr)}
+    result: dict[str, Any] = {}
+    median = _alternate({side: s.step for side, s in sides.items()}, repeats, result)
+    result.update(
+        dense_seconds=median["dense"], sd_seconds=median["sd"], sd_over_dense=median["sd"] / median["dense"],
+        images_per_second={"dense": batch_size / median["dense"], "sd": batch_size / median["sd"]},
+        dense_images_per_second=batch_size / median["dense"], sd_images_per_second=batch_size / median["sd"],
+        final_loss={side: float(s.loss) for side, s in sides.items()},
+        batch=batch_size, dtype="float32", repeats=repeats, lr=lr, sd_mode="pow2", sd_coeff_update="bucket_switch",
+    )
+    if breakdown:
+        sides["sd_latent"] = Side(name, batch, pow2, "latent", lr)
+        functions = {"step_dense": sides["dense"].step, "step_sd": sides["sd"].step,
+                     "step_sd_latent": sides["sd_latent"].step}
+        for side in ("dense", "sd"):
+            functions.update({f"{part}_{side}": fn for part, fn in sides[side].parts().items()})
+        parts = _alternate(functions, repeats, result, first_call="breakdown_{}_first_call_seconds")
+        result["breakdown_seconds"] = parts
+        result["breakdown_sd_over_dense"] = {
+            "step": parts["step_sd"] / parts["step_dense"],
+            "step_latent": parts["step_sd_latent"] / parts["step_dense"],
+            "grads": parts["grads_sd"] / parts["grads_dense"],
+            "update": parts["update_sd"] / parts["update_dense"],
+            "coeff_bucket_switch_over_sgd": parts["coeff_bucket_switch_sd"] / parts["coeff_sgd_sd"],
+        }
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """What ran: devices, backend, versions, host threads, peak memory so far."""
+    return dict(
+        devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, flax=flax.__version__,
+        optax=optax.__version__, python=platform.python_version(), host_threads=os.cpu_count(),
+        load_average=os.getloadavg(), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    results = {}
+    for name in _MODELS.value:
+        r = results[name] = bench_model(name, _BATCH.value, _REPEATS.value, _LR.value, _BREAKDOWN.value)
+        print(f"{name}: train step dense {r['dense_seconds']:.4f} s ({r['dense_images_per_second']:.0f} img/s), "
+              f"SD {r['sd_seconds']:.4f} s ({r['sd_images_per_second']:.0f} img/s), SD/dense {r['sd_over_dense']:.3f}; "
+              f"compile dense {r['dense_compile_seconds']:.1f} s, SD {r['sd_compile_seconds']:.1f} s", flush=True)
+        if "breakdown_seconds" in r:
+            print(f"{name} breakdown (s): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_seconds"].items())
+                  + "; SD/dense " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_sd_over_dense"].items()),
+                  flush=True)
+    info = machine()
+    print(f"machine: {info}")
+    if _JSON.value:
+        print(json.dumps({name: dict(r, machine=info) for name, r in results.items()}))
+
+
+if __name__ == "__main__":
+    app.run(main)
