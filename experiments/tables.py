@@ -4,7 +4,8 @@
 
 Every `summary.json` below `--runs` counts: trainer runs (accuracy, compression_ratio, density,
 seconds, dataset, model, setting) and quickstart runs (dense_accuracy, sd_accuracy, ...). A file that
-is not valid JSON or lacks the figures is reported and skipped. The markdown has one row per run,
+is not valid JSON or lacks the figures is reported and skipped; the stage summaries inside a
+quickstart run are left to the quickstart's own row. The markdown has one row per run,
 with the command line recorded in the run's `command.txt` when present, and the paper's headline
 claims beneath; the plot shows accuracy against compression. No figure is typed by hand.
 """
@@ -33,7 +34,11 @@ _PLOT = flags.DEFINE_string("plot", None, "Write the accuracy-against-compressio
 def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows from every readable summary.json under `root`, and one message per skipped file."""
     rows, skipped = [], []
-    for path in sorted(glob.glob(os.path.join(root, "**", "summary.json"), recursive=True)):
+    paths = sorted(glob.glob(os.path.join(root, "**", "summary.json"), recursive=True))
+    quickstarts = [os.path.dirname(p) for p in paths if '"sd_accuracy"' in _text(p)]
+    for path in paths:
+        if any(path.startswith(run + os.sep) and os.path.dirname(path) != run for run in quickstarts):
+            continue  # a stage of a quickstart run: its figures are in the quickstart's own row
         try:
             with open(path) as stream:
                 summary = json.load(stream)
@@ -46,6 +51,14 @@ def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
         else:
             rows.append(row)
     return rows, skipped
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path) as stream:
+            return stream.read()
+    except OSError:
+        return ""
 
 
 def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ def test_tables_render_runs_and_skip_broken_json(tmp_path):
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "summary.json").write_text(json.dumps(dict(
         dense_accuracy=0.91, sd_accuracy=0.905, compression_ratio=9.7, density=0.46, seconds={"total": 560.0})))
+    (tmp_path / "q" / "sd").mkdir()
+    (tmp_path / "q" / "sd" / "summary.json").write_text(json.dumps(dict(accuracy=0.905)))  # a stage: not a row
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "summary.json").write_text("{not json")
     (tmp_path / "other").mkdir()
