@@ -26,9 +26,6 @@ PAPER_CLAIMS = (
     "SmartExchange hardware: up to 6.7x energy efficiency and 19.2x speed-up over four accelerators",
 )
 
-_RUNS = flags.DEFINE_string("runs", "runs", "Directory searched (recursively) for summary.json files.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the markdown here (default: print it).")
-_PLOT = flags.DEFINE_string("plot", None, "Write the accuracy-against-compression plot (PNG) here.")
 
 
 def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -110,20 +107,29 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(figure)
 
 
+def _define_flags() -> None:
+    """Flags exist only when this file runs as the program, so its functions import anywhere."""
+    flags.DEFINE_string("runs", "runs", "Directory searched (recursively) for summary.json files.")
+    flags.DEFINE_string("output", None, "Write the markdown here (default: print it).")
+    flags.DEFINE_string("plot", None, "Write the accuracy-against-compression plot (PNG) here.")
+
+
 def main(argv: list[str]) -> None:
     del argv
-    rows, skipped = collect(_RUNS.value)
+    options = flags.FLAGS
+    rows, skipped = collect(options.runs)
     for message in skipped:
         print(message, file=sys.stderr)
     text = markdown(rows)
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as stream:
+    if options.output:
+        with open(options.output, "w") as stream:
             stream.write(text + "\n")
     else:
         print(text)
-    if _PLOT.value and rows:
-        plot(rows, _PLOT.value)
+    if options.plot and rows:
+        plot(rows, options.plot)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -19,7 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dataset="cifar10", data_dir="", batch_size=128, eval_batch_size=500,
         setting="plain", part="source", split_seed=0,
     ))
-    config.model = ml_collections.ConfigDict(dict(name="resnet20", sd=False, options=ml_collections.ConfigDict()))
+    config.model = ml_collections.ConfigDict(dict(
+        name="resnet20", sd=False,
+        options=ml_collections.ConfigDict(dict(dtype="float32")),  # "bfloat16": bf16 compute, fp32 variables
+    ))
     # from_params: checkpoint to start from (a dense one is decomposed when model.sd); reset: regex of
     # layers to re-initialise (adaptation: "^head/").
     config.init = ml_collections.ConfigDict(dict(from_params="", reset=""))

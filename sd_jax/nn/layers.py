@@ -30,6 +30,29 @@ is a random orthogonal matrix times one scale per layer, chosen so the rebuilt k
 variance of the LeCun (1 / fan_in, the nn.Conv / nn.Dense default) or He (2 / fan_in) initialiser.
 An orthogonal basis keeps every row of a block at the norm of its row of C, so the variance holds
 per layer rather than only on average over seeds.
+
+Low precision (DESIGN.md 1.4, the paper's energy experiments; both off by default):
+- `activation_bits=N`: the layer input is quantized (`fixed_point.quantize_activation`, straight-through
+  gradient) to 2^N evenly spaced levels. In training the range is each sample's [min, max]; at
+  evaluation it is a running range, the mean over the batch of the per-sample min and max averaged
+  with momentum `RANGE_MOMENTUM` (0.9, as batch norm; the first training step takes the batch's
+  range as is), kept in a non-trainable collection like batch_stats:
+
+      sd_quant / <layer> / low, high   () float32, the running range
+      sd_quant / <layer> / count       () int32, training steps seen (0: evaluation leaves x as is)
+
+- `gradient_bits=N`: in training the layer output goes through `fixed_point.quantize_gradient`, so the
+  cotangent reaching the layer (and with it the gradients of B, C, the bias and the layer input) is
+  N bits per sample with unbiased stochastic rounding. The noise comes from the 'quant' rng stream
+  (`rngs={"quant": key}`; flax folds in the layer path, `train_step` folds in the step).
+
+A layer trains when the `sd_quant` collection is mutable (`apply(..., mutable=["batch_stats",
+"sd_quant"])`, as `sd_jax.train.step.train_step` does) and evaluates otherwise; evaluation needs no
+'quant' rng. Both quantizers work in float32 and hand back the compute dtype.
+
+Compute dtype (`dtype=jnp.bfloat16`, the zoo's `models.get(..., dtype=...)`): the variables stay
+float32 and the kernel is rebuilt in float32, then the input, kernel and bias are cast to `dtype` for
+the convolution or product.
 """
 from __future__ import annotations
 
@@ -45,7 +68,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
-from sd_jax.core import blocking, pow2
+from sd_jax.core import blocking, fixed_point, pow2
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -54,6 +77,11 @@ SD_BASIS = "sd_basis"
 SD_COEFF = "sd_coeff"
 SD_MASK = "sd_mask"
 SD_COLLECTIONS = (SD_BASIS, SD_COEFF, SD_MASK)
+# Running activation ranges of layers with activation_bits; updated by training steps, like batch_stats.
+SD_QUANT = "sd_quant"
+QUANT_RNG = "quant"
+RANGE_MOMENTUM = 0.9
+MAX_BITS = 24  # the fixed-point quantizers' limit
 
 MODES = ("latent", "pow2")
 # Kernel variance times fan_in of the initialisers an SD layer can match.
@@ -119,6 +147,8 @@ class SDOptions:
     row_length: int = 3
     max_rows: int = 192
     kind: str | None = None  # convs only; None: 'depthwise' for one input channel per group, else 'conv'
+    activation_bits: int | None = None  # None: full-precision layer input
+    gradient_bits: int | None = None  # None: full-precision cotangent
 
     def check(self, layer: str) -> "SDOptions":
         """Return self, or raise ValueError naming `layer`, the option and the fix."""
@@ -131,6 +161,11 @@ class SDOptions:
             raise ValueError(f"layer '{layer}': threshold={self.threshold!r} must be a finite number >= 0")
         if not (isinstance(self.max_coeff, (int, float)) and pow2.is_power_of_two(float(self.max_coeff))):
             raise ValueError(f"layer '{layer}': max_coeff={self.max_coeff!r} is not a power of two; pass e.g. 32.0")
+        for option in ("activation_bits", "gradient_bits"):
+            bits = getattr(self, option)
+            if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS):
+                raise ValueError(f"layer '{layer}': {option}={bits!r} is not None or an integer in [1, {MAX_BITS}]; "
+                                 f"pass e.g. {option}=8, or None for full precision")
         return self
 
 
@@ -224,6 +259,52 @@ def _pair(value: int | Sequence[int], what: str, layer: str) -> tuple[int, int]:
     return pair
 
 
+def _training(module: nn.Module) -> bool:
+    """Whether `module` runs a training step: the running ranges are mutable and this is not `init`."""
+    return module.is_mutable_collection(SD_QUANT) and not module.is_initializing()
+
+
+def _quantize_input(module: nn.Module, x: Array, layer: str, options: SDOptions) -> Array:
+    """The layer input at `activation_bits` (per-sample range in training, running range at evaluation)."""
+    bits = options.activation_bits
+    if bits is None:
+        return x
+    leaves = ("low", "high", "count")
+    if not module.is_initializing() and not all(module.has_variable(SD_QUANT, leaf) for leaf in leaves):
+        raise ValueError(
+            f"layer '{layer}': activation_bits={bits} needs the running range {SD_QUANT}/"
+            f"{'/'.join(module.scope.path)}/{{low,high,count}}, which the variables lack (e.g. they come from "
+            f"`to_sd` or a model without activation_bits); add the '{SD_QUANT}' collection of this model's `init`")
+    low = module.variable(SD_QUANT, "low", jnp.zeros, (), jnp.float32)
+    high = module.variable(SD_QUANT, "high", jnp.zeros, (), jnp.float32)
+    count = module.variable(SD_QUANT, "count", jnp.zeros, (), jnp.int32)
+    x32 = x.astype(jnp.float32)
+    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    if not _training(module):
+        # An empty running range (count 0: low == high == 0) leaves x unchanged.
+        return fixed_point.quantize_activation(x32, bits, low.value, high.value).astype(out_dtype)
+    sample_low, sample_high = jax.lax.stop_gradient(fixed_point.per_sample_range(x32))  # (batch, 1, ...)
+    batch_low, batch_high = jnp.mean(sample_low), jnp.mean(sample_high)
+    first = count.value == 0
+    low.value = jnp.where(first, batch_low, RANGE_MOMENTUM * low.value + (1 - RANGE_MOMENTUM) * batch_low)
+    high.value = jnp.where(first, batch_high, RANGE_MOMENTUM * high.value + (1 - RANGE_MOMENTUM) * batch_high)
+    count.value = count.value + 1
+    return fixed_point.quantize_activation(x32, bits, sample_low, sample_high).astype(out_dtype)
+
+
+def _quantize_output_gradient(module: nn.Module, y: Array, layer: str, options: SDOptions) -> Array:
+    """y unchanged; in training its cotangent is quantized to `gradient_bits` with stochastic rounding."""
+    bits = options.gradient_bits
+    if bits is None or not _training(module):
+        return y
+    if not module.has_rng(QUANT_RNG):
+        raise ValueError(
+            f"layer '{layer}': gradient_bits={bits} needs a '{QUANT_RNG}' rng in training; pass "
+            f"rngs={{'{QUANT_RNG}': key}} to apply, with a new key every step (train_step does)")
+    key = module.make_rng(QUANT_RNG)
+    return fixed_point.quantize_gradient(y.astype(jnp.float32), bits, key).astype(y.dtype)
+
+
 def sd_conv_forward(
     module: nn.Module,
     x: Array,
@@ -261,12 +342,13 @@ def sd_conv_forward(
     kind = options.kind or ("depthwise" if shape[2] == 1 and groups == features and groups > 1 else "conv")
     kernel = _sd_kernel(module, layer, options, shape, kind, fan_in=math.prod(shape[:3]))
     bias = _bias(module, features, use_bias, bias_init)
+    x = _quantize_input(module, x, layer, options)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
     )
-    return y if bias is None else y + bias
+    return _quantize_output_gradient(module, y if bias is None else y + bias, layer, options)
 
 
 def sd_dense_forward(
@@ -288,9 +370,10 @@ def sd_dense_forward(
     shape = (x.shape[-1], features)
     kernel = _sd_kernel(module, layer, options, shape, "dense", fan_in=shape[0])
     bias = _bias(module, features, use_bias, bias_init)
+    x = _quantize_input(module, x, layer, options)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    return y if bias is None else y + bias
+    return _quantize_output_gradient(module, y if bias is None else y + bias, layer, options)
 
 
 def _options_of(module: nn.Module) -> SDOptions:
@@ -302,8 +385,9 @@ class SDConv(nn.Module):
 
     Constructor keywords of nn.Conv, plus the SD options (`SDOptions`): `mode` ('latent' or 'pow2'),
     `threshold` and `max_coeff` of the quantizer, `init_scheme` ('lecun' or 'he'), the blocking
-    (`group_size`, `row_length`, `max_rows`) and `kind` (default: 'depthwise' for one input channel
-    per group and group count = features, else 'conv').
+    (`group_size`, `row_length`, `max_rows`), `kind` (default: 'depthwise' for one input channel
+    per group and group count = features, else 'conv'), and the low-precision options
+    `activation_bits` and `gradient_bits` (None: off; see the module docstring).
     """
 
     features: int
@@ -322,6 +406,8 @@ class SDConv(nn.Module):
     row_length: int = _DEFAULT.row_length
     max_rows: int = _DEFAULT.max_rows
     kind: str | None = _DEFAULT.kind
+    activation_bits: int | None = _DEFAULT.activation_bits
+    gradient_bits: int | None = _DEFAULT.gradient_bits
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -349,6 +435,8 @@ class SDDense(nn.Module):
     group_size: int = _DEFAULT.group_size
     row_length: int = _DEFAULT.row_length
     max_rows: int = _DEFAULT.max_rows
+    activation_bits: int | None = _DEFAULT.activation_bits
+    gradient_bits: int | None = _DEFAULT.gradient_bits
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

@@ -11,7 +11,8 @@ its options override `defaults`. Option keys:
 - `skip`: True keeps the layer dense (nn.Conv / nn.Dense). Use it to leave the first conv
   (`("^stem/conv$", {"skip": True})`) or the classifier (`("^head/dense$", {"skip": True})`) dense.
 - layer options (`SDOptions`): mode, threshold, max_coeff, init_scheme, group_size, row_length,
-  max_rows, kind ('conv' or 'depthwise'; dense layers are always 'dense').
+  max_rows, kind ('conv' or 'depthwise'; dense layers are always 'dense'), activation_bits and
+  gradient_bits (None or e.g. 8: low-precision training, see `sd_jax.nn.layers`).
 - decomposition options (`DecomposeOptions`), used by `to_sd` only: iterations, prune_fraction,
   prune_group, row_threshold, decay_steps, threshold_decay. `threshold`, `max_coeff` and the
   blocking serve both the decomposition and the layer.

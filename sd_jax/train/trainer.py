@@ -78,6 +78,8 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dic
     loaded = {name: tree for name, tree in loaded.items() if name in fresh}
     if config.model.sd and "sd_coeff" not in loaded:
         loaded, _ = convert.to_sd(loaded, _sd_rules(config))
+    if "sd_quant" in fresh and "sd_quant" not in loaded:  # low-precision ranges start fresh
+        loaded["sd_quant"] = fresh["sd_quant"]
     if config.init.reset:
         pattern = re.compile(config.init.reset)
         for collection, layers in fresh.items():

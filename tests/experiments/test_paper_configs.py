@@ -1,0 +1,52 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import paper
+from sd_jax import data, models
+from sd_jax.train import trainer
+from sd_jax.train.optimizer import sd_optimizer
+
+ROWS = [(d, m, s) for d in ("cifar10", "cifar100") for m, s in itertools.product(paper.CIFAR_MODELS, paper.SETTINGS)]
+ROWS += [("imagenet2012", m, s) for m, s in itertools.product(paper.IMAGENET_MODELS, paper.IMAGENET_SETTINGS)]
+FAST = [row for row in ROWS if row[1] in ("resnet20", "resnet18") and row[0] != "cifar100"]
+
+
+def _build(dataset, model, setting):
+    """Parse the config and build its data pipeline, model and optimizer at a tiny size."""
+    config = paper.get_config(f"{dataset},{model},{setting}")
+    with tfds.testing.mock_data(num_examples=200):
+        pipeline = data.input_pipeline(config.input.dataset, "train", batch_size=4, seed=0,
+                                       setting=config.input.setting, part=config.input.part, image_size=32)
+        batch = next(pipeline)
+    sd = trainer._sd_rules(config) if config.model.sd else False
+    net = models.get(config.model.name, num_classes=pipeline.num_classes, sd=sd, **config.model.options.to_dict())
+    variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    optimizer = sd_optimizer(0.1, coeff_update=config.optim.coeff_update, threshold=config.sd.threshold)
+    jax.eval_shape(optimizer.init, {k: v for k, v in variables.items() if k in ("params", "sd_basis", "sd_coeff")})
+    assert batch["image"].shape[0] == 4
+    assert ("sd_coeff" in variables) == bool(config.model.sd)
+
+
+@pytest.mark.parametrize("row", FAST, ids=",".join)
+def test_paper_configs_build(row):
+    _build(*row)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", [r for r in ROWS if r not in FAST], ids=",".join)
+def test_every_paper_config_builds(row):
+    _build(*row)
+
+
+@pytest.mark.parametrize("arg, message", [("cifar10,resnet20", "dataset,model,setting"),
+                                          ("svhn,resnet20,dense", "dataset"),
+                                          ("imagenet2012,resnet20,dense", "not in the paper"),
+                                          ("cifar10,resnet20,pruned", "setting"),
+                                          ("imagenet2012,resnet50,adaptation", "setting")])
+def test_bad_config_arguments(arg, message):
+    with pytest.raises(ValueError, match=message):
+        paper.get_config(arg)
