@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         coeff_update="bucket_switch", switch_bar=1, update_threshold=0.0,
     ))
     config.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep_last=2, keep_best=1))
+    # The batch is split over all devices; variables are replicated, except arrays of at least
+    # shard_min_size entries (0 = none), split along their last axis for models too big for one device.
+    config.sharding = ml_collections.ConfigDict(dict(shard_min_size=0))
     # Stochastic weight averaging from this fraction of training on (0 = off; reference: 0.8 at lr
     # 0.05), then batch-norm statistics recomputed over bn_batches training batches.
     config.swa = ml_collections.ConfigDict(dict(start_fraction=0.0, lr=0.05, bn_batches=50))

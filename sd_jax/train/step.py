@@ -92,11 +92,16 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
 
 
-def make_steps(mesh: Mesh, state: TrainState) -> tuple[Callable, Callable, TrainState]:
-    """Jitted train and eval steps for `mesh`, and `state` placed (replicated) on it."""
+def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0) -> tuple[Callable, Callable, TrainState]:
+    """Jitted train and eval steps for `mesh`, and `state` placed on it: replicated, except that
+    with `shard_min_size` > 0 arrays of at least that many entries (large kernels and their
+    optimizer buffers) are split over "data" along their last axis (`sharding.shard_large`)."""
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
-    state_sharding = jax.tree.map(lambda _: replicated, state)
+    if shard_min_size > 0:
+        state_sharding = sharding.shard_large(state, mesh, min_size=shard_min_size)
+    else:
+        state_sharding = jax.tree.map(lambda _: replicated, state)
     # Through host values and a jitted identity, so that with several processes every process
     # contributes its (identical) copy to one global, replicated state.
     host = jax.device_get(state.replace(key=jax.random.key_data(state.key)))

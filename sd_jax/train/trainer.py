@@ -191,7 +191,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
     if resuming:
         state, data_state = checkpoints.restore(state)
         train_data.set_state(data_state)
-    train_step, eval_step, state = make_steps(mesh, state)
+    train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size)
     return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step
 
 

@@ -18,24 +18,28 @@ class _Tiny(nn.Module):
         return nn.Dense(10, name="head")(jnp.mean(nn.relu(x), axis=(1, 2)))
 
 
-def _setup(devices):
+def _setup(devices, shard_min_size=0):
     model = _Tiny()
     images = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
     batch = {"image": images, "label": jnp.arange(16) % 10}
     variables = model.init(jax.random.key(0), images[:1], train=False)
     state = create_train_state(model.apply, variables, sd_optimizer(0.1), jax.random.key(2))
     mesh = sharding.data_mesh(devices)
-    train, evaluate, state = make_steps(mesh, state)
+    train, evaluate, state = make_steps(mesh, state, shard_min_size=shard_min_size)
     return train, evaluate, state, jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-def test_step_on_eight_devices_equals_one_device():
+@pytest.mark.parametrize("shard_min_size", [0, 64])
+def test_step_on_eight_devices_equals_one_device(shard_min_size):
     assert len(jax.devices()) == 8, "conftest simulates 8 CPU devices"
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        train, evaluate, state, batch = _setup(devices)
+        train, evaluate, state, batch = _setup(devices, shard_min_size)
         for _ in range(2):
             state, metrics = train(state, batch)
+        if shard_min_size and len(devices) == 8:  # the 3x3x3x8 conv kernel (216 entries) is split 8 ways
+            assert state.trainable["params"]["conv"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+                None, None, None, "data")
         results.append((jax.device_get(state.variables), jax.device_get(metrics), jax.device_get(evaluate(state, batch))))
     (one, one_metrics, one_eval), (eight, eight_metrics, eight_eval) = results
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, eight)
