@@ -118,3 +118,10 @@ def test_swa_ends_in_sd_form_with_recomputed_batch_norm(tmp_path):
     for leaf in jax.tree.leaves(coeffs):
         mantissa, _ = np.frexp(np.asarray(leaf, np.float64))
         assert ((np.asarray(leaf) == 0) | (np.abs(mantissa) == 0.5)).all()
+
+
+def test_sd_from_scratch_with_8_bit_activations_and_gradients(tmp_path):
+    summary = trainer.train_and_evaluate(
+        _config(model__sd=True, sd__activation_bits=8, sd__gradient_bits=8, optim__switch_bar=4), str(tmp_path))
+    assert 0 <= summary["accuracy"] <= 1 and summary["sd"] is True
+    assert summary["compression_ratio"] > 1
