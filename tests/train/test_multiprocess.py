@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
 
@@ -15,7 +14,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_with_two_devices_equal_one_process_with_four(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     single = str(tmp_path / "single.npz")
