@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from sd_jax import data, models
 from sd_jax.core import report as core_report
@@ -107,11 +108,16 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return {key: jax.make_array_from_process_local_data(target, value) for key, value in batch.items()}
 
 
+def _fetch(tree: Any) -> Any:
+    """Host copies of (possibly multi-process, possibly sharded) global arrays."""
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh) -> dict[str, float]:
     pipeline.set_state({"epoch": 0, "step": 0, "fingerprint": pipeline.get_state()["fingerprint"]})
     totals = np.zeros(3)
     for _ in range(pipeline.steps_per_epoch):
-        out = jax.device_get(evaluate_step(state, _global_batch(next(pipeline), mesh)))
+        out = _fetch(evaluate_step(state, _global_batch(next(pipeline), mesh)))
         totals += [out["loss_sum"], out["correct"], out["count"]]
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
@@ -125,7 +131,7 @@ def _storage(state: TrainState) -> dict[str, float]:
     other = sum(int(np.size(x)) for x in jax.tree.leaves(state.trainable.get("params", {})))
     bits, nonzeros, entries, dense = 0, 0, 0, 32 * other
     for coeff, basis in zip(coeffs, bases):
-        c = np.asarray(coeff)
+        c = _fetch(coeff)
         nz = c[c != 0]
         bits += core_report.storage_bits(int(nz.size), len(np.unique(np.abs(nz))), c.size, int(np.size(basis)))
         nonzeros, entries, dense = nonzeros + nz.size, entries + c.size, dense + 32 * c.size
@@ -243,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # The loss of step s is that of the state after step s - 1: it vouches for a checkpoint saved then.
             vouches = step - 1 > first_step and (step - 1) % every == 0
             if logged or vouches:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(v) for k, v in _fetch(metrics).items()}
                 if not math.isfinite(metrics["loss"]):
                     _stop(step, metrics["loss"], checkpoints)
             if logged:
