@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -28,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import numpy_reference
+from experiments.benchmarking import machine
 from sd_jax import models
 from sd_jax.core import blocking
 from sd_jax.core.decompose import DecomposeOptions
@@ -164,12 +164,6 @@ def bench_solver(num_blocks: int = 45_000, repeats: int = 7) -> dict:
     return dict(systems=num_blocks, closed_form_seconds=statistics.median(ours_times),
                 lapack_seconds=statistics.median(lapack_times),
                 lapack_over_closed_form=statistics.median(lapack_times) / statistics.median(ours_times))
-
-
-def machine() -> dict:
-    return dict(devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
-                flax=flax.__version__, cpus=os.cpu_count(), python=platform.python_version(),
-                threads=os.environ.get("XLA_FLAGS", ""))
 
 
 def main(argv: list[str]) -> None:

@@ -19,19 +19,16 @@ forward_dense_seconds, forward_sd_seconds, forward_sd_over_dense, compile times,
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
 import statistics
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from experiments.benchmarking import machine
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SD_MASK
@@ -101,16 +98,6 @@ def bench_model(name: str, batch: int, repeats: int) -> dict[str, Any]:
         batch=batch, dtype="float32", repeats=repeats, sd_mode="latent",
     )
     return result
-
-
-def machine() -> dict[str, Any]:
-    """What ran: devices, backend, versions, host threads, peak memory so far."""
-    return dict(
-        devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
-        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, flax=flax.__version__,
-        python=platform.python_version(), host_threads=os.cpu_count(), load_average=os.getloadavg(),
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    )
 
 
 def main(argv: list[str]) -> None:

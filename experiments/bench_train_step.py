@@ -30,19 +30,16 @@ compile times, the final losses, all timings, and the machine.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
 import statistics
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from experiments.benchmarking import machine
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SDRules
@@ -174,16 +171,6 @@ def bench_model(name: str, batch_size: int, repeats: int, lr: float, breakdown: 
             "coeff_bucket_switch_over_sgd": parts["coeff_bucket_switch_sd"] / parts["coeff_sgd_sd"],
         }
     return result
-
-
-def machine() -> dict[str, Any]:
-    """What ran: devices, backend, versions, host threads, peak memory so far."""
-    return dict(
-        devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
-        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, flax=flax.__version__,
-        optax=optax.__version__, python=platform.python_version(), host_threads=os.cpu_count(),
-        load_average=os.getloadavg(), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    )
 
 
 def main(argv: list[str]) -> None:

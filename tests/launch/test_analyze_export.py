@@ -9,7 +9,6 @@ import pytest
 
 from experiments.configs import decompose as decompose_config
 from launch.main import run_decompose
-from sd_jax import models
 from sd_jax.core import packing
 from sd_jax.cost import commands
 

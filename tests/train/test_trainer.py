@@ -84,7 +84,6 @@ def test_evaluate_without_checkpoint_and_finetune_from_another_model(tmp_path):
 
 @pytest.mark.slow
 def test_adaptation_resets_the_classifier(tmp_path):
-    import jax
     import numpy as np
 
     from sd_jax.train.checkpoint import load_variables

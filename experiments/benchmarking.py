@@ -1,0 +1,23 @@
+"""What every benchmark reports beside its figures (see ../shared/BENCHMARKING.md)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from typing import Any
+
+import flax
+import jax
+import optax
+
+
+def machine() -> dict[str, Any]:
+    """What ran: devices, backend, versions, host threads, load, peak memory so far."""
+    return dict(
+        devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, flax=flax.__version__,
+        optax=optax.__version__, python=platform.python_version(), host_threads=os.cpu_count(),
+        load_average=os.getloadavg(), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
