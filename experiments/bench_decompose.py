@@ -20,7 +20,6 @@ import os
 import statistics
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +28,7 @@ from absl import app, flags
 from experiments import numpy_reference
 from experiments.benchmarking import machine
 from sd_jax import models
+from sd_jax.models.synthetic import he_normal_params
 from sd_jax.core import blocking
 from sd_jax.core.decompose import DecomposeOptions
 from sd_jax.core.lstsq import solve_gram
@@ -46,23 +46,6 @@ _NUMPY_FRACTION = flags.DEFINE_float("numpy_fraction", 1.0, "Fraction of each te
 _THRESHOLD = flags.DEFINE_float("threshold", 1e-3, "Element sparsity threshold.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 30, "Most alternating rounds per block.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
-
-
-def he_kernels(zoo_name: str, classes: int, side: int, seed: int = 0) -> dict:
-    """The model's parameter tree with He-normal kernels (std sqrt(2 / fan_in)) and zero others."""
-    model = models.get(zoo_name, num_classes=classes)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False))
-    params = flax.core.unfreeze(shapes["params"])
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    rng = np.random.default_rng(seed)
-    values = []
-    for path, leaf in leaves:
-        if str(getattr(path[-1], "key", "")) == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            values.append((rng.standard_normal(leaf.shape, np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32))
-        else:
-            values.append(np.zeros(leaf.shape, np.float32))
-    return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def timed(fn):
@@ -86,7 +69,8 @@ def numpy_loop(samples, options: DecomposeOptions):
 
 def bench_network(name: str) -> dict:
     zoo_name, classes, side = NETWORKS[name]
-    params = he_kernels(zoo_name, classes, side)
+    model = models.get(zoo_name, num_classes=classes)
+    params = he_normal_params(model, (1, side, side, 3))
     defaults = dict(threshold=_THRESHOLD.value, iterations=_ITERATIONS.value)
     options = DecomposeOptions(**defaults)
     compile_seconds, result = timed(lambda: decompose_network(params, **defaults))

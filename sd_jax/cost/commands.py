@@ -15,12 +15,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sd_jax import models
+from sd_jax.models.synthetic import he_normal_params
 from sd_jax.core import blocking, packing
 from sd_jax.core.decompose import Decomposition
 from sd_jax.core.network import NetworkDecomposition, decompose_network, path_name
@@ -41,19 +40,6 @@ def model_input(name: str, num_classes: int | None = None, image_size: int | Non
     model = models.get(name, num_classes=num_classes or (1000 if imagenet else 10))
     side = image_size or (224 if imagenet else 32)
     return model, (1, side, side, 3)
-
-
-def he_normal_params(model: Any, input_shape: tuple, seed: int = 0) -> dict[str, Any]:
-    """The model's parameters with He-normal kernels (std sqrt(2 / fan_in)) and zeros elsewhere."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape), train=False))["params"]
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if path_name(path[-1:]) != "kernel":
-            return np.zeros(leaf.shape, np.float32)
-        return (rng.standard_normal(leaf.shape) * math.sqrt(2.0 / math.prod(leaf.shape[:-1]))).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, flax.core.unfreeze(shapes))
 
 
 def _sd_options(config: Any) -> tuple[list, int, dict[str, Any]]:

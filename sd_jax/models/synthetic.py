@@ -6,8 +6,10 @@ right shapes with sensible scales, not trained or initialised ones, use `synthet
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,3 +52,16 @@ def synthetic_variables(model: Any, x: jax.Array, seed: int = 0, mask_density: f
         return jnp.asarray(np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype))
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def he_normal_params(model: Any, input_shape: tuple, seed: int = 0) -> dict[str, Any]:
+    """The model's parameters with He-normal kernels (std sqrt(2 / fan_in)) and zeros elsewhere."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape), train=False))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if str(getattr(path[-1], "key", path[-1])) != "kernel":
+            return np.zeros(leaf.shape, np.float32)
+        return (rng.standard_normal(leaf.shape) * math.sqrt(2.0 / math.prod(leaf.shape[:-1]))).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, flax.core.unfreeze(shapes))
