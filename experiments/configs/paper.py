@@ -21,7 +21,7 @@ reproduces:
   training-efficiency claims (10.56x lower training storage, 4.48x lower training energy).
 Hardware and time (estimates, not measured here except the CPU figure): CIFAR rows are sized for
 one GPU (ResNet-20, 200 epochs: roughly an hour; ResNet-164 / VGG-19: several hours); on the 2-core
-CPU a 50,000-image ResNet-20 epoch takes about 5-6 minutes (Fashion-MNIST's 60,000 28x28 images took
+CPU a 50,000-image ResNet-20 epoch should take about 3-5 minutes (Fashion-MNIST's 60,000 28x28 images took
 3 minutes an epoch in the quickstart), so shorten `optim.epochs`. ImageNet rows (90 epochs) need a
 multi-GPU or TPU slice (see launch/), days of accelerator time.
 """
