@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.configs import default
 from sd_jax.data import builders
 from sd_jax.train import trainer
 from sd_jax.train.checkpoint import load_variables
 from sd_jax.train.train_checkpoint import TrainCheckpoints
+from tests.train.tiny_config import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,20 +32,7 @@ def _mock():
 
 
 def _config(**changes):
-    config = default.get_config()
-    config.input.dataset = "mnist"
-    config.input.batch_size = 16
-    config.input.eval_batch_size = 32
-    config.model.name = "mlp"
-    config.optim.epochs = 2
-    config.optim.lr = 0.05
-    config.log_every = 1  # every loss is checked
-    config.ckpt.every_steps = 2
-    config.ckpt.keep_last = 10
-    for key, value in changes.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+    return tiny_config(**dict(dict(optim__epochs=2, ckpt__keep_last=10), **changes))  # every loss is checked
 
 
 def _steps(workdir):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments.configs import default
 from sd_jax.train import trainer
 from sd_jax.train.checkpoint import CheckpointError
+from tests.train.tiny_config import tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -17,19 +17,7 @@ def _mock():
 
 
 def _config(**changes):
-    config = default.get_config()
-    config.input.dataset = "mnist"
-    config.input.batch_size = 16
-    config.input.eval_batch_size = 32
-    config.model.name = "mlp"
-    config.optim.epochs = 1
-    config.optim.lr = 0.05
-    config.log_every = 1
-    config.ckpt.every_steps = 2
-    for key, value in changes.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
+    return tiny_config(**changes)
 
 
 def test_dense_then_sd_finetune_end_to_end(tmp_path):
