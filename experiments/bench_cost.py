@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import statistics
 import time
 
-import flax
 import jax
 import numpy as np
 from absl import app, flags
 
+from experiments.benchmarking import machine
 from sd_jax import models
 from sd_jax.cost import analysis, energy, hardware, layers
 
@@ -59,9 +58,7 @@ def main(argv: list[str]) -> None:
     out = dict(
         resnet50_seconds=resnet50_seconds, sweep_10000_seconds=statistics.median(times),
         sweep_10000_first_call_seconds=compile_seconds, sweep_repeats=len(times),
-        resnet50_layers=len(result.network.layers), resnet50_macs=summary["macs"],
-        devices=[str(d) for d in jax.devices()], backend=jax.default_backend(), jax=jax.__version__,
-        flax=flax.__version__, python=platform.python_version(),
+        resnet50_layers=len(result.network.layers), resnet50_macs=summary["macs"], machine=machine(),
     )
     print(f"ResNet-50 analysis (fresh process, compilation included): {resnet50_seconds:.2f} s; "
           f"sweep of 10,000: median {out['sweep_10000_seconds'] * 1e3:.1f} ms, first call {compile_seconds:.2f} s")

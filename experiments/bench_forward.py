@@ -18,7 +18,6 @@ forward_dense_seconds, forward_sd_seconds, forward_sd_over_dense, compile times,
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any, Callable
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from experiments.benchmarking import machine
+from experiments.benchmarking import report
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SD_MASK
@@ -111,10 +110,7 @@ def main(argv: list[str]) -> None:
               f"SD {r['forward_sd_seconds']:.4f} s, SD/dense {r['forward_sd_over_dense']:.3f}; compile "
               f"fwd+bwd dense {r['forward_backward_dense_compile_seconds']:.1f} s, "
               f"SD {r['forward_backward_sd_compile_seconds']:.1f} s", flush=True)
-    info = machine()
-    print(f"machine: {info}")
-    if _JSON.value:
-        print(json.dumps({name: dict(r, machine=info) for name, r in results.items()}))
+    report(results, as_json=_JSON.value)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ compile times, the final losses, all timings, and the machine.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any, Callable
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from experiments.benchmarking import machine
+from experiments.benchmarking import report
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SDRules
@@ -185,10 +184,7 @@ def main(argv: list[str]) -> None:
             print(f"{name} breakdown (s): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_seconds"].items())
                   + "; SD/dense " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_sd_over_dense"].items()),
                   flush=True)
-    info = machine()
-    print(f"machine: {info}")
-    if _JSON.value:
-        print(json.dumps({name: dict(r, machine=info) for name, r in results.items()}))
+    report(results, as_json=_JSON.value)
 
 
 if __name__ == "__main__":

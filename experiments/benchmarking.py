@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -21,3 +22,11 @@ def machine() -> dict[str, Any]:
         load_average=os.getloadavg(), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
     )
+
+
+def report(results: dict[str, dict[str, Any]], *, as_json: bool) -> None:
+    """Print the machine, then (with `as_json`) one JSON object, one entry per model, as the last line."""
+    info = machine()
+    print(f"machine: {info}")
+    if as_json:
+        print(json.dumps({name: dict(r, machine=info) for name, r in results.items()}))
