@@ -18,7 +18,10 @@ reproduces:
 - finetune: pre-train on 25k training images, fine-tune SD on the other 25k (seeded split); run with
   `input.part=source` first, as for adaptation.
 - sd_8bit: SD training from scratch with 8-bit activations and gradients (stochastic rounding): the
-  training-efficiency claims (10.56x lower training storage, 4.48x lower training energy).
+  training-efficiency claims (10.56x lower training storage, 4.48x lower training energy). C is a
+  latent float re-quantized every step (DESIGN.md 1.4's simpler alternative): the bucket switch with
+  the reference switch_bar=1 at lr 0.1 doubles every coefficient each step from a random start and
+  diverged (CIFAR-10 ResNet-20, loss 1.8e6 at step 50, 2026-11-26).
 Hardware and time (estimates, not measured here except the CPU figure): CIFAR rows are sized for
 one GPU (ResNet-20, 200 epochs: roughly an hour; ResNet-164 / VGG-19: several hours); on the 2-core
 CPU a 50,000-image ResNet-20 epoch should take about 3-5 minutes (Fashion-MNIST's 60,000 28x28 images took
@@ -75,4 +78,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:  # sd_8bit: SD from scratch with 8-bit activations and gradients
         config.sd.activation_bits = 8
         config.sd.gradient_bits = 8
+        config.optim.coeff_update = "latent"
     return config

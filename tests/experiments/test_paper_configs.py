@@ -50,3 +50,8 @@ def test_every_paper_config_builds(row):
 def test_bad_config_arguments(arg, message):
     with pytest.raises(ValueError, match=message):
         paper.get_config(arg)
+
+
+def test_sd_from_scratch_trains_a_latent_coefficient_with_8_bit_numerics():
+    config = paper.get_config("cifar10,resnet20,sd_8bit")
+    assert (config.optim.coeff_update, config.sd.activation_bits, config.sd.gradient_bits) == ("latent", 8, 8)
