@@ -55,3 +55,9 @@ def test_bad_config_arguments(arg, message):
 def test_sd_from_scratch_trains_a_latent_coefficient_with_8_bit_numerics():
     config = paper.get_config("cifar10,resnet20,sd_8bit")
     assert (config.optim.coeff_update, config.sd.activation_bits, config.sd.gradient_bits) == ("latent", 8, 8)
+
+
+@pytest.mark.parametrize("setting", ["inference_only", "adaptation", "finetune"])
+def test_decomposed_settings_use_the_measured_bucket_switch(setting):
+    config = paper.get_config(f"cifar10,resnet20,{setting}")
+    assert (config.sd.threshold, config.optim.switch_bar, config.optim.weight_decay) == (0.03, 200, 0.0)
