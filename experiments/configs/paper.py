@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sd.activation_bits = 8
         config.sd.gradient_bits = 8
         config.optim.coeff_update = "latent"
+        config.sd.mode = "latent"
     return config
 
 

@@ -51,6 +51,10 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
 
 
 def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
+    if config.optim.coeff_update == "latent" and config.sd.mode == "pow2":
+        raise ValueError("optim.coeff_update='latent' trains C as a float, but sd.mode='pow2' uses C as stored, "
+                         "so the weights would leave the powers of two: set sd.mode='latent' (the layer then "
+                         "re-quantizes C every step) or optim.coeff_update='bucket_switch'")
     options = dict(config.sd.to_dict())
     rules = [tuple(rule) for rule in options.pop("rules")]
     return SDRules(rules, **options)

@@ -54,7 +54,8 @@ def test_bad_config_arguments(arg, message):
 
 def test_sd_from_scratch_trains_a_latent_coefficient_with_8_bit_numerics():
     config = paper.get_config("cifar10,resnet20,sd_8bit")
-    assert (config.optim.coeff_update, config.sd.activation_bits, config.sd.gradient_bits) == ("latent", 8, 8)
+    assert (config.optim.coeff_update, config.sd.mode) == ("latent", "latent")
+    assert (config.sd.activation_bits, config.sd.gradient_bits) == (8, 8)
 
 
 @pytest.mark.parametrize("setting", ["inference_only", "adaptation", "finetune"])

@@ -112,3 +112,9 @@ def test_sd_from_scratch_with_8_bit_activations_and_gradients(tmp_path):
         _config(model__sd=True, sd__activation_bits=8, sd__gradient_bits=8, optim__switch_bar=4), str(tmp_path))
     assert 0 <= summary["accuracy"] <= 1 and summary["sd"] is True
     assert summary["compression_ratio"] > 1
+
+
+def test_latent_update_of_stored_power_of_two_coefficients_is_refused(tmp_path):
+    config = tiny_config(model__sd=True, optim__coeff_update="latent", sd__mode="pow2")
+    with pytest.raises(ValueError, match="sd.mode='latent'"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
