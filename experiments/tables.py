@@ -5,9 +5,11 @@
 Every `summary.json` below `--runs` counts: trainer runs (accuracy, compression_ratio, density,
 seconds, dataset, model, setting) and quickstart runs (dense_accuracy, sd_accuracy, ...). A file that
 is not valid JSON or lacks the figures is reported and skipped; the stage summaries inside a
-quickstart run are left to the quickstart's own row. The markdown has one row per run,
-with the command line recorded in the run's `command.txt` when present, and the paper's headline
-claims beneath; the plot shows accuracy against compression. No figure is typed by hand.
+quickstart run are left to the quickstart's own row. A run's `energy.json` (the analyzer's JSON
+report of its final weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratios.
+The markdown starts with `NOTES.md` of the `--runs` folder when there is one, has one row per run,
+the commands recorded in each run's `command.txt`, and the paper's headline claims beneath; the plot
+shows accuracy against compression. No figure is typed by hand.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from typing import Any
 
 from absl import app, flags
 
+from sd_jax.train import checkpoint
+
 PAPER_CLAIMS = (
     "SD inference: up to 2.44x energy efficiency (authors' hardware)",
     "SD training: 10.56x lower storage and 4.48x lower training energy, negligible accuracy loss",
     "SmartExchange hardware: up to 6.7x energy efficiency and 19.2x speed-up over four accelerators",
 )
 
+ENERGY_FILE = "energy.json"
+PREAMBLE_FILE = "NOTES.md"
 
 
 def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -45,8 +51,10 @@ def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
         row = _row(path, summary)
         if row is None:
             skipped.append(f"{path}: has neither accuracy nor sd_accuracy; skipped")
-        else:
-            rows.append(row)
+            continue
+        row["energy"], message = _energy(row["run"])
+        skipped.extend([message] if message else [])
+        rows.append(row)
     return rows, skipped
 
 
@@ -66,25 +74,46 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
         return dict(run=run, dataset="fashion_mnist", model="resnet20 (quickstart)", setting="dense -> SD",
                     dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"],
                     compression=summary["compression_ratio"], density=summary["density"],
-                    seconds=summary["seconds"]["total"], command=command)
+                    seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
         return None
+    machine = f"{summary.get('backend', '?')} x{summary.get('devices', '?')}" + (
+        f", {summary['cpus']} CPU cores" if "cpus" in summary else "")
     return dict(run=run, dataset=summary.get("dataset", "?"), model=summary.get("model", "?"),
                 setting=("SD " if summary.get("sd") else "dense ") + summary.get("setting", ""),
                 dense_accuracy=None, accuracy=summary["accuracy"], compression=summary.get("compression_ratio", 1.0),
-                density=summary.get("density", 1.0), seconds=summary.get("seconds", 0.0), command=command)
+                density=summary.get("density", 1.0), seconds=summary.get("seconds", 0.0),
+                machine=machine, command=command)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """Paper-style table of our runs, then the paper's headline claims."""
-    lines = ["| dataset | model | setting | dense acc. | acc. | compression vs 32-bit | density of C | wall s | run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def _energy(run: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The summary of `run/energy.json` (written by `--mode=analyze --json --output=...`), or a message."""
+    path = os.path.join(run, ENERGY_FILE)
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path) as stream:
+            return json.load(stream)["summary"], None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        return None, f"{path}: not an analyzer JSON report ({type(error).__name__}: {error}); energy left out"
+
+
+def markdown(rows: list[dict[str, Any]], preamble: str = "") -> str:
+    """Optional preamble, a paper-style table of our runs, the commands, then the paper's headline claims."""
+    lines = ([preamble.rstrip(), ""] if preamble else []) + [
+        "| dataset | model | setting | dense acc. | acc. | compression vs 32-bit | density of C | "
+        "inference energy fp32/SD | training energy fp32/SD | wall s | machine | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = "" if r["dense_accuracy"] is None else f"{100 * r['dense_accuracy']:.2f}"
+        energy = r.get("energy") or {}
+        ratio = lambda key: f"{energy[key]:.2f}x" if key in energy else ""
         lines.append(f"| {r['dataset']} | {r['model']} | {r['setting']} | {dense} | {100 * r['accuracy']:.2f} | "
-                     f"{r['compression']:.2f}x | {r['density']:.3f} | {r['seconds']:.0f} | `{r['run']}` |")
-    commands = [f"- `{r['run']}`: `{r['command']}`" for r in rows if r["command"]]
-    return "\n".join(lines + ([""] + ["Commands:"] + commands if commands else [])
+                     f"{r['compression']:.2f}x | {r['density']:.3f} | {ratio('inference_energy_ratio')} | "
+                     f"{ratio('training_energy_ratio')} | {r['seconds']:.0f} | {r['machine']} | "
+                     f"`{os.path.basename(r['run'])}` |")
+    commands = [f"`{os.path.basename(r['run'])}`:\n```\n{r['command']}\n```" for r in rows if r["command"]]
+    return "\n".join(lines + ([""] + ["Commands:", ""] + commands if commands else [])
                      + ["", "The paper's headline claims, for comparison:"] + [f"- {c}" for c in PAPER_CLAIMS])
 
 
@@ -120,10 +149,10 @@ def main(argv: list[str]) -> None:
     rows, skipped = collect(options.runs)
     for message in skipped:
         print(message, file=sys.stderr)
-    text = markdown(rows)
+    notes = os.path.join(options.runs, PREAMBLE_FILE)
+    text = markdown(rows, _text(notes) if os.path.exists(notes) else "")
     if options.output:
-        with open(options.output, "w") as stream:
-            stream.write(text + "\n")
+        checkpoint.atomic_write_text(options.output, text + "\n")
     else:
         print(text)
     if options.plot and rows:

@@ -3,6 +3,8 @@
     python -m launch.main --mode=decompose --params=model.npz [--output=sd.npz] [--json]
 
     python -m launch.main --mode=analyze --model=resnet20 [--params=PATH] [--format=markdown] [--plots=DIR]
+    python -m launch.main --mode=analyze --config=CONFIG_OF_AN_SD_RUN --model=resnet20 \
+        --params=runs/x/checkpoints --json --output=runs/x/energy.json   # the run's trained SD weights
     python -m launch.main --mode=export --model=resnet20 --params=PATH --output=model.sdpack
 
     python -m launch.main --mode=train --config=experiments/configs/default.py --workdir=runs/x
@@ -25,7 +27,8 @@ MODES = ("train", "finetune", "evaluate", "decompose", "analyze", "export")
 TRAINING_MODES = ("train", "finetune", "evaluate")
 _MODE = flags.DEFINE_enum("mode", "decompose", MODES, "What to run.")
 _PARAMS = flags.DEFINE_string("params", None, "Parameter tree to read: an .npz or an Orbax checkpoint directory.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the SD variables (.npz file or Orbax directory).")
+_OUTPUT = flags.DEFINE_string("output", None, "decompose: where to write the SD variables (.npz file or Orbax "
+                              "directory); analyze: where to write the report (instead of printing it).")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of a table.")
 _MODEL = flags.DEFINE_string("model", None, "analyze / export: zoo model name, e.g. resnet20.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "markdown", "json", "csv"], "analyze: report format.")
@@ -91,6 +94,16 @@ def _run_training(mode: str, config, workdir: str | None) -> None:
                     for key, value in result.items()))
 
 
+def _input_geometry(config) -> dict[str, int]:
+    """analyze with a training config: its dataset's image size, channels and classes; {} otherwise."""
+    if "input" not in config:
+        return {}
+    from sd_jax.data import registry
+
+    spec = registry.get(config.input.dataset)
+    return dict(image_size=spec.image_size, channels=spec.channels, num_classes=spec.num_classes)
+
+
 def _cost_commands():
     from sd_jax.cost import commands  # imported only by the modes that need it: slow to import
 
@@ -114,11 +127,18 @@ def main(argv: list[str]) -> None:
     runs = dict(
         decompose=lambda: run_decompose(_CONFIG.value, _PARAMS.value, _OUTPUT.value, _JSON.value),
         analyze=lambda: _cost_commands().run_analyze(_CONFIG.value, _MODEL.value, _PARAMS.value, plots_dir=_PLOTS.value,
-                                             output_format="json" if _JSON.value else _FORMAT.value),
+                                             output_format="json" if _JSON.value else _FORMAT.value,
+                                             **_input_geometry(_CONFIG.value)),
         export=lambda: _cost_commands().run_export(_CONFIG.value, _MODEL.value, _PARAMS.value, _OUTPUT.value),
     )
     try:
-        print(runs[_MODE.value]())
+        text = runs[_MODE.value]()
+        if _MODE.value == "analyze" and _OUTPUT.value:
+            from sd_jax.train import checkpoint
+
+            checkpoint.atomic_write_text(_OUTPUT.value, text + "\n")
+        else:
+            print(text)
     except ValueError as error:  # bad input: say what and how to fix it, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -25,6 +25,7 @@ from sd_jax.core.decompose import Decomposition
 from sd_jax.core.network import NetworkDecomposition, decompose_network, path_name
 from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import hardware, layers, tables
+from sd_jax.nn.rules import SDRules
 
 # Defaults of the `cost` config section; a config's `cost` entries override them.
 COST_DEFAULTS = dict(
@@ -34,12 +35,14 @@ COST_DEFAULTS = dict(
 )
 
 
-def model_input(name: str, num_classes: int | None = None, image_size: int | None = None) -> tuple[Any, tuple]:
-    """The zoo model `name` and its input shape (1, side, side, 3): ImageNet forms 224 / 1000 classes, else 32 / 10."""
+def model_input(name: str, num_classes: int | None = None, image_size: int | None = None, channels: int = 3,
+                sd: bool | SDRules = False) -> tuple[Any, tuple]:
+    """The zoo model `name` and its input shape (1, side, side, channels): ImageNet forms 224 / 1000
+    classes, else 32 / 10, unless given (a dataset's geometry, e.g. Fashion-MNIST 28 and 1 channel)."""
     imagenet = name.endswith("_imagenet")
-    model = models.get(name, num_classes=num_classes or (1000 if imagenet else 10))
+    model = models.get(name, num_classes=num_classes or (1000 if imagenet else 10), sd=sd)
     side = image_size or (224 if imagenet else 32)
-    return model, (1, side, side, 3)
+    return model, (1, side, side, channels)
 
 
 def _sd_options(config: Any) -> tuple[list, int, dict[str, Any]]:
@@ -90,14 +93,32 @@ def run_analyze(
     if output_format not in analysis_lib.FORMATS:
         raise ValueError(f"output format {output_format!r} is not one of {sorted(analysis_lib.FORMATS)}")
     options = cost_options(config)
-    model, shape, _, decomposition = decomposed(model_name, params_path, config, **model_kwargs)
-    network = layers.extract_layers(model, shape, decomposition=decomposition, train=False)
+    network = _trained_sd_network(config, model_name, params_path, **model_kwargs) if params_path else None
+    if network is None:
+        model, shape, _, decomposition = decomposed(model_name, params_path, config, **model_kwargs)
+        network = layers.extract_layers(model, shape, decomposition=decomposition, train=False)
     result = analysis_of(network, model_name, options)
     if plots_dir:
         os.makedirs(plots_dir, exist_ok=True)
         analysis_lib.plot_energy(result, os.path.join(plots_dir, f"{model_name}_energy.png"))
         analysis_lib.plot_storage(result, os.path.join(plots_dir, f"{model_name}_storage.png"))
     return analysis_lib.FORMATS[output_format](result)
+
+
+def _trained_sd_network(config: Any, model_name: str, params_path: str, **model_kwargs: Any) -> layers.Network | None:
+    """The layers of an SD model with the variables at `params_path` (the checkpoints of an SD training
+    run, or `--mode=decompose --output`) as they are, or None when those variables are dense.
+
+    The model is built with the config's `sd` section, so pass the config the run trained with."""
+    from sd_jax.train import checkpoint
+
+    variables = checkpoint.load_variables(params_path)
+    if not (isinstance(variables, Mapping) and "sd_coeff" in variables):
+        return None
+    rules, max_kernel_size, options = _sd_options(config)
+    model, shape = model_input(model_name, sd=SDRules(rules, max_kernel_size=max_kernel_size, **options),
+                               **model_kwargs)
+    return layers.extract_layers(model, shape, variables=variables, train=False)
 
 
 def packable(decomposition: NetworkDecomposition) -> dict[str, packing.SDTensor | np.ndarray]:

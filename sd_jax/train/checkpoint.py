@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -110,12 +110,21 @@ def _load_orbax(path: str) -> Any:
 
 def atomic_savez(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """np.savez to a temporary file in the same directory, then rename over `path`."""
+    _atomic_write(path, lambda stream: np.savez(stream, **arrays), suffix=".npz", mode="wb")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """`text` to a temporary file in the same directory, then renamed over `path` (reports, summaries)."""
+    _atomic_write(path, lambda stream: stream.write(text), suffix=".tmp", mode="w")
+
+
+def _atomic_write(path: str, write: Callable[[Any], Any], *, suffix: str, mode: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".npz", dir=directory)
+    handle, temporary = tempfile.mkstemp(suffix=suffix, dir=directory)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
+        with os.fdopen(handle, mode) as stream:
+            write(stream)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -279,8 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    seconds=time.perf_counter() - start, **_storage(state),
                    dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                    setting=config.input.setting, part=config.input.part, epochs=config.optim.epochs,
-                   backend=jax.default_backend(), devices=jax.device_count(),
+                   backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),
                    date=time.strftime("%Y-%m-%d"))
-    with open(os.path.join(workdir, "summary.json"), "w") as stream:
-        json.dump(summary, stream, indent=1)
+    checkpoint.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     return summary

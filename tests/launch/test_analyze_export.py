@@ -99,9 +99,34 @@ def test_cli_analyze_and_export(lenet_params, tmp_path):
     analyzed = _cli("--mode=analyze", "--model=lenet5", "--format=markdown")
     assert analyzed.returncode == 0, analyzed.stderr
     assert "dense / SD" in analyzed.stdout
+    written = _cli("--mode=analyze", "--model=lenet5", "--json", f"--output={tmp_path / 'energy.json'}")
+    assert written.returncode == 0 and written.stdout == "", written.stderr
+    assert json.loads((tmp_path / "energy.json").read_text())["summary"]["inference_energy_ratio"] > 1
     exported = _cli("--mode=export", "--model=lenet5", f"--params={lenet_params}", f"--output={tmp_path / 'x.sdpack'}")
     assert exported.returncode == 0 and "payload" in exported.stdout
     missing = _cli("--mode=analyze")
     assert missing.returncode != 0 and "--model" in missing.stderr
     unknown = _cli("--mode=analyze", "--model=nonet")
     assert unknown.returncode == 2 and "unknown model" in unknown.stderr
+
+
+def test_analyze_counts_the_trained_sd_variables_of_a_run(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from sd_jax.train import checkpoint, trainer
+    from tests.train.tiny_config import tiny_config
+
+    config = tiny_config(model__sd=True)
+    run = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=64):
+        summary = trainer.train_and_evaluate(config, run)
+    text = commands.run_analyze(config, "mlp", os.path.join(run, "checkpoints"), output_format="json",
+                                image_size=28, channels=1)
+    rows = {row["layer"]: row for row in json.loads(text)["layers"]}
+    variables = checkpoint.load_variables(os.path.join(run, "checkpoints"))
+    nonzeros = entries = 0
+    for name, coeff in variables["sd_coeff"].items():
+        kept = np.asarray(coeff["coeff"])[np.asarray(variables["sd_mask"][name]["mask"])]
+        assert rows[name]["density"] == pytest.approx(np.count_nonzero(kept) / coeff["coeff"].size)
+        nonzeros, entries = nonzeros + np.count_nonzero(kept), entries + coeff["coeff"].size
+    assert nonzeros / entries == pytest.approx(summary["density"])
