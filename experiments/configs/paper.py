@@ -65,13 +65,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.input.batch_size = 256
         config.input.eval_batch_size = 250
         config.optim.epochs = 90
+    return apply_setting(config, setting, inference_only_epochs=30 if imagenet else 40)
+
+
+def apply_setting(config: ml_collections.ConfigDict, setting: str, *, inference_only_epochs: int) -> ml_collections.ConfigDict:
+    """Change a dense config into `setting` (one of SETTINGS); other experiment configs reuse it."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r}: pick one of {SETTINGS}")
     if setting == "dense":
         return config
     config.model.sd = True
     if setting != "sd_8bit":  # the settings that decompose a trained model and bucket-switch its C
         _decomposed_fine_tune(config)
     if setting == "inference_only":
-        config.optim.epochs = 30 if imagenet else 40
+        config.optim.epochs = inference_only_epochs
         config.optim.lr = 0.01
     elif setting in ("adaptation", "finetune"):
         config.input.setting = setting

@@ -62,3 +62,20 @@ def test_sd_from_scratch_trains_a_latent_coefficient_with_8_bit_numerics():
 def test_decomposed_settings_use_the_measured_bucket_switch(setting):
     config = paper.get_config(f"cifar10,resnet20,{setting}")
     assert (config.sd.threshold, config.optim.switch_bar, config.optim.weight_decay) == (0.03, 200, 0.0)
+
+
+@pytest.mark.parametrize("setting", paper.SETTINGS)
+def test_fashion_mnist_configs_build(setting):
+    from experiments.configs import fashion_mnist
+
+    config = fashion_mnist.get_config(f"lenet5,{setting}")
+    assert config.input.dataset == "fashion_mnist_idx" and config.model.sd == (setting != "dense")
+    with tfds.testing.mock_data(num_examples=64):
+        pipeline = data.input_pipeline(config.input.dataset, "train", batch_size=4, seed=0,
+                                       setting=config.input.setting, part=config.input.part)
+        batch = next(pipeline)
+    sd = trainer._sd_rules(config) if config.model.sd else False
+    net = models.get(config.model.name, num_classes=pipeline.num_classes, sd=sd)
+    jax.eval_shape(lambda: net.init(jax.random.key(0), batch["image"], train=False))
+    with pytest.raises(ValueError, match="model,setting"):
+        fashion_mnist.get_config("lenet5")
