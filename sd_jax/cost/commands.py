@@ -89,11 +89,18 @@ def run_analyze(
     config: Any, model_name: str, params_path: str | None = None, *, output_format: str = "text",
     plots_dir: str | None = None, **model_kwargs: Any,
 ) -> str:
-    """Analyze `model_name` dense and SD; returns the report in `output_format` (text, markdown, json, csv)."""
+    """Analyze `model_name` dense and SD; returns the report in `output_format` (text, markdown, json, csv).
+
+    With `params_path` holding SD variables (a trained SD run) and no `cost` section in `config`, the
+    SD side is counted at the run's own numerics: `sd.activation_bits` (e.g. 8) or, without it,
+    `dense_bits` for weights and activations, so only the SD storage and traffic differ from dense."""
     if output_format not in analysis_lib.FORMATS:
         raise ValueError(f"output format {output_format!r} is not one of {sorted(analysis_lib.FORMATS)}")
     options = cost_options(config)
     network = _trained_sd_network(config, model_name, params_path, **model_kwargs) if params_path else None
+    if network is not None and "cost" not in config:  # count the numerics the run trained with
+        bits = config.sd.get("activation_bits") or options["dense_bits"]
+        options.update(sd_weight_bits=bits, sd_activation_bits=bits)
     if network is None:
         model, shape, _, decomposition = decomposed(model_name, params_path, config, **model_kwargs)
         network = layers.extract_layers(model, shape, decomposition=decomposition, train=False)

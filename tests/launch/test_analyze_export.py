@@ -130,3 +130,9 @@ def test_analyze_counts_the_trained_sd_variables_of_a_run(tmp_path):
         assert rows[name]["density"] == pytest.approx(np.count_nonzero(kept) / coeff["coeff"].size)
         nonzeros, entries = nonzeros + np.count_nonzero(kept), entries + coeff["coeff"].size
     assert nonzeros / entries == pytest.approx(summary["density"])
+    # counted at the run's float32 numerics unless a cost section asks for the 8-bit SD hardware
+    as_trained = json.loads(text)["summary"]["inference_energy_ratio"]
+    config.cost = dict(commands.COST_DEFAULTS)
+    at_8_bits = json.loads(commands.run_analyze(config, "mlp", os.path.join(run, "checkpoints"), output_format="json",
+                                                image_size=28, channels=1))["summary"]["inference_energy_ratio"]
+    assert 1 < as_trained < at_8_bits
