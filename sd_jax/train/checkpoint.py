@@ -87,25 +87,34 @@ def _load_orbax(path: str) -> Any:
     import orbax.checkpoint as ocp  # imported lazily: it is slow to import
 
     steps = [name for name in os.listdir(path) if name.isdigit()]
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        if steps:
-            manager = ocp.CheckpointManager(os.path.abspath(path))
-            step = manager.latest_step()
-            step_dir = os.path.join(path, str(step))
-            items = sorted(d for d in os.listdir(step_dir)
-                           if os.path.isdir(os.path.join(step_dir, d)) and not d.startswith("_"))
-            if items == ["default"]:
-                return manager.restore(step, args=ocp.args.StandardRestore())
-            if "state" in items:  # a training checkpoint: its "data" item is the input position, not arrays
-                items = ["state"]
-            restored = manager.restore(step, args=ocp.args.Composite(**{i: ocp.args.StandardRestore() for i in items}))
-            return {item: restored[item] for item in items}
-        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+        if not steps:
+            return _restore_here(checkpointer, os.path.abspath(path))
+        step_dir = os.path.join(os.path.abspath(path), str(ocp.CheckpointManager(os.path.abspath(path)).latest_step()))
+        items = sorted(d for d in os.listdir(step_dir)
+                       if os.path.isdir(os.path.join(step_dir, d)) and not d.startswith("_"))
+        if items == ["default"]:
+            return _restore_here(checkpointer, os.path.join(step_dir, "default"))
+        if "state" in items:  # a training checkpoint: its "data" item is the input position, not arrays
+            items = ["state"]
+        return {item: _restore_here(checkpointer, os.path.join(step_dir, item)) for item in items}
     except Exception as error:  # Orbax raises many types for a damaged directory
         raise CheckpointError(
             f"{path}: cannot restore the Orbax checkpoint ({type(error).__name__}: {error}); "
             "check that the directory is a complete StandardCheckpointer or CheckpointManager save"
         ) from None
+
+
+def _restore_here(checkpointer: Any, directory: str) -> Any:
+    """Restore every array onto this process's first device, whatever topology saved it (several
+    processes, another mesh): Orbax refuses a sharded checkpoint of another topology without a target."""
+    metadata = checkpointer.metadata(directory)
+    tree = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+                          if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf, tree)
+    return checkpointer.restore(directory, target)
 
 
 def atomic_savez(path: str, arrays: Mapping[str, np.ndarray]) -> None:

@@ -1,9 +1,13 @@
+import json
 import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from sd_jax.train import checkpoint
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
 
@@ -14,17 +18,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_two_devices_equal_one_process_with_four(tmp_path):
+def _run(kind: str, single: str, multi: str) -> None:
+    """The worker alone with 4 devices, then as 2 processes with 2 devices each (jax.distributed, gloo)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single = str(tmp_path / "single.npz")
-    subprocess.run([sys.executable, WORKER, single], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, WORKER, kind, single], env=env, check=True, timeout=300)
     coordinator = f"localhost:{_free_port()}"
-    multi = str(tmp_path / "multi.npz")
-    workers = [subprocess.Popen([sys.executable, WORKER, multi, coordinator, "2", str(i)], env=env)
+    workers = [subprocess.Popen([sys.executable, WORKER, kind, multi, coordinator, "2", str(i)], env=env)
                for i in range(2)]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
+
+
+def test_two_processes_with_two_devices_equal_one_process_with_four(tmp_path):
+    single, multi = str(tmp_path / "single.npz"), str(tmp_path / "multi.npz")
+    _run("step", single, multi)
     with np.load(single) as one, np.load(multi) as two:
         assert int(one["devices"]) == 4 and int(two["devices"]) == 4
         assert set(one.files) == set(two.files)
         for key in one.files:
             np.testing.assert_allclose(one[key], two[key], rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_in_two_processes_equals_one_process(tmp_path):
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    _run("trainer", single, multi)
+    one, two = (json.loads(open(os.path.join(d, "summary.json")).read()) for d in (single, multi))
+    assert one["devices"] == two["devices"] == 4 and one["steps"] == two["steps"]
+    for key in ("accuracy", "loss", "density", "compression_ratio"):
+        assert one[key] == pytest.approx(two[key], rel=1e-5), key
+    for key, value in checkpoint.flatten(checkpoint.load_variables(os.path.join(single, "checkpoints"))).items():
+        other = checkpoint.flatten(checkpoint.load_variables(os.path.join(multi, "checkpoints")))[key]
+        np.testing.assert_allclose(value, other, rtol=1e-5, atol=1e-6, err_msg=key)
