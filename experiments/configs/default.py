@@ -15,8 +15,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.log_every = 50
+    # Prepared TFDS data ("" = TFDS's default folder); `--config.data_dir` and `--config.input.data_dir`
+    # are one value (a FieldReference).
+    config.data_dir = ""
     config.input = ml_collections.ConfigDict(dict(
-        dataset="cifar10", data_dir="", batch_size=128, eval_batch_size=500,
+        dataset="cifar10", data_dir=config.get_ref("data_dir"), batch_size=128, eval_batch_size=500,
         setting="plain", part="source", split_seed=0,
     ))
     config.model = ml_collections.ConfigDict(dict(

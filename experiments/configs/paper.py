@@ -6,7 +6,7 @@
         --workdir=runs/cifar10_resnet20_sd \\
         --config.init.from_params=runs/cifar10_resnet20_dense/checkpoints
 
-Datasets: cifar10, cifar10_jpeg (the offline JPEG copy), cifar100, imagenet2012; `--config.input.data_dir`
+Datasets: cifar10, cifar10_jpeg (the offline JPEG copy), cifar100, imagenet2012; `--config.data_dir`
 points at prepared data. Models: resnet20, resnet56, resnet164, vgg19, mobilenet_v2, resnet18 on CIFAR;
 resnet18, resnet50, mobilenet_v2 on ImageNet (their `_imagenet` forms). Settings and the claim each
 reproduces:

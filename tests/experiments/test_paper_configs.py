@@ -79,3 +79,9 @@ def test_fashion_mnist_configs_build(setting):
     jax.eval_shape(lambda: net.init(jax.random.key(0), batch["image"], train=False))
     with pytest.raises(ValueError, match="model,setting"):
         fashion_mnist.get_config("lenet5")
+
+
+def test_data_dir_is_one_value_at_the_top_and_in_input():
+    config = paper.get_config("cifar10_jpeg,resnet20,sd_8bit")
+    config.data_dir = "/prepared"
+    assert config.input.data_dir == "/prepared"
