@@ -109,8 +109,10 @@ def _load_orbax(path: str) -> Any:
 def _restore_here(checkpointer: Any, directory: str) -> Any:
     """Restore every array onto this process's first device, whatever topology saved it (several
     processes, another mesh): Orbax refuses a sharded checkpoint of another topology without a target."""
-    metadata = checkpointer.metadata(directory)
-    tree = getattr(metadata, "item_metadata", metadata)
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory))  # the checkpointer's warns here
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
                           if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf, tree)
