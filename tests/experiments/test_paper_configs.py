@@ -85,3 +85,10 @@ def test_data_dir_is_one_value_at_the_top_and_in_input():
     config = paper.get_config("cifar10_jpeg,resnet20,sd_8bit")
     config.data_dir = "/prepared"
     assert config.input.data_dir == "/prepared"
+
+
+def test_sd_from_scratch_without_batch_norm_takes_a_lower_learning_rate():
+    from experiments.configs import fashion_mnist
+
+    assert fashion_mnist.get_config("lenet5,sd_8bit").optim.lr == 0.01
+    assert fashion_mnist.get_config("resnet20,sd_8bit").optim.lr == 0.1
