@@ -6,7 +6,8 @@ Every `summary.json` below `--runs` counts: trainer runs (accuracy, compression_
 seconds, dataset, model, setting) and quickstart runs (dense_accuracy, sd_accuracy, ...). A file that
 is not valid JSON or lacks the figures is reported and skipped; the stage summaries inside a
 quickstart run are left to the quickstart's own row. A run's `energy.json` (the analyzer's JSON
-report of its final weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratios.
+report of its final weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratios
+and, for SD runs, gives the compression and density columns (the same count as the trainer's summary).
 The markdown starts with `NOTES.md` of the `--runs` folder when there is one, has one row per run,
 the commands recorded in each run's `command.txt`, and the paper's headline claims beneath; the plot
 shows accuracy against compression. No figure is typed by hand.
@@ -54,6 +55,10 @@ def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         row["energy"], message = _energy(row["run"])
         skipped.extend([message] if message else [])
+        if row["energy"] and row["energy"].get("sd_density") is not None:
+            # the analyzer's count of the final weights: runs whose trainer predates its storage fix
+            # (latent C counted unquantized, padding in the dense side) wrote other figures
+            row.update(compression=row["energy"]["storage_ratio"], density=row["energy"]["sd_density"])
         rows.append(row)
     return rows, skipped
 

@@ -80,6 +80,7 @@ def summary(analysis: Analysis) -> dict[str, Any]:
                                macs=sum(layer.macs for layer in analysis.network.layers),
                                layers=len(analysis.network.layers),
                                sd_layers=sum(layer.sd is not None for layer in analysis.network.layers),
+                               sd_density=_density(analysis.network),
                                steps_per_epoch=analysis.steps_per_epoch)
     for key in dense:
         out[f"dense_{key}"], out[f"sd_{key}"] = dense[key], sd[key]
@@ -92,6 +93,13 @@ def summary(analysis: Analysis) -> dict[str, Any]:
         training_storage_ratio=_ratio(dense["training_storage_bits"], sd["training_storage_bits"]),
     )
     return out
+
+
+def _density(network: Network) -> float | None:
+    """Non-zeros over entries of C across the SD kernels; None without any."""
+    stats = [layer.sd for layer in network.layers if layer.sd is not None]
+    entries = sum(stat.coeff_entries for stat in stats)
+    return sum(stat.nonzeros for stat in stats) / entries if entries else None
 
 
 def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:

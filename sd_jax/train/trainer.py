@@ -27,8 +27,8 @@ import optax
 from jax.experimental import multihost_utils
 
 from sd_jax import data, models
-from sd_jax.core import report as core_report
 from sd_jax.nn import convert
+from sd_jax.nn import report as sd_report
 from sd_jax.nn.rules import SDRules
 from sd_jax.train import checkpoint, schedules, sharding, swa
 from sd_jax.train.optimizer import sd_optimizer
@@ -126,20 +126,18 @@ def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh) -
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
 
-def _storage(state: TrainState) -> dict[str, float]:
-    """Density and compression of the SD weights (DESIGN.md 1.5) against 32-bit dense weights."""
-    coeffs = jax.tree.leaves(state.trainable.get("sd_coeff", {}))
-    if not coeffs:
+def _storage(model: Any, state: TrainState, sample: jax.Array) -> dict[str, float]:
+    """Density of C and compression against 32-bit weights (DESIGN.md 1.5) of the coefficients the
+    SD layers use (latent ones quantized as the layers quantize them) over the real kernel entries;
+    other parameters (biases, batch norm, kernels left dense) count 32 bits on both sides, as in the
+    analyzer's storage ratio."""
+    if "sd_coeff" not in state.trainable:
         return {"density": 1.0, "compression_ratio": 1.0}
-    bases = jax.tree.leaves(state.trainable["sd_basis"])
-    other = sum(int(np.size(x)) for x in jax.tree.leaves(state.trainable.get("params", {})))
-    bits, nonzeros, entries, dense = 0, 0, 0, 32 * other
-    for coeff, basis in zip(coeffs, bases):
-        c = _fetch(coeff)
-        nz = c[c != 0]
-        bits += core_report.storage_bits(int(nz.size), len(np.unique(np.abs(nz))), c.size, int(np.size(basis)))
-        nonzeros, entries, dense = nonzeros + nz.size, entries + c.size, dense + 32 * c.size
-    return {"density": nonzeros / entries, "compression_ratio": dense / (bits + 32 * other)}
+    variables = _fetch(state.variables)
+    totals = sd_report.model_report(convert.sd_tree(model, variables, sample, train=False)).totals()
+    other_bits = 32 * sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+    return {"density": totals["density"],
+            "compression_ratio": (32 * totals["sd_params"] + other_bits) / (totals["sd_storage_bits"] + other_bits)}
 
 
 def _stop(step: int, loss: float, checkpoints: TrainCheckpoints) -> None:
@@ -202,7 +200,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
         state, data_state = checkpoints.restore(state)
         train_data.set_state(data_state)
     train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size)
-    return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step
+    return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step, model, sample
 
 
 def _swa_result(config: ml_collections.ConfigDict, state: TrainState, train_data: data.Pipeline, mesh) -> TrainState:
@@ -229,7 +227,7 @@ def _swa_result(config: ml_collections.ConfigDict, state: TrainState, train_data
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Accuracy and loss of the latest checkpoint in `workdir` on the evaluation split."""
-    _, eval_data, mesh, state, checkpoints, _, _, eval_step = _build(config, workdir)
+    _, eval_data, mesh, state, checkpoints, _, _, eval_step, _, _ = _build(config, workdir)
     try:
         if checkpoints.latest_step() is None:
             raise checkpoint.CheckpointError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
@@ -242,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train (or fine-tune) as `config` says; return and save the summary."""
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
-    train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step = _build(config, workdir)
+    (train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step, model,
+     sample) = _build(config, workdir)
     writer = _Writer(workdir)
     first_step, tick = int(state.step), time.perf_counter()
     every = config.ckpt.every_steps
@@ -276,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.close()
         writer.close()
     summary = dict(accuracy=result["accuracy"], loss=result["loss"], steps=total_steps,
-                   seconds=time.perf_counter() - start, **_storage(state),
+                   seconds=time.perf_counter() - start, **_storage(model, state, sample),
                    dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                    setting=config.input.setting, part=config.input.part, epochs=config.optim.epochs,
                    backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),

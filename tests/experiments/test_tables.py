@@ -37,3 +37,13 @@ def test_tables_render_runs_and_skip_broken_json(tmp_path):
     assert "90.50" in text and "91.00" in text and "10.56x" in text and "--mode=finetune" in text
     tables.plot(rows, str(tmp_path / "plot.png"))
     assert os.path.getsize(tmp_path / "plot.png") > 1000
+
+
+def test_the_analyzer_count_of_an_sd_run_gives_its_compression_and_density(tmp_path):
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "summary.json").write_text(json.dumps(dict(
+        accuracy=0.8, compression_ratio=3.0, density=1.0, dataset="cifar10_jpeg", model="resnet20", sd=True)))
+    (tmp_path / "sd" / "energy.json").write_text(json.dumps(dict(summary=dict(
+        storage_ratio=5.5, sd_density=0.75, inference_energy_ratio=2.0, training_energy_ratio=1.5))))
+    rows, _ = tables.collect(str(tmp_path))
+    assert (rows[0]["compression"], rows[0]["density"]) == (5.5, 0.75)
