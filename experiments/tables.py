@@ -18,11 +18,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 from typing import Any
 
 from absl import app, flags
 
+from experiments.configs.paper import SETTINGS
 from sd_jax.train import checkpoint
 
 PAPER_CLAIMS = (
@@ -82,13 +84,22 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
                     seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
         return None
+    setting = _config_setting(command) or summary.get("setting", "")
     machine = f"{summary.get('backend', '?')} x{summary.get('devices', '?')}" + (
         f", {summary['cpus']} CPU cores" if "cpus" in summary else "")
     return dict(run=run, dataset=summary.get("dataset", "?"), model=summary.get("model", "?"),
-                setting=("SD " if summary.get("sd") else "dense ") + summary.get("setting", ""),
+                setting=("SD " if summary.get("sd") else "dense ") + setting,
                 dense_accuracy=None, accuracy=summary["accuracy"], compression=summary.get("compression_ratio", 1.0),
                 density=summary.get("density", 1.0), seconds=summary.get("seconds", 0.0),
                 machine=machine, command=command)
+
+
+def _config_setting(command: str) -> str | None:
+    """The experiment setting named in a recorded command's config argument, e.g. 'sd_8bit' in
+    `--config=experiments/configs/paper.py:cifar10_jpeg,resnet20,sd_8bit`."""
+    match = re.search(r"--config=\S+\.py:(\S+)", command)
+    last = match.group(1).split(",")[-1] if match else None
+    return last if last in SETTINGS else None
 
 
 def _energy(run: str) -> tuple[dict[str, Any] | None, str | None]:
