@@ -84,11 +84,11 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
                     seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
         return None
-    setting = _config_setting(command) or summary.get("setting", "")
+    setting = _config_setting(command) or ("SD " if summary.get("sd") else "dense ") + summary.get("setting", "")
     machine = f"{summary.get('backend', '?')} x{summary.get('devices', '?')}" + (
         f", {summary['cpus']} CPU cores" if "cpus" in summary else "")
     return dict(run=run, dataset=summary.get("dataset", "?"), model=summary.get("model", "?"),
-                setting=("SD " if summary.get("sd") else "dense ") + setting,
+                setting=setting,
                 dense_accuracy=None, accuracy=summary["accuracy"], compression=summary.get("compression_ratio", 1.0),
                 density=summary.get("density", 1.0), seconds=summary.get("seconds", 0.0),
                 machine=machine, command=command)

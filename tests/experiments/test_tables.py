@@ -33,7 +33,7 @@ def test_tables_render_runs_and_skip_broken_json(tmp_path):
     assert any("energy left out" in message for message in skipped)
     text = tables.markdown(rows, "# Results\nnotes")
     assert text.startswith("# Results\nnotes")
-    assert "| cifar10_jpeg | resnet20 | SD inference_only |  | 90.00 | 9.50x | 0.450 | 3.50x | 1.25x | 120 |" in text
+    assert "| cifar10_jpeg | resnet20 | inference_only |  | 90.00 | 9.50x | 0.450 | 3.50x | 1.25x | 120 |" in text
     assert "| dense plain |  | 80.00 | 1.00x | 1.000 |  |  | 0 | cpu x1, 2 CPU cores |" in text
     assert "90.50" in text and "91.00" in text and "10.56x" in text and "--mode=finetune" in text
     tables.plot(rows, str(tmp_path / "plot.png"))
