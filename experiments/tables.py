@@ -140,13 +140,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(8, 5))
     for r in rows:
         axes.scatter(r["compression"], 100 * r["accuracy"])
-        axes.annotate(f"{r['model']} {r['setting']}", (r["compression"], 100 * r["accuracy"]), fontsize=7)
+        axes.annotate(f"{r['dataset']} {r['model']} {r['setting']}", (r["compression"], 100 * r["accuracy"]),
+                      fontsize=6)
     axes.set_xlabel("weight storage compression against 32-bit (x)")
     axes.set_ylabel("test accuracy (%)")
     axes.set_xscale("log")
+    axes.set_xlim(right=max(r["compression"] for r in rows) * 4)  # room for the labels
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
