@@ -81,7 +81,7 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
         return dict(run=run, dataset="fashion_mnist", model="resnet20 (quickstart)", setting="dense -> SD",
                     dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"],
                     compression=summary["compression_ratio"], density=summary["density"],
-                    seconds=summary["seconds"]["total"], machine="", command=command)
+                    seconds=summary["seconds"]["total"], epochs=None, machine="", command=command)
     if "accuracy" not in summary:
         return None
     setting = _config_setting(command) or ("SD " if summary.get("sd") else "dense ") + summary.get("setting", "")
@@ -91,7 +91,7 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
                 setting=setting,
                 dense_accuracy=None, accuracy=summary["accuracy"], compression=summary.get("compression_ratio", 1.0),
                 density=summary.get("density", 1.0), seconds=summary.get("seconds", 0.0),
-                machine=machine, command=command)
+                epochs=summary.get("epochs"), machine=machine, command=command)
 
 
 def _config_setting(command: str) -> str | None:
@@ -118,15 +118,15 @@ def markdown(rows: list[dict[str, Any]], preamble: str = "") -> str:
     """Optional preamble, a paper-style table of our runs, the commands, then the paper's headline claims."""
     lines = ([preamble.rstrip(), ""] if preamble else []) + [
         "| dataset | model | setting | dense acc. | acc. | compression vs 32-bit | density of C | "
-        "inference energy fp32/SD | training energy fp32/SD | wall s | machine | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "inference energy fp32/SD | training energy fp32/SD | epochs | wall s | machine | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = "" if r["dense_accuracy"] is None else f"{100 * r['dense_accuracy']:.2f}"
         energy = r.get("energy") or {}
         ratio = lambda key: f"{energy[key]:.2f}x" if key in energy else ""
         lines.append(f"| {r['dataset']} | {r['model']} | {r['setting']} | {dense} | {100 * r['accuracy']:.2f} | "
                      f"{r['compression']:.2f}x | {r['density']:.3f} | {ratio('inference_energy_ratio')} | "
-                     f"{ratio('training_energy_ratio')} | {r['seconds']:.0f} | {r['machine']} | "
+                     f"{ratio('training_energy_ratio')} | {r['epochs'] or ''} | {r['seconds']:.0f} | {r['machine']} | "
                      f"`{os.path.basename(r['run'])}` |")
     commands = [f"`{os.path.basename(r['run'])}`:\n```\n{r['command']}\n```" for r in rows if r["command"]]
     return "\n".join(lines + ([""] + ["Commands:", ""] + commands if commands else [])

@@ -7,7 +7,7 @@ from experiments import tables
 def test_tables_render_runs_and_skip_broken_json(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "summary.json").write_text(json.dumps(dict(
-        accuracy=0.9, compression_ratio=9.5, density=0.45, seconds=120.0, dataset="cifar10_jpeg",
+        accuracy=0.9, compression_ratio=9.5, density=0.45, seconds=120.0, epochs=4, dataset="cifar10_jpeg",
         model="resnet20", sd=True, setting="plain")))
     (tmp_path / "a" / "command.txt").write_text(
         "python -m launch.main --mode=finetune --config=experiments/configs/paper.py:cifar10,resnet20,inference_only")
@@ -33,8 +33,8 @@ def test_tables_render_runs_and_skip_broken_json(tmp_path):
     assert any("energy left out" in message for message in skipped)
     text = tables.markdown(rows, "# Results\nnotes")
     assert text.startswith("# Results\nnotes")
-    assert "| cifar10_jpeg | resnet20 | inference_only |  | 90.00 | 9.50x | 0.450 | 3.50x | 1.25x | 120 |" in text
-    assert "| dense plain |  | 80.00 | 1.00x | 1.000 |  |  | 0 | cpu x1, 2 CPU cores |" in text
+    assert "| cifar10_jpeg | resnet20 | inference_only |  | 90.00 | 9.50x | 0.450 | 3.50x | 1.25x | 4 | 120 |" in text
+    assert "| dense plain |  | 80.00 | 1.00x | 1.000 |  |  |  | 0 | cpu x1, 2 CPU cores |" in text
     assert "90.50" in text and "91.00" in text and "10.56x" in text and "--mode=finetune" in text
     tables.plot(rows, str(tmp_path / "plot.png"))
     assert os.path.getsize(tmp_path / "plot.png") > 1000
