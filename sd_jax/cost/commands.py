@@ -65,7 +65,9 @@ def decomposed(model_name: str, params_path: str | None, config: Any, **model_kw
     from sd_jax.train import checkpoint
 
     model, shape = model_input(model_name, **model_kwargs)
-    params = checkpoint.load_params(params_path) if params_path else he_normal_params(model, shape)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))["params"]
+    params = (checkpoint.arrange_like(checkpoint.load_params(params_path), template) if params_path
+              else he_normal_params(model, shape))
     rules, max_kernel_size, options = _sd_options(config)
     return model, shape, params, decompose_network(params, rules, max_kernel_size=max_kernel_size, **options)
 
@@ -125,6 +127,9 @@ def _trained_sd_network(config: Any, model_name: str, params_path: str, **model_
     rules, max_kernel_size, options = _sd_options(config)
     model, shape = model_input(model_name, sd=SDRules(rules, max_kernel_size=max_kernel_size, **options),
                                **model_kwargs)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))
+    variables = {name: checkpoint.arrange_like(tree, template[name]) if name in template else tree
+                 for name, tree in variables.items()}
     return layers.extract_layers(model, shape, variables=variables, train=False)
 
 

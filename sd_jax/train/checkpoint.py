@@ -63,6 +63,21 @@ def load_variables(path: str) -> dict[str, Any]:
     return tree
 
 
+def arrange_like(tree: Any, template: Any) -> Any:
+    """`tree`'s leaves in `template`'s nesting, matched by '/'-joined path.
+
+    The zoo's layer names contain '/' ('stage1_block0/conv1'), so an .npz of its variables (keys joined
+    by '/') loads nested one level deeper than the model's tree; this undoes that. `tree` comes back
+    unchanged when the joined paths differ, for the caller's structure check to report.
+    """
+    flat = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [path_name(path) for path, _ in paths]
+    if sorted(names) != sorted(flat):
+        return tree
+    return jax.tree_util.tree_unflatten(treedef, [flat[name] for name in names])
+
+
 def load_params(path: str) -> dict[str, Any]:
     """The parameter tree stored at `path`: its "params" collection when it has one."""
     tree = load_variables(path)

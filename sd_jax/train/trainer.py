@@ -82,9 +82,14 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dic
     loaded = checkpoint.load_variables(config.init.from_params)
     loaded = {name: tree for name, tree in loaded.items() if name in fresh}
     if config.model.sd and "sd_coeff" not in loaded:
+        dense = jax.eval_shape(lambda k: models.get(config.model.name, num_classes=model.num_classes,
+                                                    **config.model.options.to_dict()).init(k, sample, train=False), key)
+        loaded = {name: checkpoint.arrange_like(tree, dense[name]) if name in dense else tree
+                  for name, tree in loaded.items()}
         loaded, _ = convert.to_sd(loaded, _sd_rules(config))
     if "sd_quant" in fresh and "sd_quant" not in loaded:  # low-precision ranges start fresh
         loaded["sd_quant"] = fresh["sd_quant"]
+    loaded = {name: checkpoint.arrange_like(tree, fresh[name]) for name, tree in loaded.items()}
     if config.init.reset:
         pattern = re.compile(config.init.reset)
         for collection, layers in fresh.items():

@@ -32,9 +32,11 @@ def _flat(tree, prefix=()):
 
 
 @pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
-def test_analyze_reports_dense_and_sd_in_every_format(tmp_path):
+def test_analyze_reports_dense_and_sd_in_every_format(lenet_params, tmp_path):
     config = decompose_config.get_config()
     data = json.loads(commands.run_analyze(config, "lenet5", output_format="json", plots_dir=str(tmp_path)))
+    from_npz = json.loads(commands.run_analyze(config, "lenet5", lenet_params, output_format="json"))
+    assert from_npz["summary"]["sd_layers"] == 5  # the '/'-named zoo layers of an .npz are found
     assert data["summary"]["storage_ratio"] > 1 and len(data["layers"]) == 5
     assert "dense/SD" in commands.run_analyze(config, "lenet5")
     assert commands.run_analyze(config, "lenet5", output_format="csv").startswith("layer,kind,kernel,macs")

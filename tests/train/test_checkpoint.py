@@ -20,6 +20,13 @@ def test_npz_round_trip(tmp_path):
     loaded = checkpoint.load_params(path)
     np.testing.assert_array_equal(loaded["head"]["kernel"], _tree()["head"]["kernel"])
     assert os.listdir(tmp_path) == ["p.npz"]  # no temporary left behind
+    # "block/conv" comes back nested one level deeper; arrange_like restores the model's nesting
+    assert "conv" in loaded["block"]
+    arranged = checkpoint.arrange_like(loaded, _tree())
+    assert set(arranged) == {"block/conv", "head"}
+    np.testing.assert_array_equal(arranged["block/conv"]["kernel"], _tree()["block/conv"]["kernel"])
+    other = {"head": _tree()["head"]}
+    assert checkpoint.arrange_like(loaded, other) is loaded  # other paths: left for the caller to report
 
 
 def test_orbax_checkpoint_and_manager_root_and_train_state(tmp_path):

@@ -70,6 +70,19 @@ def test_evaluate_without_checkpoint_and_finetune_from_another_model(tmp_path):
                                    str(tmp_path / "other"))
 
 
+def test_finetune_from_an_npz_of_dense_zoo_params(tmp_path):
+    from sd_jax.train.checkpoint import atomic_savez, flatten, load_variables
+
+    dense_dir = str(tmp_path / "dense")
+    trainer.train_and_evaluate(_config(), dense_dir)
+    params = load_variables(os.path.join(dense_dir, "checkpoints"))["params"]
+    assert any("/" in layer for layer in params)  # zoo names: the npz nests them one level deeper
+    npz = str(tmp_path / "dense.npz")
+    atomic_savez(npz, {f"params/{key}": value for key, value in flatten(params).items()})
+    summary = trainer.train_and_evaluate(_config(model__sd=True, init__from_params=npz), str(tmp_path / "sd"))
+    assert summary["sd"] and 0 < summary["density"] <= 1
+
+
 @pytest.mark.slow
 def test_adaptation_resets_the_classifier(tmp_path):
     import numpy as np
