@@ -45,6 +45,11 @@ def model_input(name: str, num_classes: int | None = None, image_size: int | Non
     return model, (1, side, side, channels)
 
 
+def _shapes(model: Any, shape: tuple) -> Any:
+    """The model's variables as ShapeDtypeStructs, the template a loaded tree is arranged like."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))
+
+
 def _sd_options(config: Any) -> tuple[list, int, dict[str, Any]]:
     options = dict(config.sd.to_dict()) if config is not None and "sd" in config else {}
     rules = [tuple(rule) for rule in options.pop("rules", [])]
@@ -65,9 +70,10 @@ def decomposed(model_name: str, params_path: str | None, config: Any, **model_kw
     from sd_jax.train import checkpoint
 
     model, shape = model_input(model_name, **model_kwargs)
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))["params"]
-    params = (checkpoint.arrange_like(checkpoint.load_params(params_path), template) if params_path
-              else he_normal_params(model, shape))
+    if params_path:
+        params = checkpoint.arrange_like(checkpoint.load_params(params_path), _shapes(model, shape)["params"])
+    else:
+        params = he_normal_params(model, shape)
     rules, max_kernel_size, options = _sd_options(config)
     return model, shape, params, decompose_network(params, rules, max_kernel_size=max_kernel_size, **options)
 
@@ -127,7 +133,7 @@ def _trained_sd_network(config: Any, model_name: str, params_path: str, **model_
     rules, max_kernel_size, options = _sd_options(config)
     model, shape = model_input(model_name, sd=SDRules(rules, max_kernel_size=max_kernel_size, **options),
                                **model_kwargs)
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros(shape), train=False))
+    template = _shapes(model, shape)
     variables = {name: checkpoint.arrange_like(tree, template[name]) if name in template else tree
                  for name, tree in variables.items()}
     return layers.extract_layers(model, shape, variables=variables, train=False)

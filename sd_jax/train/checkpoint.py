@@ -127,7 +127,8 @@ def _restore_here(checkpointer: Any, directory: str) -> Any:
     import orbax.checkpoint as ocp
     from etils import epath
 
-    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory))  # the checkpointer's warns here
+    # the handler's metadata: StandardCheckpointer.metadata warns that an item has no step metadata file
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(directory))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
                           if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf, tree)
