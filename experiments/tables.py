@@ -75,8 +75,7 @@ def _text(path: str) -> str:
 
 def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
     run = os.path.dirname(path)
-    command_file = os.path.join(run, "command.txt")
-    command = open(command_file).read().strip() if os.path.exists(command_file) else ""
+    command = _text(os.path.join(run, "command.txt")).strip()
     if "sd_accuracy" in summary:  # a quickstart: dense and SD in one summary
         return dict(run=run, dataset="fashion_mnist", model="resnet20 (quickstart)", setting="dense -> SD",
                     dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"],
@@ -167,8 +166,7 @@ def main(argv: list[str]) -> None:
     rows, skipped = collect(options.runs)
     for message in skipped:
         print(message, file=sys.stderr)
-    notes = os.path.join(options.runs, PREAMBLE_FILE)
-    text = markdown(rows, _text(notes) if os.path.exists(notes) else "")
+    text = markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)))
     if options.output:
         checkpoint.atomic_write_text(options.output, text + "\n")
     else:
