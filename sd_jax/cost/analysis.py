@@ -1,9 +1,11 @@
 """Dense against SD, side by side: analysis of one network, its report formats and plots.
 
-`analyze` evaluates the dense view of a network on one hardware description and its SD view on
-another (usually the same technology at other bit widths); `summary`, `layer_rows` and the
-`format_*` / `to_*` functions render the result; `plot_energy` and `plot_storage` save PNGs.
-Storage totals add the model's other parameters (biases, norms) at 32 bits to both sides.
+`analyze` evaluates the dense view of a network on one hardware description, its SD view on
+another (usually the same technology at other bit widths) and, optionally, the dense view again on a
+dense 8-bit baseline (8-bit weights, activations and gradients: the class of baseline the paper's
+training claims are measured against); `summary`, `layer_rows` and the `format_*` / `to_*`
+functions render the result; `plot_energy` and `plot_storage` save PNGs. Storage totals add the
+model's other parameters (biases, norms) at 32 bits to every side.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ PHASES = ("forward", "backward_activations", "backward_weights", "update")
 
 @dataclasses.dataclass(frozen=True)
 class Analysis:
-    """Per-layer energies (NumPy) of the dense and SD views; inference and training at their batches."""
+    """Per-layer energies (NumPy) of the dense and SD views, and of the dense 8-bit baseline when
+    analyzed (`dense_int8`, else None); inference and training at their batches."""
 
     model: str
     unit: str
@@ -36,13 +39,16 @@ class Analysis:
     dense: dict[str, Any]
     sd: dict[str, Any]
     steps_per_epoch: int
+    dense_int8: dict[str, Any] | None = None
 
 
 def analyze(
     network: Network, model: str, *, unit: str, dense_hardware: Hardware, sd_hardware: Hardware,
-    inference_batch: int = 1, training_batch: int = 128, steps_per_epoch: int = 1,
+    int8_hardware: Hardware | None = None, inference_batch: int = 1, training_batch: int = 128,
+    steps_per_epoch: int = 1,
 ) -> Analysis:
-    """Run `energy` on both views: inference at `inference_batch`, training at `training_batch`."""
+    """Run `energy` on the dense view (on `dense_hardware`, and on `int8_hardware` when given) and the
+    SD view (on `sd_hardware`): inference at `inference_batch`, training at `training_batch`."""
     for name, value in (("inference_batch", inference_batch), ("training_batch", training_batch),
                         ("steps_per_epoch", steps_per_epoch)):
         if not isinstance(value, int) or value < 1:
@@ -54,8 +60,10 @@ def analyze(
         return jax.device_get(dict(inference=inference["inference"], training=training["training"],
                                    storage=training["storage"]))
 
-    return Analysis(model, unit, network, run(energy_lib.layer_counts(network, sd=False), dense_hardware),
-                    run(energy_lib.layer_counts(network), sd_hardware), steps_per_epoch)
+    dense_counts = energy_lib.layer_counts(network, sd=False)
+    return Analysis(model, unit, network, run(dense_counts, dense_hardware),
+                    run(energy_lib.layer_counts(network), sd_hardware), steps_per_epoch,
+                    None if int8_hardware is None else run(dense_counts, int8_hardware))
 
 
 def _ratio(dense: float, sd: float) -> float:
@@ -72,26 +80,31 @@ def _side_totals(result: dict[str, Any], other_bits: float) -> dict[str, float]:
     )
 
 
+# ratio name -> the total it divides
+RATIOS = dict(inference_energy="inference_energy", storage="storage_bits", training_energy="training_energy",
+              training_storage="training_storage_bits")
+
+
 def summary(analysis: Analysis) -> dict[str, Any]:
-    """Totals of both views and their ratios (dense / SD); energies in `unit`, storage in bits."""
+    """Totals of every view and their ratios, energies in `unit`, storage in bits: `<total>_ratio` is
+    dense / SD, `<total>_ratio_vs_int8` dense 8-bit / SD (when the analysis has that baseline)."""
     other_bits = analysis.network.other_params * OTHER_PARAM_BITS
-    dense, sd = _side_totals(analysis.dense, other_bits), _side_totals(analysis.sd, other_bits)
+    views = dict(dense=analysis.dense, sd=analysis.sd, dense_int8=analysis.dense_int8)
+    totals = {view: _side_totals(result, other_bits) for view, result in views.items() if result is not None}
     out: dict[str, Any] = dict(model=analysis.model, unit=analysis.unit,
                                macs=sum(layer.macs for layer in analysis.network.layers),
                                layers=len(analysis.network.layers),
                                sd_layers=sum(layer.sd is not None for layer in analysis.network.layers),
                                sd_density=_density(analysis.network),
                                steps_per_epoch=analysis.steps_per_epoch)
-    for key in dense:
-        out[f"dense_{key}"], out[f"sd_{key}"] = dense[key], sd[key]
-    out["dense_training_energy_per_epoch"] = dense["training_energy"] * analysis.steps_per_epoch
-    out["sd_training_energy_per_epoch"] = sd["training_energy"] * analysis.steps_per_epoch
-    out.update(
-        inference_energy_ratio=_ratio(dense["inference_energy"], sd["inference_energy"]),
-        storage_ratio=_ratio(dense["storage_bits"], sd["storage_bits"]),
-        training_energy_ratio=_ratio(dense["training_energy"], sd["training_energy"]),
-        training_storage_ratio=_ratio(dense["training_storage_bits"], sd["training_storage_bits"]),
-    )
+    for view, view_totals in totals.items():
+        out.update({f"{view}_{key}": value for key, value in view_totals.items()})
+        out[f"{view}_training_energy_per_epoch"] = view_totals["training_energy"] * analysis.steps_per_epoch
+    sd = totals["sd"]
+    for name, key in RATIOS.items():
+        out[f"{name}_ratio"] = _ratio(totals["dense"][key], sd[key])
+        if "dense_int8" in totals:
+            out[f"{name}_ratio_vs_int8"] = _ratio(totals["dense_int8"][key], sd[key])
     return out
 
 
@@ -139,20 +152,28 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [cell(key) for key in _COLUMNS]
 
 
-def _summary_lines(analysis: Analysis) -> list[tuple[str, str, str, str]]:
+# label, total, ratio, whether the total is an energy (in `unit`) rather than bits
+_TOTAL_LINES = (
+    ("inference energy / image", "inference_energy", "inference_energy", True),
+    ("storage (bits)", "storage_bits", "storage", False),
+    ("training energy / step", "training_energy", "training_energy", True),
+    ("training energy / epoch", "training_energy_per_epoch", "training_energy", True),
+    ("training storage / step (bits)", "training_storage_bits", "training_storage", False),
+)
+
+
+def _totals_table(analysis: Analysis) -> list[list[str]]:
+    """Header and one row per total: each view's value, then dense / SD and dense 8-bit / SD."""
     s = summary(analysis)
-    unit = s["unit"]
-    return [
-        ("inference energy / image", f"{s['dense_inference_energy']:.4g} {unit}", f"{s['sd_inference_energy']:.4g} {unit}",
-         f"{s['inference_energy_ratio']:.2f}x"),
-        ("storage (bits)", f"{s['dense_storage_bits']:.4g}", f"{s['sd_storage_bits']:.4g}", f"{s['storage_ratio']:.2f}x"),
-        ("training energy / step", f"{s['dense_training_energy']:.4g} {unit}", f"{s['sd_training_energy']:.4g} {unit}",
-         f"{s['training_energy_ratio']:.2f}x"),
-        ("training energy / epoch", f"{s['dense_training_energy_per_epoch']:.4g} {unit}",
-         f"{s['sd_training_energy_per_epoch']:.4g} {unit}", f"{s['training_energy_ratio']:.2f}x"),
-        ("training storage / step (bits)", f"{s['dense_training_storage_bits']:.4g}",
-         f"{s['sd_training_storage_bits']:.4g}", f"{s['training_storage_ratio']:.2f}x"),
-    ]
+    int8 = analysis.dense_int8 is not None
+    views = {"dense": "dense", **({"dense 8-bit": "dense_int8"} if int8 else {}), "SD": "sd"}
+    ratios = {"dense / SD": "", **({"dense 8-bit / SD": "_vs_int8"} if int8 else {})}
+    rows = [["total", *views, *ratios]]
+    for label, total, ratio, is_energy in _TOTAL_LINES:
+        unit = f" {s['unit']}" if is_energy else ""
+        rows.append([label, *(f"{s[f'{view}_{total}']:.4g}{unit}" for view in views.values()),
+                     *(f"{s[f'{ratio}_ratio{suffix}']:.2f}x" for suffix in ratios.values())])
+    return rows
 
 
 def format_text(analysis: Analysis) -> str:
@@ -162,18 +183,19 @@ def format_text(analysis: Analysis) -> str:
     line = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     table = [line(rows[0]), "-" * len(line(rows[0])), *map(line, rows[1:])]
     s = summary(analysis)
-    totals = [f"{analysis.model}: {s['macs']:,} MACs per image, {s['sd_layers']} of {s['layers']} layers in SD form",
-              f"{'':32s}{'dense':>22s}{'SD':>22s}{'dense/SD':>10s}"]
-    totals += [f"{a:32s}{b:>22s}{c:>22s}{d:>10s}" for a, b, c, d in _summary_lines(analysis)]
-    return "\n".join(table + [""] + totals)
+    totals = _totals_table(analysis)
+    widths = [max(len(row[i]) for row in totals) + 2 for i in range(len(totals[0]))]
+    lines = [f"{analysis.model}: {s['macs']:,} MACs per image, {s['sd_layers']} of {s['layers']} layers in SD form"]
+    lines += [row[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) for row in totals]
+    return "\n".join(table + [""] + lines)
 
 
 def format_markdown(analysis: Analysis) -> str:
     """The per-layer table and totals as Markdown."""
     md = lambda cells: "| " + " | ".join(cells) + " |"
+    totals = _totals_table(analysis)
     lines = [md(_HEADERS), md(["---"] * len(_HEADERS)), *(md(_cells(row)) for row in layer_rows(analysis))]
-    lines += ["", md(("total", "dense", "SD", "dense / SD")), md(["---"] * 4)]
-    lines += [md(cells) for cells in _summary_lines(analysis)]
+    lines += ["", md(totals[0]), md(["---"] * len(totals[0])), *map(md, totals[1:])]
     return "\n".join(lines)
 
 

@@ -33,6 +33,9 @@ COST_DEFAULTS = dict(
     buffer_kib=108.0, pe_count=168, dataflow="weight_stationary", skip_zeros=True,
     inference_batch=1, training_batch=128, dataset_size=50000,
 )
+# The dense low-precision baseline: weights, activations and gradients at this width, integer arithmetic
+# (the class of baseline the paper's training claims are measured against).
+INT8_BITS = 8
 
 
 def model_input(name: str, num_classes: int | None = None, image_size: int | None = None, channels: int = 3,
@@ -79,17 +82,20 @@ def decomposed(model_name: str, params_path: str | None, config: Any, **model_kw
 
 
 def analysis_of(network: layers.Network, model_name: str, options: Mapping[str, Any]) -> analysis_lib.Analysis:
-    """Dense (options.dense_bits, float) against SD (8-bit int by default) on one table."""
+    """Dense (options.dense_bits, float at 32) and dense 8-bit (int) against SD (8-bit int by default),
+    all on one table and one accelerator."""
     table = tables.get(options["table"])
     common = dict(buffer_kib=options["buffer_kib"], pe_count=options["pe_count"], dataflow=options["dataflow"],
                   skip_zeros=options["skip_zeros"], basis_bits=options["basis_bits"])
     dense_hw = hardware.hardware(table, weight_bits=options["dense_bits"], activation_bits=options["dense_bits"],
                                  **common)
+    int8_hw = hardware.hardware(table, weight_bits=INT8_BITS, activation_bits=INT8_BITS, gradient_bits=INT8_BITS,
+                                **common)
     sd_hw = hardware.hardware(table, weight_bits=options["sd_weight_bits"],
                               activation_bits=options["sd_activation_bits"], **common)
     steps = math.ceil(options["dataset_size"] / options["training_batch"])
     return analysis_lib.analyze(network, model_name, unit=table.unit, dense_hardware=dense_hw, sd_hardware=sd_hw,
-                                inference_batch=options["inference_batch"],
+                                int8_hardware=int8_hw, inference_batch=options["inference_batch"],
                                 training_batch=options["training_batch"], steps_per_epoch=steps)
 
 
@@ -97,11 +103,13 @@ def run_analyze(
     config: Any, model_name: str, params_path: str | None = None, *, output_format: str = "text",
     plots_dir: str | None = None, **model_kwargs: Any,
 ) -> str:
-    """Analyze `model_name` dense and SD; returns the report in `output_format` (text, markdown, json, csv).
+    """Analyze `model_name` dense (float32 and 8-bit) and SD; returns the report in `output_format`
+    (text, markdown, json, csv).
 
     With `params_path` holding SD variables (a trained SD run) and no `cost` section in `config`, the
     SD side is counted at the run's own numerics: `sd.activation_bits` (e.g. 8) or, without it,
-    `dense_bits` for weights and activations, so only the SD storage and traffic differ from dense."""
+    `dense_bits` for weights and activations, so only the SD weight storage, traffic and rebuild differ
+    from the dense view at those numerics (dense float32, or the dense 8-bit baseline for an 8-bit run)."""
     if output_format not in analysis_lib.FORMATS:
         raise ValueError(f"output format {output_format!r} is not one of {sorted(analysis_lib.FORMATS)}")
     options = cost_options(config)

@@ -1,0 +1,54 @@
+"""Tests for sd_jax/cost/analysis.py: the views, their totals and ratios, the report formats."""
+import json
+
+import numpy as np
+import pytest
+
+from sd_jax.cost import analysis, commands, hardware
+
+
+@pytest.fixture(scope="module")
+def result(network):
+    return commands.analysis_of(network, "resnet20", commands.COST_DEFAULTS)
+
+
+def test_dense_8_bit_baseline_costs_less_than_float32(network, result):
+    s = analysis.summary(result)
+    for total in ("inference_energy", "storage_bits", "training_energy", "training_storage_bits"):
+        assert s[f"dense_int8_{total}"] < s[f"dense_{total}"]
+    for ratio in analysis.RATIOS:
+        assert 0 < s[f"{ratio}_ratio_vs_int8"] < s[f"{ratio}_ratio"]
+    kernels = sum(layer.weights for layer in network.layers)
+    assert s["dense_int8_storage_bits"] == 8 * kernels + analysis.OTHER_PARAM_BITS * network.other_params
+
+
+def test_sd_at_8_bits_against_dense_8_bit_differs_only_in_weight_traffic_and_rebuild(network, result):
+    hw = hardware.hardware(weight_bits=8, activation_bits=8)  # the SD side's and the baseline's numerics
+    sd, int8 = result.sd, result.dense_int8
+    for part in ("mac", "register"):
+        np.testing.assert_allclose(sd["inference"][part], int8["inference"][part], rtol=1e-6)
+    saved_bits = int8["storage"]["weights"] - sd["storage"]["weights"]  # every layer's weights fit the buffer
+    for part, per_bit in (("dram", hw.dram_per_bit), ("buffer", hw.buffer_per_bit)):
+        np.testing.assert_allclose(int8["inference"][part] - sd["inference"][part], saved_bits * float(per_bit),
+                                   rtol=1e-4, atol=1e-3 * float(per_bit))
+    rebuild = [layer.sd.nonzeros * layer.sd.k * float(hw.add) for layer in network.layers]
+    np.testing.assert_allclose(sd["inference"]["rebuild"], rebuild, rtol=1e-6)
+    assert not np.any(int8["inference"]["rebuild"])
+    np.testing.assert_allclose(sd["storage"]["activations"], int8["storage"]["activations"], rtol=1e-6)
+
+
+def test_without_the_baseline_the_summary_has_no_int8_figures(network):
+    plain = analysis.analyze(network, "resnet20", unit="pJ", dense_hardware=hardware.hardware(),
+                             sd_hardware=hardware.hardware(weight_bits=8, activation_bits=8))
+    assert not any("int8" in key for key in analysis.summary(plain))
+    assert "dense 8-bit" not in analysis.format_text(plain)
+
+
+def test_reports_show_both_baselines(result):
+    summary = json.loads(analysis.to_json(result))["summary"]
+    assert {"inference_energy_ratio", "training_energy_ratio", "inference_energy_ratio_vs_int8",
+            "training_energy_ratio_vs_int8"} <= set(summary)
+    text, markdown = analysis.format_text(result), analysis.format_markdown(result)
+    ratio = f"{summary['inference_energy_ratio_vs_int8']:.2f}x"
+    assert "dense 8-bit / SD" in text and ratio in text
+    assert "| total | dense | dense 8-bit | SD | dense / SD | dense 8-bit / SD |" in markdown
