@@ -1,13 +1,17 @@
 """Results tables: collect the `summary.json` files runs write and render them beside the paper.
 
     python -m experiments.tables --runs=runs [--output=RESULTS.md] [--plot=results.png]
+    python -m experiments.tables --runs=runs --json   # one JSON object: {"rows": [...]}
 
-Every `summary.json` below `--runs` counts: trainer runs (accuracy, compression_ratio, density,
-seconds, dataset, model, setting) and quickstart runs (dense_accuracy, sd_accuracy, ...). A file that
-is not valid JSON or lacks the figures is reported and skipped; the stage summaries inside a
-quickstart run are left to the quickstart's own row. A run's `energy.json` (the analyzer's JSON
-report of its final weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratios
-and, for SD runs, gives the compression and density columns (the same count as the trainer's summary).
+Every `summary.json` below `--runs` counts: trainer runs (accuracy, best_accuracy, compression_ratio,
+density, seconds, dataset, model, setting, recipe) and quickstart runs (dense_accuracy, sd_accuracy,
+...). A file that is not valid JSON or lacks the figures is reported and skipped; the stage summaries
+inside a quickstart run are left to the quickstart's own row. A run's setting is the one its summary
+records, or, for runs that recorded only the data split ("plain"), the setting named in the config
+argument of its `command.txt`. A run's `energy.json` (the analyzer's JSON report of its final
+weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratios against dense
+float32 and against dense 8-bit and, for SD runs, gives the compression and density columns (the
+same count as the trainer's summary). Each row holds ROW_KEYS, None where the run does not say.
 The markdown starts with `NOTES.md` of the `--runs` folder when there is one, has one row per run,
 the commands recorded in each run's `command.txt`, and the paper's headline claims beneath; the plot
 shows accuracy against compression. No figure is typed by hand.
@@ -20,6 +24,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags
@@ -35,6 +40,11 @@ PAPER_CLAIMS = (
 
 ENERGY_FILE = "energy.json"
 PREAMBLE_FILE = "NOTES.md"
+ENERGY_RATIOS = ("inference_energy_ratio", "training_energy_ratio", "inference_energy_ratio_vs_int8",
+                 "training_energy_ratio_vs_int8")
+# What `--json` gives of each row, in this order; the markdown also shows dense_accuracy, machine, command.
+ROW_KEYS = ("dataset", "model", "setting", "recipe", "epochs", "accuracy", "best_accuracy", "compression_ratio",
+            "density", *ENERGY_RATIOS, "seconds", "run")
 
 
 def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -55,12 +65,13 @@ def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
         if row is None:
             skipped.append(f"{path}: has neither accuracy nor sd_accuracy; skipped")
             continue
-        row["energy"], message = _energy(row["run"])
+        energy, message = _energy(row["run"])
         skipped.extend([message] if message else [])
-        if row["energy"] and row["energy"].get("sd_density") is not None:
+        row.update({key: (energy or {}).get(key) for key in ENERGY_RATIOS})
+        if energy and energy.get("sd_density") is not None:
             # the analyzer's count of the final weights: runs whose trainer predates its storage fix
             # (latent C counted unquantized, padding in the dense side) wrote other figures
-            row.update(compression=row["energy"]["storage_ratio"], density=row["energy"]["sd_density"])
+            row.update(compression_ratio=energy["storage_ratio"], density=energy["sd_density"])
         rows.append(row)
     return rows, skipped
 
@@ -74,23 +85,30 @@ def _text(path: str) -> str:
 
 
 def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """A row without its energy ratios (see `collect`), or None for a summary without accuracy."""
     run = os.path.dirname(path)
     command = _text(os.path.join(run, "command.txt")).strip()
-    if "sd_accuracy" in summary:  # a quickstart: dense and SD in one summary
-        return dict(run=run, dataset="fashion_mnist", model="resnet20 (quickstart)", setting="dense -> SD",
-                    dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"],
-                    compression=summary["compression_ratio"], density=summary["density"],
-                    seconds=summary["seconds"]["total"], epochs=None, machine="", command=command)
+    if "sd_accuracy" in summary:  # a quickstart: a dense model trained, decomposed and fine-tuned in SD form
+        return dict(run=run, dataset="fashion_mnist", model="resnet20", setting="inference_only", recipe=None,
+                    epochs=None, dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"],
+                    best_accuracy=None, compression_ratio=summary["compression_ratio"], density=summary["density"],
+                    seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
         return None
-    setting = _config_setting(command) or ("SD " if summary.get("sd") else "dense ") + summary.get("setting", "")
-    machine = f"{summary.get('backend', '?')} x{summary.get('devices', '?')}" + (
-        f", {summary['cpus']} CPU cores" if "cpus" in summary else "")
-    return dict(run=run, dataset=summary.get("dataset", "?"), model=summary.get("model", "?"),
-                setting=setting,
-                dense_accuracy=None, accuracy=summary["accuracy"], compression=summary.get("compression_ratio", 1.0),
-                density=summary.get("density", 1.0), seconds=summary.get("seconds", 0.0),
-                epochs=summary.get("epochs"), machine=machine, command=command)
+    machine = f"{summary['backend']} x{summary.get('devices', '?')}" if "backend" in summary else ""
+    machine += f", {summary['cpus']} CPU cores" if machine and "cpus" in summary else ""
+    return dict(run=run, dataset=summary.get("dataset"), model=summary.get("model"),
+                setting=_setting(summary, command), recipe=summary.get("recipe"), epochs=summary.get("epochs"),
+                dense_accuracy=None, accuracy=summary["accuracy"], best_accuracy=summary.get("best_accuracy"),
+                compression_ratio=summary.get("compression_ratio"), density=summary.get("density"),
+                seconds=summary.get("seconds"), machine=machine, command=command)
+
+
+def _setting(summary: dict[str, Any], command: str) -> str | None:
+    """The experiment setting the run recorded, else the one its command names (runs that recorded only
+    the data split, "plain"), else None."""
+    recorded = summary.get("setting")
+    return recorded if isinstance(recorded, str) and recorded != "plain" else _config_setting(command)
 
 
 def _config_setting(command: str) -> str | None:
@@ -113,41 +131,66 @@ def _energy(run: str) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path}: not an analyzer JSON report ({type(error).__name__}: {error}); energy left out"
 
 
+_percent, _times = (lambda value: f"{100 * value:.2f}"), (lambda value: f"{value:.2f}x")
+_COLUMNS = (  # header, row key, text of a known value
+    ("dataset", "dataset", str), ("model", "model", str), ("setting", "setting", str), ("recipe", "recipe", str),
+    ("dense acc.", "dense_accuracy", _percent), ("acc.", "accuracy", _percent), ("best acc.", "best_accuracy", _percent),
+    ("compression vs 32-bit", "compression_ratio", _times), ("density of C", "density", lambda value: f"{value:.3f}"),
+    ("inference energy: dense fp32 / SD", "inference_energy_ratio", _times),
+    ("inference energy: dense 8-bit / SD", "inference_energy_ratio_vs_int8", _times),
+    ("training energy: dense fp32 / SD", "training_energy_ratio", _times),
+    ("training energy: dense 8-bit / SD", "training_energy_ratio_vs_int8", _times),
+    ("epochs", "epochs", str), ("wall s", "seconds", lambda value: f"{value:.0f}"), ("machine", "machine", str),
+)
+NOT_ANALYZED = "n/a"  # an energy.json written before the dense 8-bit baseline
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    def cell(key: str, text: Callable[[Any], str]) -> str:
+        if row[key] is not None:
+            return text(row[key])
+        vs_fp32 = key.removesuffix("_vs_int8")
+        return NOT_ANALYZED if key != vs_fp32 and row[vs_fp32] is not None else ""
+    return [cell(key, text) for _, key, text in _COLUMNS] + [f"`{os.path.basename(row['run'])}`"]
+
+
 def markdown(rows: list[dict[str, Any]], preamble: str = "") -> str:
     """Optional preamble, a paper-style table of our runs, the commands, then the paper's headline claims."""
+    headers = [header for header, _, _ in _COLUMNS] + ["run"]
     lines = ([preamble.rstrip(), ""] if preamble else []) + [
-        "| dataset | model | setting | dense acc. | acc. | compression vs 32-bit | density of C | "
-        "inference energy fp32/SD | training energy fp32/SD | epochs | wall s | machine | run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        dense = "" if r["dense_accuracy"] is None else f"{100 * r['dense_accuracy']:.2f}"
-        energy = r.get("energy") or {}
-        ratio = lambda key: f"{energy[key]:.2f}x" if key in energy else ""
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['setting']} | {dense} | {100 * r['accuracy']:.2f} | "
-                     f"{r['compression']:.2f}x | {r['density']:.3f} | {ratio('inference_energy_ratio')} | "
-                     f"{ratio('training_energy_ratio')} | {r['epochs'] or ''} | {r['seconds']:.0f} | {r['machine']} | "
-                     f"`{os.path.basename(r['run'])}` |")
+        "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    if any(NOT_ANALYZED in _cells(r) for r in rows):
+        lines += ["", f"{NOT_ANALYZED}: the run's `{ENERGY_FILE}` predates the dense 8-bit baseline; rerun the "
+                  "analyze command in its `command.txt` (it needs the run's checkpoints) to fill it."]
     commands = [f"`{os.path.basename(r['run'])}`:\n```\n{r['command']}\n```" for r in rows if r["command"]]
     return "\n".join(lines + ([""] + ["Commands:", ""] + commands if commands else [])
                      + ["", "The paper's headline claims, for comparison:"] + [f"- {c}" for c in PAPER_CLAIMS])
 
 
+def to_json(rows: list[dict[str, Any]]) -> str:
+    """The rows as one JSON object {"rows": [...]}, each row with exactly ROW_KEYS."""
+    return json.dumps(dict(rows=[{key: row[key] for key in ROW_KEYS} for row in rows]))
+
+
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Accuracy against compression, one point per run (matplotlib, Agg)."""
+    """Accuracy against compression, one point per run that has both (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["compression_ratio"] is not None]
     figure, axes = plt.subplots(figsize=(8, 5))
     for r in rows:
-        axes.scatter(r["compression"], 100 * r["accuracy"])
-        axes.annotate(f"{r['dataset']} {r['model']} {r['setting']}", (r["compression"], 100 * r["accuracy"]),
+        axes.scatter(r["compression_ratio"], 100 * r["accuracy"])
+        axes.annotate(f"{r['dataset']} {r['model']} {r['setting']}", (r["compression_ratio"], 100 * r["accuracy"]),
                       fontsize=6)
     axes.set_xlabel("weight storage compression against 32-bit (x)")
     axes.set_ylabel("test accuracy (%)")
     axes.set_xscale("log")
-    axes.set_xlim(right=max(r["compression"] for r in rows) * 4)  # room for the labels
+    if rows:
+        axes.set_xlim(right=max(r["compression_ratio"] for r in rows) * 4)  # room for the labels
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -156,7 +199,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 def _define_flags() -> None:
     """Flags exist only when this file runs as the program, so its functions import anywhere."""
     flags.DEFINE_string("runs", "runs", "Directory searched (recursively) for summary.json files.")
-    flags.DEFINE_string("output", None, "Write the markdown here (default: print it).")
+    flags.DEFINE_string("output", None, "Write the markdown (or the JSON) here (default: print it).")
+    flags.DEFINE_bool("json", False, "Give the rows as one JSON object instead of the markdown.")
     flags.DEFINE_string("plot", None, "Write the accuracy-against-compression plot (PNG) here.")
 
 
@@ -166,7 +210,7 @@ def main(argv: list[str]) -> None:
     rows, skipped = collect(options.runs)
     for message in skipped:
         print(message, file=sys.stderr)
-    text = markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)))
+    text = to_json(rows) if options.json else markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)))
     if options.output:
         checkpoint.atomic_write_text(options.output, text + "\n")
     else:

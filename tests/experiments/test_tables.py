@@ -1,50 +1,115 @@
+"""Tests for experiments/tables.py: rows from run folders, the markdown, the JSON rows, the plot."""
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from experiments import tables
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PAPER_COMMAND = "python -m launch.main --mode={mode} --config=experiments/configs/paper.py:cifar10_jpeg,resnet20,{setting}"
+OLD_ENERGY = dict(storage_ratio=5.5, sd_density=0.75, inference_energy_ratio=3.5, training_energy_ratio=1.25)
+NEW_ENERGY = dict(OLD_ENERGY, inference_energy_ratio_vs_int8=0.9, training_energy_ratio_vs_int8=1.05)
 
-def test_tables_render_runs_and_skip_broken_json(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "summary.json").write_text(json.dumps(dict(
-        accuracy=0.9, compression_ratio=9.5, density=0.45, seconds=120.0, epochs=4, dataset="cifar10_jpeg",
-        model="resnet20", sd=True, setting="plain")))
-    (tmp_path / "a" / "command.txt").write_text(
-        "python -m launch.main --mode=finetune --config=experiments/configs/paper.py:cifar10,resnet20,inference_only")
-    (tmp_path / "a" / "energy.json").write_text(json.dumps(dict(summary=dict(
-        inference_energy_ratio=3.5, training_energy_ratio=1.25), layers=[])))
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "summary.json").write_text(json.dumps(dict(
-        accuracy=0.8, dataset="cifar10_jpeg", model="resnet20", sd=False, setting="plain", backend="cpu",
-        devices=1, cpus=2)))
-    (tmp_path / "b" / "energy.json").write_text("[1, 2")
-    (tmp_path / "q").mkdir()
-    (tmp_path / "q" / "summary.json").write_text(json.dumps(dict(
-        dense_accuracy=0.91, sd_accuracy=0.905, compression_ratio=9.7, density=0.46, seconds={"total": 560.0})))
+
+def _run(root, name, summary, command=None, energy=None):
+    """A run folder with a hand-made summary.json, and command.txt / energy.json when given."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    if command is not None:
+        (folder / "command.txt").write_text(command)
+    if energy is not None:
+        (folder / "energy.json").write_text(energy if isinstance(energy, str) else json.dumps(dict(summary=energy)))
+
+
+def _summary(**fields):
+    return dict(dict(accuracy=0.8, compression_ratio=3.0, density=1.0, seconds=120.0, epochs=4,
+                     dataset="cifar10_jpeg", model="resnet20", sd=True, setting="plain"), **fields)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    _run(tmp_path, "old_sd", _summary(), PAPER_COMMAND.format(mode="train", setting="sd_8bit"), OLD_ENERGY)
+    _run(tmp_path, "new_sd", _summary(setting="sd_bucket_switch", recipe="reference", best_accuracy=0.83),
+         energy=NEW_ENERGY)
+    _run(tmp_path, "dense", _summary(sd=False, compression_ratio=1.0, backend="cpu", devices=1, cpus=2),
+         PAPER_COMMAND.format(mode="train", setting="dense"))
+    _run(tmp_path, "unknown", dict(accuracy=0.7))
+    return tmp_path
+
+
+def _rows(root):
+    return {os.path.basename(row["run"]): row for row in json.loads(tables.to_json(tables.collect(str(root))[0]))["rows"]}
+
+
+def test_json_rows_hold_exactly_the_schema_keys(runs):
+    rows = _rows(runs)
+    assert set(rows) == {"old_sd", "new_sd", "dense", "unknown"}
+    for row in rows.values():
+        assert list(row) == list(tables.ROW_KEYS)
+    assert rows["unknown"] == dict({key: None for key in tables.ROW_KEYS}, accuracy=0.7, run=str(runs / "unknown"))
+
+
+def test_a_run_with_and_without_energy_json(runs):
+    rows = _rows(runs)
+    assert {key: rows["new_sd"][key] for key in tables.ENERGY_RATIOS} == {
+        key: NEW_ENERGY[key] for key in tables.ENERGY_RATIOS}
+    assert (rows["new_sd"]["compression_ratio"], rows["new_sd"]["density"]) == (5.5, 0.75)  # the analyzer's count
+    assert rows["old_sd"]["inference_energy_ratio"] == 3.5 and rows["old_sd"]["inference_energy_ratio_vs_int8"] is None
+    assert all(rows["dense"][key] is None for key in tables.ENERGY_RATIOS)
+    assert (rows["dense"]["compression_ratio"], rows["dense"]["density"]) == (1.0, 1.0)
+
+
+def test_setting_recipe_and_best_accuracy(runs):
+    rows = _rows(runs)
+    assert rows["new_sd"]["setting"] == "sd_bucket_switch"  # any setting the run records
+    assert (rows["new_sd"]["recipe"], rows["new_sd"]["best_accuracy"]) == ("reference", 0.83)
+    assert rows["old_sd"]["setting"] == "sd_8bit"  # recorded "plain": the command's config argument
+    assert (rows["old_sd"]["recipe"], rows["old_sd"]["best_accuracy"]) == (None, None)
+    assert rows["dense"]["setting"] == "dense"
+
+
+def test_markdown_shows_both_baselines_and_marks_a_missing_one(runs):
+    text = tables.markdown(tables.collect(str(runs))[0], "# Results\nnotes")
+    assert text.startswith("# Results\nnotes")
+    assert ("| cifar10_jpeg | resnet20 | sd_bucket_switch | reference |  | 80.00 | 83.00 | 5.50x | 0.750 | "
+            "3.50x | 0.90x | 1.25x | 1.05x | 4 | 120 |  | `new_sd` |") in text
+    assert "| sd_8bit |  |  | 80.00 |  | 5.50x | 0.750 | 3.50x | n/a | 1.25x | n/a | 4 |" in text
+    assert "| dense |  |  | 80.00 |  | 1.00x | 1.000 |  |  |  |  | 4 | 120 | cpu x1, 2 CPU cores | `dense` |" in text
+    assert "n/a: the run's `energy.json` predates the dense 8-bit baseline" in text
+    assert "--mode=train" in text and "10.56x" in text
+
+
+def test_quickstart_runs_and_broken_files(tmp_path):
+    _run(tmp_path, "q", dict(dense_accuracy=0.91, sd_accuracy=0.905, compression_ratio=9.7, density=0.46,
+                             seconds={"total": 560.0}))
     (tmp_path / "q" / "sd").mkdir()
     (tmp_path / "q" / "sd" / "summary.json").write_text(json.dumps(dict(accuracy=0.905)))  # a stage: not a row
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "summary.json").write_text("{not json")
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "summary.json").write_text(json.dumps({"loss": 1.0}))
+    _run(tmp_path, "broken", "{not json")
+    _run(tmp_path, "other", {"loss": 1.0})
+    _run(tmp_path, "bad_energy", _summary(), energy="[1, 2")
     rows, skipped = tables.collect(str(tmp_path))
-    assert len(rows) == 3 and len(skipped) == 3
+    assert len(rows) == 2 and len(skipped) == 3
     assert any("not readable JSON" in message for message in skipped)
     assert any("energy left out" in message for message in skipped)
-    text = tables.markdown(rows, "# Results\nnotes")
-    assert text.startswith("# Results\nnotes")
-    assert "| cifar10_jpeg | resnet20 | inference_only |  | 90.00 | 9.50x | 0.450 | 3.50x | 1.25x | 4 | 120 |" in text
-    assert "| dense plain |  | 80.00 | 1.00x | 1.000 |  |  |  | 0 | cpu x1, 2 CPU cores |" in text
-    assert "90.50" in text and "91.00" in text and "10.56x" in text and "--mode=finetune" in text
+    quickstart = next(row for row in rows if row["run"].endswith("q"))
+    assert (quickstart["setting"], quickstart["accuracy"], quickstart["seconds"]) == ("inference_only", 0.905, 560.0)
+    assert "| 91.00 | 90.50 |" in tables.markdown(rows)
     tables.plot(rows, str(tmp_path / "plot.png"))
     assert os.path.getsize(tmp_path / "plot.png") > 1000
 
 
-def test_the_analyzer_count_of_an_sd_run_gives_its_compression_and_density(tmp_path):
-    (tmp_path / "sd").mkdir()
-    (tmp_path / "sd" / "summary.json").write_text(json.dumps(dict(
-        accuracy=0.8, compression_ratio=3.0, density=1.0, dataset="cifar10_jpeg", model="resnet20", sd=True)))
-    (tmp_path / "sd" / "energy.json").write_text(json.dumps(dict(summary=dict(
-        storage_ratio=5.5, sd_density=0.75, inference_energy_ratio=2.0, training_energy_ratio=1.5))))
-    rows, _ = tables.collect(str(tmp_path))
-    assert (rows[0]["compression"], rows[0]["density"]) == (5.5, 0.75)
+def test_command_line_prints_one_json_object(runs, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.tables", f"--runs={runs}", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert len(rows) == 4 and all(list(row) == list(tables.ROW_KEYS) for row in rows)
+    markdown, png = tmp_path / "RESULTS.md", tmp_path / "results.png"
+    result = subprocess.run([sys.executable, "-m", "experiments.tables", f"--runs={runs}", f"--output={markdown}",
+                             f"--plot={png}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| dataset |" in markdown.read_text() and png.stat().st_size > 1000
