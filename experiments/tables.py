@@ -184,8 +184,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     for r in rows:
         axes.scatter(r["compression_ratio"], 100 * r["accuracy"])
-        axes.annotate(f"{r['dataset']} {r['model']} {r['setting']}", (r["compression_ratio"], 100 * r["accuracy"]),
-                      fontsize=6)
+        axes.annotate(f"{r['dataset']} {r['model']} {r['setting']} ({os.path.basename(r['run'])})",
+                      (r["compression_ratio"], 100 * r["accuracy"]), fontsize=6)
     axes.set_xlabel("weight storage compression against 32-bit (x)")
     axes.set_ylabel("test accuracy (%)")
     axes.set_xscale("log")
