@@ -93,6 +93,15 @@ def min_coeff(threshold: float) -> float:
     return math.ldexp(1.0, exponent if mantissa > 0.75 else exponent - 1)
 
 
+def ceil_pow2(threshold: float) -> float:
+    """Smallest power of two >= `threshold`: the reference bucket switch's smallest magnitude
+    (4e-3 -> 2^-7), one step above `min_coeff` unless the threshold is a power of two."""
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold={threshold!r} must be a finite number > 0")
+    mantissa, exponent = math.frexp(threshold)
+    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+
+
 def exponents(x: Array) -> Array:
     """Integer exponent e of each non-zero power-of-two entry ±2^e (garbage where x == 0)."""
     _, exponent = jnp.frexp(x)

@@ -24,12 +24,14 @@ Coefficient modes:
 - 'pow2': C already holds 0 or ±2^e (kept so by the bucket-switch update); it is used as is, and its
   gradient is that of W with respect to C.
 
-From-scratch initialisation: C is drawn N(0, 1) (stored as is in 'latent' mode, quantized in 'pow2'
-mode), the mask is the non-zero pattern of q(C) on the real (unpadded) rows, and each block's basis
-is a random orthogonal matrix times one scale per layer, chosen so the rebuilt kernel has the
-variance of the LeCun (1 / fan_in, the nn.Conv / nn.Dense default) or He (2 / fan_in) initialiser.
-An orthogonal basis keeps every row of a block at the norm of its row of C, so the variance holds
-per layer rather than only on average over seeds.
+From-scratch initialisation: C is drawn at the weight's scale, N(0, variance / fan_in) for the LeCun
+(1, the nn.Conv / nn.Dense default) or He (2) initialiser (stored as is in 'latent' mode, quantized in
+'pow2' mode), the mask is the non-zero pattern of q(C) on the real (unpadded) rows, and each block's
+basis is a random orthogonal matrix times one scale per layer near 1, chosen so the rebuilt kernel
+has the initialiser's variance. An orthogonal basis keeps every row of a block at the norm of its row
+of C, so the variance holds per layer rather than only on average over seeds. `init_scheme='reference'`
+draws as the authors do (C Kaiming fan_out over the (n, m, k) tensor, B ~ N(0, 1/k)). Either way the
+scale lives in C, so C and B train at comparable speed (`init_sd_blocks` says why that matters).
 
 Low precision (DESIGN.md 1.4, the paper's energy experiments; both off by default):
 - `activation_bits=N`: the layer input is quantized (`fixed_point.quantize_activation`, straight-through
@@ -86,6 +88,7 @@ MAX_BITS = 24  # the fixed-point quantizers' limit
 MODES = ("latent", "pow2")
 # Kernel variance times fan_in of the initialisers an SD layer can match.
 INIT_VARIANCE_SCALE = {"lecun": 1.0, "he": 2.0}
+INIT_SCHEMES = (*INIT_VARIANCE_SCALE, "reference")
 
 
 def init_sd_blocks(
@@ -93,27 +96,41 @@ def init_sd_blocks(
     spec: blocking.BlockSpec,
     *,
     fan_in: int,
-    variance_scale: float,
+    init_scheme: str,
     mode: str,
     threshold: float,
     max_coeff: float,
 ) -> tuple[Array, Array, Array]:
     """From-scratch (coeff (n, m, k), basis (n, k, k), mask (n, m, k) bool) for one kernel.
 
-    The rebuilt kernel has mean 0 and variance variance_scale / fan_in over its real entries.
+    The weight's scale lives in C and B is of order one, as in the reference, so that SGD moves the
+    rebuilt kernel through C as fast as through B: dW = dC·B with dC = -lr·dL/dW·B^T changes W by
+    about lr·|B|^2·dL/dW. With C of order one and B at the weight's scale s instead, that step shrinks
+    by s^2 (about 1e-2) and the network learns almost only through the k x k bases.
+
+    'lecun' / 'he': C ~ N(0, variance_scale / fan_in) quantized, B a random orthogonal matrix per block
+    times one scale per layer near 1 that gives the rebuilt kernel exactly that variance over its real
+    entries. 'reference': the authors' draw, C ~ N(0, 2 / fan_out) with fan_out = n·k as PyTorch's
+    kaiming_normal_(mode='fan_out') counts it for the (n, m, k) tensor, and B ~ N(0, 1/k).
     """
     coeff_key, basis_key = jax.random.split(key)
     n, m, k = spec.block_shape
-    latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32)
     real = jnp.tile(blocking.real_rows(spec), (spec.num_outputs, 1))[:, :, None]  # (n, m, 1)
+    if init_scheme == "reference":
+        latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32) * math.sqrt(2.0 / (n * k))
+        basis = jax.random.normal(basis_key, (n, k, k), jnp.float32) / math.sqrt(k)
+    else:
+        variance = INIT_VARIANCE_SCALE[init_scheme] / fan_in
+        latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32) * math.sqrt(variance)
+        basis = jax.random.orthogonal(basis_key, k, shape=(n,), dtype=jnp.float32)
     quantized = pow2.quantize_pow2(latent, threshold, max_coeff)
     mask = real & (quantized != 0)
     quantized = jnp.where(mask, quantized, 0.0)
-    # A row of W is a row of q(C) times s·Q with Q orthogonal: its squared norm is s^2 times the
-    # row's, so mean(W^2) over the real entries is s^2 · mean(q(C)^2) over the same entries.
-    second_moment = jnp.sum(quantized**2) / (jnp.sum(real) * k)
-    scale = jnp.sqrt(variance_scale / fan_in / jnp.maximum(second_moment, 1e-30))
-    basis = scale * jax.random.orthogonal(basis_key, k, shape=(n,), dtype=jnp.float32)
+    if init_scheme != "reference":
+        # A row of W is a row of q(C) times r·Q with Q orthogonal: its squared norm is r^2 times the
+        # row's, so mean(W^2) over the real entries is r^2 · mean(q(C)^2) over the same entries.
+        second_moment = jnp.sum(quantized**2) / (jnp.sum(real) * k)
+        basis = basis * jnp.sqrt(variance / jnp.maximum(second_moment, 1e-30))
     coeff = quantized if mode == "pow2" else jnp.where(mask, latent, 0.0)
     return coeff, basis, mask
 
@@ -154,9 +171,8 @@ class SDOptions:
         """Return self, or raise ValueError naming `layer`, the option and the fix."""
         if self.mode not in MODES:
             raise ValueError(f"layer '{layer}': mode {self.mode!r} is not one of {MODES}")
-        if self.init_scheme not in INIT_VARIANCE_SCALE:
-            raise ValueError(
-                f"layer '{layer}': init_scheme {self.init_scheme!r} is not one of {tuple(INIT_VARIANCE_SCALE)}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"layer '{layer}': init_scheme {self.init_scheme!r} is not one of {INIT_SCHEMES}")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise ValueError(f"layer '{layer}': threshold={self.threshold!r} must be a finite number >= 0")
         if not (isinstance(self.max_coeff, (int, float)) and pow2.is_power_of_two(float(self.max_coeff))):
@@ -220,7 +236,7 @@ def _sd_kernel(module: nn.Module, layer: str, options: SDOptions, shape: tuple[i
         if not initial:
             coeff, basis, mask = init_sd_blocks(
                 module.make_rng("params"), spec, fan_in=fan_in,
-                variance_scale=INIT_VARIANCE_SCALE[options.init_scheme], mode=options.mode,
+                init_scheme=options.init_scheme, mode=options.mode,
                 threshold=float(options.threshold), max_coeff=float(options.max_coeff),
             )
             initial.update(coeff=coeff, basis=basis, mask=mask)
@@ -384,7 +400,7 @@ class SDConv(nn.Module):
     """2-D convolution (NHWC input, (kh, kw, cin / groups, features) kernel) with an SD kernel.
 
     Constructor keywords of nn.Conv, plus the SD options (`SDOptions`): `mode` ('latent' or 'pow2'),
-    `threshold` and `max_coeff` of the quantizer, `init_scheme` ('lecun' or 'he'), the blocking
+    `threshold` and `max_coeff` of the quantizer, `init_scheme` ('lecun', 'he' or 'reference'), the blocking
     (`group_size`, `row_length`, `max_rows`), `kind` (default: 'depthwise' for one input channel
     per group and group count = features, else 'conv'), and the low-precision options
     `activation_bits` and `gradient_bits` (None: off; see the module docstring).

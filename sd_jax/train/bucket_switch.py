@@ -6,6 +6,8 @@ threshold, and adds sign(update) to an integer counter. When |counter| reaches `
 moves one exponent step: a non-zero entry doubles if the update pushes it away from zero and halves if
 toward zero (falling to 0 below the smallest magnitude `min_coeff`); a zero entry inside the mask is
 revived at ±min_coeff. Results are clipped to ±max_coeff and the counters that fired are reset.
+With `reset_every=N` every counter also restarts at 0 each N steps (the reference resets them at the
+start of every epoch, so votes never carry across epochs).
 
 The mask is the non-zero pattern of C when the state is initialised (C straight from `decompose` or
 from an SD layer's initialiser), unless one is passed. The updates it returns are new C - old C,
@@ -41,12 +43,16 @@ def bucket_switch(
     update_threshold: float = 0.0,
     threshold: float = 1e-3,
     max_coeff: float = 32.0,
+    smallest: float | None = None,
+    reset_every: int = 0,
     mask: Any = None,
 ) -> optax.GradientTransformation:
     """Bucket-switch updates for power-of-two coefficients.
 
     threshold: the decomposition's sparsity threshold; the smallest magnitude is
         `pow2.min_coeff(threshold)`, where revived entries start and below which halved ones vanish.
+    smallest: that magnitude given directly (the reference: `pow2.ceil_pow2(threshold)`).
+    reset_every: steps between resets of all counters (the steps of an epoch in the reference); 0: never.
     mask: a pytree of booleans shaped like the coefficients; default: their non-zero pattern at init.
     """
     if not isinstance(switch_bar, int) or switch_bar < 1:
@@ -57,7 +63,12 @@ def bucket_switch(
         raise ValueError(f"threshold={threshold!r} must be > 0: it sets where revived coefficients start")
     if momentum < 0 or weight_decay < 0 or update_threshold < 0:
         raise ValueError("momentum, weight_decay and update_threshold must be >= 0")
-    smallest = pow2.min_coeff(threshold)
+    if not isinstance(reset_every, int) or reset_every < 0:
+        raise ValueError(f"reset_every={reset_every!r} must be an integer >= 0 (0: never reset the counters)")
+    if smallest is None:
+        smallest = pow2.min_coeff(threshold)
+    elif not pow2.is_power_of_two(float(smallest)):
+        raise ValueError(f"smallest={smallest!r} is not a power of two; pass e.g. pow2.ceil_pow2(threshold)")
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def init_fn(params):
@@ -73,8 +84,10 @@ def bucket_switch(
         if params is None:
             raise ValueError("bucket_switch needs the current coefficients: call update(grads, state, params)")
         rate = schedule(state.count)
+        fresh = (state.count % reset_every == 0) if reset_every else False
 
         def per_leaf(grad, c, buffer, counter, allowed):
+            counter = jnp.where(fresh, 0, counter)
             buffer = momentum * buffer + grad + weight_decay * c
             step = -rate * buffer  # what SGD with momentum and weight decay would add to C
             vote = jnp.where(jnp.abs(step) > update_threshold, jnp.sign(step), 0.0).astype(jnp.int32)

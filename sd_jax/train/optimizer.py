@@ -35,15 +35,20 @@ def sd_optimizer(
     update_threshold: float = 0.0,
     threshold: float = 1e-3,
     max_coeff: float = 32.0,
+    smallest: float | None = None,
+    reset_every: int = 0,
 ) -> optax.GradientTransformation:
-    """`optax.multi_transform` over the collections of a trainable-variables dict."""
+    """`optax.multi_transform` over the collections of a trainable-variables dict.
+
+    `smallest` and `reset_every` go to `bucket_switch` (the revive magnitude and the counter reset)."""
     if coeff_update not in COEFF_UPDATES:
         raise ValueError(f"coeff_update={coeff_update!r}; pass one of {COEFF_UPDATES}")
     rules = {"sgd": sgd(learning_rate, momentum, weight_decay)}
     if coeff_update == "bucket_switch":
         rules["coeff"] = bucket_switch(
             learning_rate, momentum=momentum, weight_decay=weight_decay, switch_bar=switch_bar,
-            update_threshold=update_threshold, threshold=threshold, max_coeff=max_coeff,
+            update_threshold=update_threshold, threshold=threshold, max_coeff=max_coeff, smallest=smallest,
+            reset_every=reset_every,
         )
     else:
         rules["coeff"] = sgd(learning_rate, momentum, weight_decay)

@@ -70,3 +70,14 @@ def test_is_power_of_two():
 def test_exponents_of_powers():
     x = jnp.array([1.0, -0.25, 32.0, 2.0**-9])
     np.testing.assert_array_equal(pow2.exponents(x), [0, -2, 5, -9])
+
+
+@pytest.mark.parametrize("threshold, expected", [(4e-3, 2.0**-7), (1e-3, 2.0**-9), (0.25, 0.25), (0.3, 0.5)])
+def test_ceil_pow2_is_the_references_smallest_magnitude(threshold, expected):
+    # SmartDeal-Training/main.py: min_C = the first 2^i >= threshold.
+    assert pow2.ceil_pow2(threshold) == expected
+
+
+def test_ceil_pow2_refuses_a_threshold_that_is_not_positive():
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        pow2.ceil_pow2(0.0)

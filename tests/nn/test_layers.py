@@ -90,13 +90,13 @@ def test_variables_live_in_the_sd_collections_with_block_shapes():
 
 
 def test_pow2_mode_stores_powers_of_two_inside_the_mask_and_zeros_outside():
-    layer = SDConv(features=8, kernel_size=(3, 3), mode="pow2", threshold=0.5)
+    layer = SDConv(features=8, kernel_size=(3, 3), mode="pow2", threshold=0.5 / 6)  # C's std: 1 / sqrt(36)
     variables = _init(layer, jnp.zeros((1, 8, 8, 4)))
     coeff = np.asarray(variables["sd_coeff"]["coeff"])
     mask = np.asarray(variables["sd_mask"]["mask"])
     assert _is_zero_or_signed_power_of_two(coeff).all()
     assert (coeff[mask] != 0).all() and (coeff[~mask] == 0).all()
-    assert 0.4 < mask.mean() < 0.8  # N(0, 1) latents: P(|z| >= 0.5) = 0.62
+    assert 0.4 < mask.mean() < 0.8  # P(|z| >= 0.5) = 0.62 for z ~ N(0, 1)
 
 
 def test_latent_mode_quantizes_the_float_coefficients_in_the_forward_pass():
@@ -243,3 +243,26 @@ def test_variables_of_another_blocking_raise_value_error():
     variables = _init(SDConv(features=4, kernel_size=(3, 3), group_size=4), x)
     with pytest.raises(ValueError, match="same group_size, row_length and max_rows"):
         SDConv(features=4, kernel_size=(3, 3)).apply(variables, x)
+
+
+def test_the_weight_scale_lives_in_c_so_c_and_b_train_at_comparable_speed():
+    # With C of order one and B at the weight's scale s, an SGD step on C moves W by about s^2 times
+    # the step a dense layer takes (1e-2 here): SD from scratch then learns almost only through B.
+    layer = SDConv(features=64, kernel_size=(3, 3), mode="latent", threshold=4e-3)
+    variables = _init(layer, jnp.zeros((1, 4, 4, 64)))
+    basis = np.asarray(variables["sd_basis"]["basis"])
+    coeff = np.asarray(variables["sd_coeff"]["coeff"])
+    row_norms = np.linalg.norm(basis, axis=-1)
+    assert np.allclose(row_norms, row_norms.mean(), rtol=1e-5) and 0.8 < row_norms.mean() < 1.25
+    assert np.std(coeff) == pytest.approx((1 / 576) ** 0.5, rel=0.1)
+
+
+def test_reference_init_draws_as_the_authors():
+    # C ~ kaiming_normal_(mode='fan_out') of the (n, m, k) tensor: variance 2 / (n k); B ~ N(0, 1/k).
+    layer = SDConv(features=64, kernel_size=(3, 3), mode="latent", threshold=0.0, init_scheme="reference")
+    variables = _init(layer, jnp.zeros((1, 4, 4, 64)))
+    coeff = np.asarray(variables["sd_coeff"]["coeff"])
+    basis = np.asarray(variables["sd_basis"]["basis"])
+    n, _, k = coeff.shape
+    assert np.var(coeff) == pytest.approx(2 / (n * k), rel=0.05)
+    assert np.var(basis) == pytest.approx(1 / k, rel=0.1)

@@ -81,3 +81,33 @@ def test_update_without_params_raises():
     params = {"c": jnp.ones(3)}
     with pytest.raises(ValueError, match="params"):
         optimizer.update(params, optimizer.init(params))
+
+
+def test_counters_restart_every_reset_every_steps():
+    # The reference resets every counter at the start of each epoch: votes 1, 1 | 1 with switch_bar 3
+    # never fire when an epoch is 2 steps long, and fire on the third step without the reset.
+    params = {"c": jnp.array([0.5])}
+    grads = {"c": jnp.array([-1.0])}  # the update pushes the entry up, away from zero
+    for reset_every, expected in ((2, 0.5), (0, 1.0)):
+        optimizer = bucket_switch(1.0, momentum=0.0, weight_decay=0.0, switch_bar=3, threshold=4e-3,
+                                  reset_every=reset_every)
+        state, values = optimizer.init(params), params
+        for _ in range(3):
+            updates, state = optimizer.update(grads, state, values)
+            values = optax.apply_updates(values, updates)
+        assert float(values["c"][0]) == expected
+
+
+def test_revived_entries_start_at_the_given_smallest_magnitude():
+    params = {"c": jnp.array([0.0])}
+    mask = {"c": jnp.array([True])}
+    optimizer = bucket_switch(1.0, momentum=0.0, weight_decay=0.0, threshold=4e-3, mask=mask,
+                              smallest=pow2.ceil_pow2(4e-3))
+    updates, _ = optimizer.update({"c": jnp.array([-1.0])}, optimizer.init(params), params)
+    assert float(optax.apply_updates(params, updates)["c"][0]) == 2.0**-7
+
+
+@pytest.mark.parametrize("kwargs, message", [({"reset_every": -1}, "reset_every"), ({"smallest": 0.003}, "smallest")])
+def test_bad_reset_or_smallest_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bucket_switch(0.1, threshold=4e-3, **kwargs)
