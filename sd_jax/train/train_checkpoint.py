@@ -2,12 +2,15 @@
 
 A checkpoint holds everything needed to resume bit for bit: the `TrainState` (step, every variable
 collection, optimizer state with the bucket-switch counters and SWA average, PRNG key) as item
-"state", and the input pipeline's position as the JSON item "data". Saves run in the background;
-`wait` (or `close`) before the process exits.
+"state", the input pipeline's position as the JSON item "data", and the trainer's evaluation record
+(best accuracy so far and its step) as the JSON item "evaluation". A save's `metrics` are written
+with it, so the best checkpoint is still known, and kept, after a restart. Saves run in the
+background; `wait` (or `close`) before the process exits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -17,6 +20,19 @@ import orbax.checkpoint as ocp
 
 from sd_jax.train.checkpoint import CheckpointError
 from sd_jax.train.step import TrainState
+
+
+ITEMS = ("state", "data", "evaluation")
+
+
+class _WithoutMetricsIsFine(logging.Filter):
+    """Drops Orbax's warning for a save without metrics: only evaluated checkpoints carry them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_WithoutMetricsIsFine())
 
 
 def _to_saveable(state: TrainState) -> TrainState:
@@ -50,15 +66,23 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # Orbax writes a save's metrics to disk only with a best_fn; BestN reads them back on restart.
+            best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode,
         )
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def save(self, step: int, state: TrainState, *, data_state: dict[str, Any] | None = None,
-             metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-        """Start saving (asynchronously); True when a save was started."""
+             evaluation: dict[str, float] | None = None, metrics: dict[str, float] | None = None,
+             force: bool = False) -> bool:
+        """Start saving (asynchronously); True when a save was started.
+
+        `metrics` rank the checkpoint among the best (a checkpoint without them is kept only while it
+        is among the `keep_last` newest); `evaluation` is the trainer's record, read back by `evaluation`.
+        """
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_saveable(state)), data=ocp.args.JsonSave(data_state or {})
+            state=ocp.args.StandardSave(_to_saveable(state)), data=ocp.args.JsonSave(data_state or {}),
+            evaluation=ocp.args.JsonSave(evaluation or {}),
         )
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         return self._manager.save(step, args=args, metrics=metrics, force=force)
@@ -68,6 +92,17 @@ class TrainCheckpoints:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def metrics(self, step: int) -> dict[str, float] | None:
+        """The metrics saved with `step` (None for a checkpoint saved without them)."""
+        return self._manager.metrics(step)
+
+    def evaluation(self, step: int) -> dict[str, Any]:
+        """The evaluation record saved with `step` ({} when there is none, e.g. an older checkpoint)."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "evaluation")):
+            return {}
+        restored = self._manager.restore(step, args=ocp.args.Composite(evaluation=ocp.args.JsonRestore()))
+        return dict(restored["evaluation"] or {})
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]] | None:
         """The state and data position at `step` (default: latest), or None when there is none.

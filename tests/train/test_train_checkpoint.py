@@ -54,13 +54,20 @@ def test_resume_is_bitwise_identical(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(uninterrupted.key), jax.random.key_data(resumed.key))
 
 
-def test_keeps_the_last_and_the_best(tmp_path):
+def test_keeps_the_last_and_the_best_across_a_restart(tmp_path):
     checkpoints = TrainCheckpoints(str(tmp_path), every_steps=1, keep_last=2, keep_best=1)
     state = _state()
-    for step, accuracy in zip(range(1, 6), [0.2, 0.9, 0.3, 0.4, 0.5]):
+    for step, accuracy in zip(range(1, 4), [0.2, 0.9, 0.3]):
+        checkpoints.save(step, state, metrics={"accuracy": accuracy}, evaluation={"best_step": 2})
+    checkpoints.close()
+    checkpoints = TrainCheckpoints(str(tmp_path), every_steps=1, keep_last=2, keep_best=1)  # metrics read back
+    assert checkpoints.metrics(2) == {"accuracy": 0.9} and checkpoints.evaluation(3) == {"best_step": 2}
+    for step, accuracy in zip(range(4, 6), [0.4, 0.5]):
         checkpoints.save(step, state, metrics={"accuracy": accuracy})
+    checkpoints.save(6, state, force=True)  # not evaluated: kept only while among the newest
     checkpoints.wait()
-    assert checkpoints.all_steps() == [2, 4, 5]
+    assert checkpoints.all_steps() == [2, 5, 6]
+    assert checkpoints.metrics(6) is None and checkpoints.evaluation(6) == {}
     checkpoints.close()
 
 
