@@ -1,4 +1,4 @@
-"""Learning-rate schedules: the reference SmartDeal schedule and cosine (DESIGN.md 1.4)."""
+"""Learning-rate schedules: the reference SmartDeal schedule and cosine (DESIGN.md 1.4, 1.6)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,35 @@ import optax
 
 
 def reference_schedule(
-    base_lr: float, total_steps: int, *, final_fraction: float = 0.01, swa_lr: float | None = None
+    base_lr: float,
+    epochs: int,
+    *,
+    steps_per_epoch: int = 1,
+    swa_start: int | None = None,
+    swa_lr: float | None = None,
+    final_fraction: float = 0.01,
 ) -> optax.Schedule:
-    """Constant `base_lr` for the first half, linear decay to base_lr * final_fraction (or to
-    `swa_lr`) at 90 % of `total_steps`, then constant."""
-    if total_steps < 1 or base_lr <= 0:
-        raise ValueError(f"need total_steps >= 1 and base_lr > 0, got {total_steps} and {base_lr}")
-    end = swa_lr if swa_lr is not None else base_lr * final_fraction
-    start_decay, end_decay = 0.5 * total_steps, 0.9 * total_steps
+    """The authors' schedule (`schedule` in SmartDeal-Training/main.py), set once per epoch.
+
+    Epoch e (from 0) runs at base_lr * factor(t), t = e / swa_start with SWA (`swa_start` and
+    `swa_lr` given), else e / epochs: factor 1 for t <= 0.5, linear down to r at t = 0.9, then r,
+    with r = swa_lr / base_lr with SWA, else `final_fraction`. Step s (optax's count, from 0) belongs
+    to epoch s // steps_per_epoch, so the rate is constant within an epoch as in the reference;
+    steps_per_epoch=1 with `epochs` the number of steps gives the same curve step by step.
+    """
+    if epochs < 1 or steps_per_epoch < 1 or base_lr <= 0:
+        raise ValueError(f"need epochs >= 1, steps_per_epoch >= 1 and base_lr > 0, got {epochs}, "
+                         f"{steps_per_epoch} and {base_lr}")
+    if (swa_start is None) != (swa_lr is None) or (swa_start is not None and (swa_start < 1 or swa_lr <= 0)):
+        raise ValueError(f"swa_start={swa_start}, swa_lr={swa_lr}: pass both (swa_start >= 1, swa_lr > 0) "
+                         "for SWA, or neither")
+    span = epochs if swa_start is None else swa_start
+    ratio = final_fraction if swa_lr is None else swa_lr / base_lr
 
     def schedule(step):
-        progress = jnp.clip((step - start_decay) / (end_decay - start_decay), 0.0, 1.0)
-        return base_lr + (end - base_lr) * progress
+        t = (step // steps_per_epoch) / span
+        factor = jnp.where(t <= 0.5, 1.0, jnp.where(t <= 0.9, 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4, ratio))
+        return base_lr * factor
 
     return schedule
 

@@ -2,20 +2,35 @@
 
 `train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD with
 `model.sd`) from scratch or from `init.from_params` (a dense checkpoint is decomposed on the way in
-when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from the latest checkpoint in `workdir` when there is one. It writes
-TensorBoard events and `metrics.jsonl` in the workdir, prints a progress line, and returns a summary
-(also written to `summary.json`). A non-finite loss stops the run with a message; the last good
-checkpoint stays. `evaluate(config, workdir)` restores the latest checkpoint and evaluates it.
+when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from
+the latest checkpoint in `workdir` when there is one. It writes TensorBoard events and
+`metrics.jsonl` in the workdir, prints a progress line, and returns a summary (also written to
+`summary.json`). A non-finite loss stops the run with a message; the last good checkpoint stays.
+`evaluate(config, workdir)` restores the latest checkpoint and evaluates it.
+
+Evaluation: after every epoch (every `eval.every_steps` steps when set) and at the end, the model is
+evaluated on the eval split; `eval_loss`, `eval_accuracy` and `epoch` go to metrics.jsonl and
+TensorBoard, and a checkpoint carrying that accuracy is saved, so the best one is kept
+(`ckpt.keep_best`). The summary holds the final `accuracy` and `loss`, and `best_accuracy` with its
+`best_step`; a resumed run reads the best so far back from its checkpoint.
+
+SWA (`swa.start_epoch` > 0, DESIGN.md 1.6): after each epoch from the start epoch on, the average so
+far (one set of weights per epoch) is put in SD form, its batch-norm statistics are recomputed over an
+epoch of training batches (`swa.bn_batches`) and it is evaluated (`swa_eval_loss`,
+`swa_eval_accuracy`; summary `best_swa_accuracy`, `best_swa_step`). The last average is the result
+of the run: the final checkpoint and the summary's `accuracy`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax
@@ -27,6 +42,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from sd_jax import data, models
+from sd_jax.models.common import BN_MOMENTUM
 from sd_jax.nn import convert
 from sd_jax.nn import report as sd_report
 from sd_jax.nn.rules import SDRules
@@ -60,13 +76,26 @@ def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
     return SDRules(rules, **options)
 
 
-def _schedule(config: ml_collections.ConfigDict, total_steps: int):
+def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     if config.optim.schedule == "reference":
-        swa_lr = config.swa.lr if config.swa.start_fraction > 0 else None
-        return schedules.reference_schedule(config.optim.lr, total_steps, swa_lr=swa_lr)
+        swa_on = config.swa.start_epoch > 0
+        return schedules.reference_schedule(config.optim.lr, config.optim.epochs, steps_per_epoch=steps_per_epoch,
+                                            swa_start=config.swa.start_epoch if swa_on else None,
+                                            swa_lr=config.swa.lr if swa_on else None)
     if config.optim.schedule == "cosine":
-        return schedules.cosine_schedule(config.optim.lr, total_steps, warmup_steps=config.optim.warmup_steps)
+        return schedules.cosine_schedule(config.optim.lr, config.optim.epochs * steps_per_epoch,
+                                         warmup_steps=config.optim.warmup_steps)
     raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference' or 'cosine'")
+
+
+def _check_evaluation_options(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for an `eval` or `swa` option the trainer cannot follow."""
+    if config.eval.every_steps < 0:
+        raise ValueError(f"eval.every_steps={config.eval.every_steps}; pass a number of steps, or 0 for once an epoch")
+    if not 0 <= config.swa.start_epoch <= config.optim.epochs or config.swa.bn_batches < 0:
+        raise ValueError(f"swa.start_epoch={config.swa.start_epoch}, swa.bn_batches={config.swa.bn_batches}: pass "
+                         f"a start epoch from 1 to optim.epochs={config.optim.epochs} (0: no SWA) and bn_batches >= 0 "
+                         "(0: a whole epoch)")
 
 
 def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dict[str, Any]:
@@ -145,16 +174,18 @@ def _storage(model: Any, state: TrainState, sample: jax.Array) -> dict[str, floa
             "compression_ratio": (32 * totals["sd_params"] + other_bits) / (totals["sd_storage_bits"] + other_bits)}
 
 
-def _stop(step: int, loss: float, checkpoints: TrainCheckpoints) -> None:
-    """Raise TrainingError for a non-finite loss at `step`, first dropping the checkpoint of step - 1
-    (the state that loss came from), so that the latest checkpoint left is a good one."""
+def _stop(step: int, loss: float, checkpoints: TrainCheckpoints, *, evaluation: bool = False) -> None:
+    """Raise TrainingError for a non-finite loss at training step `step`, first dropping the checkpoint of
+    step - 1 (the state that loss came from), so that the latest checkpoint left is a good one; with
+    `evaluation`, for that of the evaluation after step `step` (whose state is not saved)."""
     checkpoints.wait()
-    if checkpoints.latest_step() == step - 1:
+    if not evaluation and checkpoints.latest_step() == step - 1:
         checkpoints.delete(step - 1)
     last = checkpoints.latest_step()
     where = (f"the last good checkpoint is in {checkpoints.directory} (step {last})" if last is not None
              else "no checkpoint was saved before it (lower ckpt.every_steps to keep one)")
-    raise TrainingError(f"loss is {loss} at step {step}; stopped; {where}; lower optim.lr and rerun")
+    what = f"eval loss is {loss} after step {step}" if evaluation else f"loss is {loss} at step {step}"
+    raise TrainingError(f"{what}; stopped; {where}; lower optim.lr and rerun")
 
 
 class _Writer:
@@ -179,6 +210,7 @@ class _Writer:
 
 def _build(config: ml_collections.ConfigDict, workdir: str):
     """Data, mesh, state (restored when the workdir has a checkpoint), checkpoints and step count."""
+    _check_evaluation_options(config)
     train_data, eval_data = _pipelines(config)
     mesh = sharding.data_mesh()
     sharding.check_batch(config.input.batch_size, mesh)
@@ -193,13 +225,14 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
                                    keep_last=config.ckpt.keep_last, keep_best=config.ckpt.keep_best)
     resuming = checkpoints.latest_step() is not None
     variables = _initial_variables(config, model, sample, key, from_checkpoint=not resuming)
-    tx = sd_optimizer(_schedule(config, total_steps), momentum=config.optim.momentum,
+    tx = sd_optimizer(_schedule(config, train_data.steps_per_epoch), momentum=config.optim.momentum,
                       weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold,
                       max_coeff=config.sd.max_coeff)
-    if config.swa.start_fraction > 0:
-        tx = optax.chain(tx, swa.swa(int(config.swa.start_fraction * total_steps)))
+    if config.swa.start_epoch > 0:
+        tx = optax.chain(tx, swa.swa(config.swa.start_epoch * train_data.steps_per_epoch,
+                                     every=train_data.steps_per_epoch))
     state = create_train_state(model.apply, variables, tx, jax.random.fold_in(key, 1))
     if resuming:
         state, data_state = checkpoints.restore(state)
@@ -208,10 +241,20 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
     return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step, model, sample
 
 
-def _swa_result(config: ml_collections.ConfigDict, state: TrainState, train_data: data.Pipeline, mesh) -> TrainState:
-    """The SWA average in SD form (coefficients projected back to powers of two inside the mask)
-    with batch-norm statistics recomputed over `swa.bn_batches` training batches (DESIGN.md 1.4)."""
-    trainable = dict(state.opt_state[1].average)
+def _training_epoch(train_data: data.Pipeline, epoch: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first `batches` batches (0: all) of training epoch `epoch`, read by a second cursor over the
+    training data, so that the training order does not move."""
+    cursor = copy.copy(train_data)  # shares the decoded images
+    cursor.set_state(dict(train_data.get_state(), epoch=epoch, step=0))
+    for _ in range(batches or train_data.steps_per_epoch):
+        yield next(cursor)
+
+
+def _swa_model(config: ml_collections.ConfigDict, state: TrainState, bn_forward: Callable[..., Any],
+               images: Iterable[jax.Array]) -> TrainState:
+    """`state` with the SWA average in SD form (coefficients projected back to powers of two inside the
+    mask) and, for batch norm, statistics recomputed over `images` by `bn_forward` (DESIGN.md 1.6)."""
+    trainable = dict(swa.find_state(state.opt_state).average)
     if "sd_coeff" in trainable:
         masks = state.frozen["sd_mask"]
         trainable["sd_coeff"] = {
@@ -221,13 +264,17 @@ def _swa_result(config: ml_collections.ConfigDict, state: TrainState, train_data
         }
     state = state.replace(trainable=trainable)
     if "batch_stats" in state.frozen:
-        key = jax.random.fold_in(state.key, -1)
-        forward = jax.jit(lambda variables, images: state.apply_fn(
-            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
-        batches = (_global_batch(next(train_data), mesh)["image"] for _ in range(config.swa.bn_batches))
-        stats = swa.recompute_batch_stats(forward, state.variables, batches)
+        stats = swa.recompute_batch_stats(bn_forward, state.variables, images, momentum=BN_MOMENTUM)
         state = state.replace(frozen={**state.frozen, "batch_stats": stats})
     return state
+
+
+def _keep_best(record: dict[str, Any], model: str, step: int, accuracy: float) -> dict[str, Any]:
+    """`record` with best_{model}accuracy and best_{model}step updated by an evaluation at `step`
+    (`model` "" for the trained model, "swa_" for the SWA average); the first of equal ones stays."""
+    if accuracy > record.get(f"best_{model}accuracy", -math.inf):
+        return dict(record, **{f"best_{model}accuracy": accuracy, f"best_{model}step": step})
+    return record
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -249,7 +296,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
      sample) = _build(config, workdir)
     writer = _Writer(workdir)
     first_step, tick = int(state.step), time.perf_counter()
-    every = config.ckpt.every_steps
+    every, steps_per_epoch = config.ckpt.every_steps, train_data.steps_per_epoch
+    eval_every = config.eval.every_steps or steps_per_epoch
+    swa_first = config.swa.start_epoch * steps_per_epoch
+    # Read before the steps donate `state`; the train steps fold in their step number, not 2^32 - 1.
+    apply_fn, bn_key = state.apply_fn, jax.random.fold_in(state.key, 2**32 - 1)
+    bn_forward = jax.jit(lambda variables, images: apply_fn(
+        variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": bn_key}))
+    record = checkpoints.evaluation(first_step) if first_step else {}
+    result = None
     try:
         for step in range(first_step + 1, total_steps + 1):
             state, metrics = train_step(state, _global_batch(next(train_data), mesh))
@@ -265,21 +320,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write(step, dict(metrics, steps_per_second=rate))
                 print(f"\rstep {step}/{total_steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}  "
                       f"accuracy {metrics['accuracy']:.3f}", end="", file=sys.stderr, flush=True)
-            if step % every == 0 and step != total_steps:
-                checkpoints.save(step, state, data_state=train_data.get_state())
-        print(file=sys.stderr)
-        if config.swa.start_fraction > 0:
-            state = _swa_result(config, state, train_data, mesh)
-        result = _evaluate(eval_step, state, eval_data, mesh)
-        if not math.isfinite(result["loss"]):
-            _stop(total_steps + 1, result["loss"], checkpoints)
-        checkpoints.save(total_steps, state, data_state=train_data.get_state(),
-                         metrics={"accuracy": result["accuracy"]}, force=True)
-        writer.write(total_steps, {f"eval_{k}": v for k, v in result.items()})
+            final = step == total_steps
+            swa_now = 0 < swa_first <= step and step % steps_per_epoch == 0  # an average was just taken
+            if step % eval_every and not final and not swa_now:
+                if step % every == 0:
+                    checkpoints.save(step, state, data_state=train_data.get_state(), evaluation=record)
+                continue
+            result = _evaluate(eval_step, state, eval_data, mesh)
+            if not math.isfinite(result["loss"]):
+                _stop(step, result["loss"], checkpoints, evaluation=True)
+            record = _keep_best(record, "", step, result["accuracy"])
+            evaluation = {"epoch": step / steps_per_epoch, "eval_loss": result["loss"],
+                          "eval_accuracy": result["accuracy"]}
+            if swa_now:
+                images = (_global_batch(batch, mesh)["image"] for batch in
+                          _training_epoch(train_data, step // steps_per_epoch - 1, config.swa.bn_batches))
+                swa_state = _swa_model(config, state, bn_forward, images)
+                swa_result = _evaluate(eval_step, swa_state, eval_data, mesh)
+                record = _keep_best(record, "swa_", step, swa_result["accuracy"])
+                evaluation.update(swa_eval_loss=swa_result["loss"], swa_eval_accuracy=swa_result["accuracy"])
+                if final:  # the SWA average is the result of the run
+                    state, result = swa_state, swa_result
+            writer.write(step, evaluation)
+            swa_text = f", SWA {evaluation['swa_eval_accuracy']:.4f}" if swa_now else ""
+            print(f"\nepoch {step / steps_per_epoch:g}: eval accuracy {evaluation['eval_accuracy']:.4f} "
+                  f"(best {record['best_accuracy']:.4f}){swa_text}", file=sys.stderr)
+            checkpoints.save(step, state, data_state=train_data.get_state(), evaluation=record,
+                             metrics={"accuracy": result["accuracy"]}, force=True)
+        if result is None:  # finished before: report the final model of the checkpoint
+            result = _evaluate(eval_step, state, eval_data, mesh)
     finally:
         checkpoints.close()
         writer.close()
-    summary = dict(accuracy=result["accuracy"], loss=result["loss"], steps=total_steps,
+    best = {key: record[key] for key in ("best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step")
+            if key in record}
+    summary = dict(accuracy=result["accuracy"], loss=result["loss"], **best, steps=total_steps,
                    seconds=time.perf_counter() - start, **_storage(model, state, sample),
                    dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                    setting=config.input.setting, part=config.input.part, epochs=config.optim.epochs,

@@ -56,11 +56,13 @@ def test_nan_loss_stops_names_step_and_checkpoint_and_the_checkpoint_resumes(tmp
     original, calls = trainer._global_batch, []
 
     # The loss of step 5 is NaN. The trainer cannot tell bad data from a bad state, so it also drops the
-    # checkpoint of step 4 (the state that loss was computed from) and names step 2.
+    # checkpoint of step 4 (the state that loss was computed from; saved by the evaluation after epoch 1)
+    # and names step 2.
     def nan_images_from_step_5(batch, mesh):
-        calls.append(1)
-        if len(calls) >= 5:
-            batch = dict(batch, image=np.full(np.shape(batch["image"]), np.nan, np.float32))
+        if "mask" not in batch:  # a training batch (evaluation batches carry a mask)
+            calls.append(1)
+            if len(calls) >= 5:
+                batch = dict(batch, image=np.full(np.shape(batch["image"]), np.nan, np.float32))
         return original(batch, mesh)
 
     monkeypatch.setattr(trainer, "_global_batch", nan_images_from_step_5)
@@ -72,7 +74,7 @@ def test_nan_loss_stops_names_step_and_checkpoint_and_the_checkpoint_resumes(tmp
     assert _steps(workdir) == [2]
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
     logged = _logged(workdir)
-    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4, 4] and "eval_accuracy" in logged[-1]
     assert all(math.isfinite(value) for entry in logged for value in entry.values())
     assert _all_finite(load_variables(checkpoints))
 
@@ -81,6 +83,20 @@ def test_nan_loss_stops_names_step_and_checkpoint_and_the_checkpoint_resumes(tmp
     assert resumed["loss"] == clean["loss"] and resumed["accuracy"] == clean["accuracy"]
     jax.tree.map(np.testing.assert_array_equal, load_variables(str(tmp_path / "clean" / "checkpoints")),
                  load_variables(checkpoints))
+
+
+def test_nonfinite_evaluation_stops_before_saving_that_state(tmp_path, monkeypatch):
+    original = trainer._global_batch
+
+    def nan_evaluation_images(batch, mesh):
+        if "mask" in batch:
+            batch = dict(batch, image=np.full(np.shape(batch["image"]), np.nan, np.float32))
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "_global_batch", nan_evaluation_images)
+    with pytest.raises(trainer.TrainingError, match=r"eval loss is nan after step 4.*\(step 2\)"):
+        trainer.train_and_evaluate(_config(), str(tmp_path))  # evaluation after step 4
+    assert _steps(str(tmp_path)) == [2]
 
 
 @pytest.fixture(scope="module")

@@ -102,22 +102,35 @@ def test_adaptation_resets_the_classifier(tmp_path):
 
 
 @pytest.mark.slow
-def test_swa_ends_in_sd_form_with_recomputed_batch_norm(tmp_path):
+def test_swa_with_batch_norm_resumes_bitwise(tmp_path, monkeypatch):
     import jax
-    import numpy as np
 
     from sd_jax.train.checkpoint import load_variables
 
-    dense_dir = str(tmp_path / "dense")
-    trainer.train_and_evaluate(_config(model__name="lenet5"), dense_dir)
-    config = _config(model__name="lenet5", model__sd=True, init__from_params=os.path.join(dense_dir, "checkpoints"),
-                     swa__start_fraction=0.5, swa__bn_batches=2, optim__epochs=2)
-    summary = trainer.train_and_evaluate(config, str(tmp_path / "swa"))
-    assert 0 <= summary["accuracy"] <= 1
-    coeffs = load_variables(str(tmp_path / "swa" / "checkpoints"))["sd_coeff"]
-    for leaf in jax.tree.leaves(coeffs):
-        mantissa, _ = np.frexp(np.asarray(leaf, np.float64))
-        assert ((np.asarray(leaf) == 0) | (np.abs(mantissa) == 0.5)).all()
+    config = _config(model__name="resnet20", optim__epochs=3, swa__start_epoch=2, ckpt__every_steps=3,
+                     ckpt__keep_last=10)
+    config.model.options.depth = 8
+    full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+    original, calls = trainer._global_batch, []
+
+    def interrupt_in_the_last_epoch(batch, mesh):
+        # Up to step 8: 8 training, 2 x 2 eval, 4 batch-norm (an epoch) and 2 SWA eval batches; 20 = step 10.
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt("simulated preemption")
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "_global_batch", interrupt_in_the_last_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(trainer, "_global_batch", original)
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    for key in ("accuracy", "loss", "best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step"):
+        assert resumed[key] == full[key], key
+    final = load_variables(str(tmp_path / "full" / "checkpoints"))
+    jax.tree.map(np.testing.assert_array_equal, final, load_variables(str(tmp_path / "resumed" / "checkpoints")))
+    trained = load_variables(str(tmp_path / "full" / "checkpoints" / "8" / "state"))  # the trained model at epoch 2
+    assert not np.allclose(jax.tree.leaves(final["batch_stats"])[0], jax.tree.leaves(trained["frozen"]["batch_stats"])[0])
 
 
 def test_sd_from_scratch_with_8_bit_activations_and_gradients(tmp_path):
@@ -131,3 +144,100 @@ def test_latent_update_of_stored_power_of_two_coefficients_is_refused(tmp_path):
     config = tiny_config(model__sd=True, optim__coeff_update="latent", sd__mode="pow2")
     with pytest.raises(ValueError, match="sd.mode='latent'"):
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _scripted_evaluation(monkeypatch, accuracy_after_step):
+    """Evaluations that report `accuracy_after_step[step]` for the state after `step`."""
+    def evaluate(eval_step, state, pipeline, mesh):
+        return {"loss": 1.0, "accuracy": accuracy_after_step[int(state.step)]}
+
+    monkeypatch.setattr(trainer, "_evaluate", evaluate)
+
+
+def _evaluations(workdir):
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()]
+    return [line for line in lines if "eval_accuracy" in line]
+
+
+def test_evaluates_each_epoch_keeps_the_best_checkpoint_and_resumes_the_best(tmp_path, monkeypatch):
+    from sd_jax.train.train_checkpoint import TrainCheckpoints
+
+    _scripted_evaluation(monkeypatch, {4: 0.3, 8: 0.9, 12: 0.5, 16: 0.4})  # 4 steps an epoch
+    config = _config(optim__epochs=4, ckpt__every_steps=2, ckpt__keep_last=2)
+    full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+    assert (full["accuracy"], full["best_accuracy"], full["best_step"]) == (0.4, 0.9, 8)
+    assert [(e["step"], e["epoch"], e["eval_accuracy"]) for e in _evaluations(str(tmp_path / "full"))] == [
+        (4, 1, 0.3), (8, 2, 0.9), (12, 3, 0.5), (16, 4, 0.4)]
+    checkpoints = TrainCheckpoints(str(tmp_path / "full" / "checkpoints"), every_steps=2)
+    assert checkpoints.all_steps() == [8, 14, 16] and checkpoints.metrics(8) == {"accuracy": 0.9}
+    checkpoints.close()
+
+    original, calls = trainer._global_batch, []
+
+    def interrupt_at_step_15(batch, mesh):
+        calls.append(1)
+        if len(calls) == 15:
+            raise KeyboardInterrupt("simulated preemption")
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "_global_batch", interrupt_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(trainer, "_global_batch", original)
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))  # from step 14: best of step 8 is older
+    assert {k: resumed[k] for k in ("accuracy", "best_accuracy", "best_step")} == {
+        k: full[k] for k in ("accuracy", "best_accuracy", "best_step")}
+
+
+def test_evaluates_every_n_steps_when_asked(tmp_path, monkeypatch):
+    _scripted_evaluation(monkeypatch, {6: 0.5, 8: 0.25})
+    summary = trainer.train_and_evaluate(_config(optim__epochs=2, eval__every_steps=6), str(tmp_path))
+    assert [(e["step"], e["epoch"]) for e in _evaluations(str(tmp_path))] == [(6, 1.5), (8, 2.0)]  # and at the end
+    assert (summary["accuracy"], summary["best_accuracy"], summary["best_step"]) == (0.25, 0.5, 6)
+    assert "best_swa_accuracy" not in summary
+
+
+def test_swa_averages_each_epoch_from_the_start_epoch_and_evaluates_each_average(tmp_path):
+    import jax
+
+    from sd_jax.train import swa
+    from sd_jax.train.checkpoint import load_variables
+
+    config = _config(model__sd=True, optim__coeff_update="latent", sd__mode="latent", sd__threshold=4e-3,
+                     optim__epochs=3, swa__start_epoch=2, ckpt__keep_last=10)
+    summary = trainer.train_and_evaluate(config, str(tmp_path))
+    evaluations = _evaluations(str(tmp_path))
+    assert [e["step"] for e in evaluations] == [4, 8, 12] and "swa_eval_accuracy" not in evaluations[0]
+    swa_accuracies = [e["swa_eval_accuracy"] for e in evaluations[1:]]
+    assert summary["best_swa_accuracy"] == max(swa_accuracies) and summary["accuracy"] == swa_accuracies[-1]
+    assert summary["best_accuracy"] == max(e["eval_accuracy"] for e in evaluations)
+    assert summary["best_swa_step"] in (8, 12)
+    state = trainer._build(config, str(tmp_path))[3]  # the final checkpoint: the SWA model
+    average = swa.find_state(state.opt_state)
+    assert int(average.averaged) == 2  # after epochs 2 and 3
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.trainable["params"]),
+                 jax.device_get(average.average["params"]))
+    coeffs = load_variables(str(tmp_path / "checkpoints"))["sd_coeff"]
+    for leaf in jax.tree.leaves(coeffs):
+        mantissa, _ = np.frexp(np.asarray(leaf, np.float64))
+        assert ((np.asarray(leaf) == 0) | ((np.abs(mantissa) == 0.5) & (np.abs(leaf) >= 2**-8))).all()
+
+
+def test_bad_evaluation_and_swa_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="eval.every_steps"):
+        trainer.train_and_evaluate(_config(eval__every_steps=-1), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="swa.start_epoch=3"):
+        trainer.train_and_evaluate(_config(optim__epochs=2, swa__start_epoch=3), str(tmp_path / "b"))
+
+
+def test_batch_norm_batches_are_a_whole_training_epoch_read_aside():
+    from sd_jax import data
+
+    pipeline = data.input_pipeline("mnist", "train", batch_size=16, seed=0)  # 4 batches an epoch
+    epoch_0 = [next(pipeline) for _ in range(4)]
+    position = pipeline.get_state()
+    aside = list(trainer._training_epoch(pipeline, 0, 0))
+    assert len(aside) == 4 and pipeline.get_state() == position
+    for ours, theirs in zip(aside, epoch_0):
+        np.testing.assert_array_equal(ours["image"], theirs["image"])
+    assert len(list(trainer._training_epoch(pipeline, 0, 2))) == 2
