@@ -113,10 +113,10 @@ def _setting(summary: dict[str, Any], command: str) -> str | None:
 
 def _config_setting(command: str) -> str | None:
     """The experiment setting named in a recorded command's config argument, e.g. 'sd_8bit' in
-    `--config=experiments/configs/paper.py:cifar10_jpeg,resnet20,sd_8bit`."""
+    `--config=experiments/configs/paper.py:cifar10_jpeg,resnet20,sd_8bit[,tuned]`."""
     match = re.search(r"--config=\S+\.py:(\S+)", command)
-    last = match.group(1).split(",")[-1] if match else None
-    return last if last in SETTINGS else None
+    named = [part for part in match.group(1).split(",") if part in SETTINGS] if match else []
+    return named[-1] if named else None
 
 
 def _energy(run: str) -> tuple[dict[str, Any] | None, str | None]:

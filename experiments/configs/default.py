@@ -15,6 +15,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.log_every = 50
+    # The paper experiment this run is (experiments/configs/paper.py SETTINGS, e.g. "sd_scratch") and the
+    # recipe it follows ("reference" or "tuned"); written into summary.json for the tables.
+    config.setting = ""
+    config.recipe = ""
+    # Where a recipe cannot follow the authors, one sentence each (paper.py sets them).
+    config.departures = []
     # Prepared TFDS data ("" = TFDS's default folder); `--config.data_dir` and `--config.input.data_dir`
     # are one value (a FieldReference).
     config.data_dir = ""
@@ -32,13 +38,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sd = ml_collections.ConfigDict(dict(
         mode="pow2", threshold=1e-3, max_coeff=32.0, iterations=30, prune_fraction=0.0, row_threshold=0.0,
         rules=[],
+        # From-scratch draw of B and C: "lecun" / "he" (C at that scale, B orthogonal) or "reference".
+        init_scheme="lecun",
         # Low-precision SD training (DESIGN.md 1.4): e.g. 8-bit layer inputs and 8-bit gradients.
         activation_bits=ml_collections.config_dict.placeholder(int),
         gradient_bits=ml_collections.config_dict.placeholder(int),
+        # Training range of quantized inputs, "sample" or "batch" (the authors'), and the share of the
+        # old running range kept each step (authors: 0.1).
+        activation_range="sample", range_momentum=0.9,
     ))
     config.optim = ml_collections.ConfigDict(dict(
         epochs=200, lr=0.1, schedule="reference", warmup_steps=0, momentum=0.9, weight_decay=5e-4,
         coeff_update="bucket_switch", switch_bar=1, update_threshold=0.0,
+        # Bucket switch: restart every counter each epoch (the reference does), and where revived
+        # coefficients start: "nearest" (the magnitude the threshold rounds to, 4e-3 -> 2^-8) or "ceil"
+        # (the reference's smallest power of two >= threshold, 4e-3 -> 2^-7).
+        reset_counters_every_epoch=False, revive_at="nearest",
     ))
     # A checkpoint every every_steps steps and at each evaluation; the keep_last newest and the keep_best
     # best by eval accuracy stay.

@@ -35,10 +35,12 @@ scale lives in C, so C and B train at comparable speed (`init_sd_blocks` says wh
 
 Low precision (DESIGN.md 1.4, the paper's energy experiments; both off by default):
 - `activation_bits=N`: the layer input is quantized (`fixed_point.quantize_activation`, straight-through
-  gradient) to 2^N evenly spaced levels. In training the range is each sample's [min, max]; at
+  gradient) to 2^N evenly spaced levels. In training the range is each sample's [min, max]
+  (`activation_range='batch'`: the batch mean of those, as the authors' QuantMeasure); at
   evaluation it is a running range, the mean over the batch of the per-sample min and max averaged
-  with momentum `RANGE_MOMENTUM` (0.9, as batch norm; the first training step takes the batch's
-  range as is), kept in a non-trainable collection like batch_stats:
+  with momentum `range_momentum` (default `RANGE_MOMENTUM` 0.9 of the old value, as batch norm; the
+  authors keep 0.1; the first training step takes the batch's range as is), kept in a non-trainable
+  collection like batch_stats:
 
       sd_quant / <layer> / low, high   () float32, the running range
       sd_quant / <layer> / count       () int32, training steps seen (0: evaluation leaves x as is)
@@ -83,12 +85,15 @@ SD_COLLECTIONS = (SD_BASIS, SD_COEFF, SD_MASK)
 SD_QUANT = "sd_quant"
 QUANT_RNG = "quant"
 RANGE_MOMENTUM = 0.9
+ACTIVATION_RANGES = ("sample", "batch")
 MAX_BITS = 24  # the fixed-point quantizers' limit
 
 MODES = ("latent", "pow2")
 # Kernel variance times fan_in of the initialisers an SD layer can match.
 INIT_VARIANCE_SCALE = {"lecun": 1.0, "he": 2.0}
-INIT_SCHEMES = (*INIT_VARIANCE_SCALE, "reference")
+# 'unit_coeff': C ~ N(0, 1) with the LeCun scale in B, as sd_jax drew before 2026-11-30; kept for the
+# ablation that shows why it learns slowly (RESULTS.md).
+INIT_SCHEMES = (*INIT_VARIANCE_SCALE, "reference", "unit_coeff")
 
 
 def init_sd_blocks(
@@ -110,8 +115,9 @@ def init_sd_blocks(
 
     'lecun' / 'he': C ~ N(0, variance_scale / fan_in) quantized, B a random orthogonal matrix per block
     times one scale per layer near 1 that gives the rebuilt kernel exactly that variance over its real
-    entries. 'reference': the authors' draw, C ~ N(0, 2 / fan_out) with fan_out = n·k as PyTorch's
-    kaiming_normal_(mode='fan_out') counts it for the (n, m, k) tensor, and B ~ N(0, 1/k).
+    entries ('unit_coeff': C ~ N(0, 1), the LeCun kernel variance, the scale in B). 'reference': the
+    authors' draw, C ~ N(0, 2 / fan_out) with fan_out = n·k as PyTorch's kaiming_normal_(mode='fan_out')
+    counts it for the (n, m, k) tensor, and B ~ N(0, 1/k).
     """
     coeff_key, basis_key = jax.random.split(key)
     n, m, k = spec.block_shape
@@ -120,8 +126,9 @@ def init_sd_blocks(
         latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32) * math.sqrt(2.0 / (n * k))
         basis = jax.random.normal(basis_key, (n, k, k), jnp.float32) / math.sqrt(k)
     else:
-        variance = INIT_VARIANCE_SCALE[init_scheme] / fan_in
-        latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32) * math.sqrt(variance)
+        variance = INIT_VARIANCE_SCALE.get(init_scheme, 1.0) / fan_in
+        coeff_scale = 1.0 if init_scheme == "unit_coeff" else math.sqrt(variance)
+        latent = jax.random.normal(coeff_key, (n, m, k), jnp.float32) * coeff_scale
         basis = jax.random.orthogonal(basis_key, k, shape=(n,), dtype=jnp.float32)
     quantized = pow2.quantize_pow2(latent, threshold, max_coeff)
     mask = real & (quantized != 0)
@@ -166,6 +173,11 @@ class SDOptions:
     kind: str | None = None  # convs only; None: 'depthwise' for one input channel per group, else 'conv'
     activation_bits: int | None = None  # None: full-precision layer input
     gradient_bits: int | None = None  # None: full-precision cotangent
+    # Training range of the quantized input: "sample" (each sample's min and max) or "batch" (the
+    # batch means of those, the authors' QuantMeasure); the running range keeps range_momentum of
+    # its old value per step (authors: 0.1).
+    activation_range: str = "sample"
+    range_momentum: float = RANGE_MOMENTUM
 
     def check(self, layer: str) -> "SDOptions":
         """Return self, or raise ValueError naming `layer`, the option and the fix."""
@@ -177,6 +189,12 @@ class SDOptions:
             raise ValueError(f"layer '{layer}': threshold={self.threshold!r} must be a finite number >= 0")
         if not (isinstance(self.max_coeff, (int, float)) and pow2.is_power_of_two(float(self.max_coeff))):
             raise ValueError(f"layer '{layer}': max_coeff={self.max_coeff!r} is not a power of two; pass e.g. 32.0")
+        if self.activation_range not in ACTIVATION_RANGES:
+            raise ValueError(f"layer '{layer}': activation_range {self.activation_range!r} is not one of "
+                             f"{ACTIVATION_RANGES}")
+        if not (isinstance(self.range_momentum, (int, float)) and 0 <= self.range_momentum < 1):
+            raise ValueError(f"layer '{layer}': range_momentum={self.range_momentum!r} must be in [0, 1) "
+                             "(the share of the old running range kept each step)")
         for option in ("activation_bits", "gradient_bits"):
             bits = getattr(self, option)
             if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS):
@@ -302,9 +320,12 @@ def _quantize_input(module: nn.Module, x: Array, layer: str, options: SDOptions)
     sample_low, sample_high = jax.lax.stop_gradient(fixed_point.per_sample_range(x32))  # (batch, 1, ...)
     batch_low, batch_high = jnp.mean(sample_low), jnp.mean(sample_high)
     first = count.value == 0
-    low.value = jnp.where(first, batch_low, RANGE_MOMENTUM * low.value + (1 - RANGE_MOMENTUM) * batch_low)
-    high.value = jnp.where(first, batch_high, RANGE_MOMENTUM * high.value + (1 - RANGE_MOMENTUM) * batch_high)
+    keep = options.range_momentum
+    low.value = jnp.where(first, batch_low, keep * low.value + (1 - keep) * batch_low)
+    high.value = jnp.where(first, batch_high, keep * high.value + (1 - keep) * batch_high)
     count.value = count.value + 1
+    if options.activation_range == "batch":
+        return fixed_point.quantize_activation(x32, bits, batch_low, batch_high).astype(out_dtype)
     return fixed_point.quantize_activation(x32, bits, sample_low, sample_high).astype(out_dtype)
 
 
@@ -424,6 +445,8 @@ class SDConv(nn.Module):
     kind: str | None = _DEFAULT.kind
     activation_bits: int | None = _DEFAULT.activation_bits
     gradient_bits: int | None = _DEFAULT.gradient_bits
+    activation_range: str = _DEFAULT.activation_range
+    range_momentum: float = _DEFAULT.range_momentum
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -453,8 +476,53 @@ class SDDense(nn.Module):
     max_rows: int = _DEFAULT.max_rows
     activation_bits: int | None = _DEFAULT.activation_bits
     gradient_bits: int | None = _DEFAULT.gradient_bits
+    activation_range: str = _DEFAULT.activation_range
+    range_momentum: float = _DEFAULT.range_momentum
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         return sd_dense_forward(self, x, layer=self.name, options=_options_of(self), features=self.features,
                                 use_bias=self.use_bias, dtype=self.dtype)
+
+
+def _low_precision_call(module: nn.Module, dense_call: Callable[[Array], Array], inputs: Array) -> Array:
+    options = module.quantizer.check(module.name)
+    y = dense_call(_quantize_input(module, inputs, module.name, options))
+    return _quantize_output_gradient(module, y, module.name, options)
+
+
+class LowPrecisionConv(nn.Conv):
+    """nn.Conv with the SD layers' low-precision numerics and a dense kernel: the input at
+    `quantizer.activation_bits`, the cotangent at `quantizer.gradient_bits` (see the module
+    docstring; only the quantizer fields of the SDOptions count). The dense 8-bit baseline of the
+    paper's training claims is a network of these."""
+
+    quantizer: SDOptions = _DEFAULT
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        return _low_precision_call(self, super().__call__, inputs)
+
+
+class LowPrecisionDense(nn.Dense):
+    """nn.Dense with the numerics of `LowPrecisionConv`."""
+
+    quantizer: SDOptions = _DEFAULT
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        return _low_precision_call(self, super().__call__, inputs)
+
+
+QUANTIZER_OPTIONS = ("activation_bits", "gradient_bits", "activation_range", "range_momentum")
+
+
+def low_precision_factories(**quantizer: Any) -> dict[str, Callable[..., nn.Module]]:
+    """The zoo's `conv` / `dense` factories for a dense network with the SD layers' quantizers
+    (keywords: QUANTIZER_OPTIONS, e.g. activation_bits=8, gradient_bits=8)."""
+    unknown = sorted(set(quantizer) - set(QUANTIZER_OPTIONS))
+    if unknown:
+        raise ValueError(f"low-precision dense layers: unknown option(s) {unknown}; pass {QUANTIZER_OPTIONS}")
+    options = SDOptions(**quantizer).check("low-precision dense layers")
+    return {"conv": lambda **kwargs: LowPrecisionConv(**kwargs, quantizer=options),
+            "dense": lambda **kwargs: LowPrecisionDense(**kwargs, quantizer=options)}

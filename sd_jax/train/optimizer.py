@@ -3,8 +3,9 @@
 Trainable variables are a dict of collections: `params` (biases, batch-norm scales, dense layers)
 and `sd_basis` (B) take SGD with momentum and weight decay; `sd_coeff` (C) takes the bucket-switch
 update (`coeff_update="bucket_switch"`, C stays powers of two) or the same SGD on a latent float C
-that the SD layers re-quantize with a straight-through estimator (`coeff_update="latent"`).
-`sd_mask` is not trainable and must not be passed in.
+that the SD layers re-quantize with a straight-through estimator (`coeff_update="latent"`), or that
+SGD and then a snap to the quantized value (`coeff_update="quantize_each_step"`, the authors'
+`--quant-each-step`). `sd_mask` is not trainable and must not be passed in.
 """
 
 from __future__ import annotations
@@ -14,15 +15,35 @@ from typing import Any
 import jax
 import optax
 
+from sd_jax.core import pow2
 from sd_jax.train.bucket_switch import bucket_switch
 
 TRAINABLE = ("params", "sd_basis", "sd_coeff")
-COEFF_UPDATES = ("bucket_switch", "latent")
+COEFF_UPDATES = ("bucket_switch", "latent", "quantize_each_step")
 
 
 def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 5e-4) -> optax.GradientTransformation:
     """SGD with momentum and coupled weight decay, as the reference (PyTorch) applies it."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
+
+
+def quantize_each_step(inner: optax.GradientTransformation, *, threshold: float,
+                       max_coeff: float) -> optax.GradientTransformation:
+    """`inner`'s step on C, then C snapped to its quantized value q(C) (the authors'
+    `--quant-each-step`): the stored C is a power of two or 0 after every step, while the momentum
+    buffers of `inner` keep the float updates. q sparsifies below `pow2.min_coeff(threshold)`, as the
+    latent SD layers do; the layers re-quantize in the forward pass, so float rounding of new - old
+    is harmless."""
+    smallest = pow2.min_coeff(threshold)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("quantize_each_step needs the coefficients: call update(grads, state, params)")
+        updates, state = inner.update(updates, state, params)
+        snapped = jax.tree.map(lambda c, u: pow2.quantize_pow2(c + u, smallest, max_coeff) - c, params, updates)
+        return snapped, state
+
+    return optax.GradientTransformation(inner.init, update_fn)
 
 
 def sd_optimizer(
@@ -50,8 +71,11 @@ def sd_optimizer(
             update_threshold=update_threshold, threshold=threshold, max_coeff=max_coeff, smallest=smallest,
             reset_every=reset_every,
         )
-    else:
+    elif coeff_update == "latent":
         rules["coeff"] = sgd(learning_rate, momentum, weight_decay)
+    else:
+        rules["coeff"] = quantize_each_step(sgd(learning_rate, momentum, weight_decay), threshold=threshold,
+                                            max_coeff=max_coeff)
 
     def labels(variables: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(variables) - set(TRAINABLE))

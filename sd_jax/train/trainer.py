@@ -42,9 +42,11 @@ import optax
 from jax.experimental import multihost_utils
 
 from sd_jax import data, models
+from sd_jax.core import pow2
 from sd_jax.models.common import BN_MOMENTUM
 from sd_jax.nn import convert
 from sd_jax.nn import report as sd_report
+from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
 from sd_jax.nn.rules import SDRules
 from sd_jax.train import checkpoint, schedules, sharding, swa
 from sd_jax.train.optimizer import sd_optimizer
@@ -67,13 +69,38 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
 
 
 def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
-    if config.optim.coeff_update == "latent" and config.sd.mode == "pow2":
-        raise ValueError("optim.coeff_update='latent' trains C as a float, but sd.mode='pow2' uses C as stored, "
-                         "so the weights would leave the powers of two: set sd.mode='latent' (the layer then "
-                         "re-quantizes C every step) or optim.coeff_update='bucket_switch'")
+    if config.optim.coeff_update in ("latent", "quantize_each_step") and config.sd.mode == "pow2":
+        raise ValueError(f"optim.coeff_update={config.optim.coeff_update!r} trains C as a float, but sd.mode='pow2' "
+                         "uses C as stored, so the weights would leave the powers of two: set sd.mode='latent' "
+                         "(the layer then re-quantizes C every step) or optim.coeff_update='bucket_switch'")
     options = dict(config.sd.to_dict())
     rules = [tuple(rule) for rule in options.pop("rules")]
     return SDRules(rules, **options)
+
+
+def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+    """The model the config names: SD layers by its rules, or dense; a dense model with
+    `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
+    dense 8-bit baseline of the paper's training claims)."""
+    options = config.model.options.to_dict()
+    if config.model.sd:
+        return models.get(config.model.name, num_classes=num_classes, sd=_sd_rules(config), **options)
+    if config.sd.activation_bits is None and config.sd.gradient_bits is None:
+        return models.get(config.model.name, num_classes=num_classes, **options)
+    layers = low_precision_factories(**{key: config.sd[key] for key in QUANTIZER_OPTIONS if key in config.sd})
+    return models.get(config.model.name, num_classes=num_classes, **layers, **options)
+
+
+REVIVE_RULES = ("nearest", "ceil")
+
+
+def _revive_magnitude(config: ml_collections.ConfigDict) -> float | None:
+    """The bucket switch's smallest magnitude: None for `pow2.min_coeff(threshold)` (the value the
+    threshold rounds to), or the reference's smallest power of two >= threshold ('ceil')."""
+    rule = config.optim.revive_at
+    if rule not in REVIVE_RULES:
+        raise ValueError(f"optim.revive_at={rule!r}; pass one of {REVIVE_RULES}")
+    return pow2.ceil_pow2(config.sd.threshold) if rule == "ceil" and config.sd.threshold > 0 else None
 
 
 def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -217,8 +244,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
     total_steps = config.optim.epochs * train_data.steps_per_epoch
     if total_steps < 1:
         raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
-    model = models.get(config.model.name, num_classes=train_data.num_classes,
-                       sd=_sd_rules(config) if config.model.sd else False, **config.model.options.to_dict())
+    model = _model(config, train_data.num_classes)
     sample = jnp.zeros((1,) + next(iter(eval_data))["image"].shape[1:], jnp.float32)
     key = jax.random.key(config.seed)
     checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
@@ -228,8 +254,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
     tx = sd_optimizer(_schedule(config, train_data.steps_per_epoch), momentum=config.optim.momentum,
                       weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
-                      threshold=config.sd.threshold,
-                      max_coeff=config.sd.max_coeff)
+                      threshold=config.sd.threshold, max_coeff=config.sd.max_coeff,
+                      smallest=_revive_magnitude(config),
+                      reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0)
     if config.swa.start_epoch > 0:
         tx = optax.chain(tx, swa.swa(config.swa.start_epoch * train_data.steps_per_epoch,
                                      every=train_data.steps_per_epoch))
@@ -357,7 +384,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summary = dict(accuracy=result["accuracy"], loss=result["loss"], **best, steps=total_steps,
                    seconds=time.perf_counter() - start, **_storage(model, state, sample),
                    dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
-                   setting=config.input.setting, part=config.input.part, epochs=config.optim.epochs,
+                   setting=config.setting or config.input.setting, recipe=config.recipe or None,
+                   part=config.input.part, epochs=config.optim.epochs,
                    backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),
                    date=time.strftime("%Y-%m-%d"))
     checkpoint.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))

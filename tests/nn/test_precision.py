@@ -11,7 +11,7 @@ from experiments.configs import default
 from sd_jax import models
 from sd_jax.core import blocking, fixed_point
 from sd_jax.nn import SDConv, SDDense, SDRules
-from sd_jax.nn.layers import RANGE_MOMENTUM, SD_QUANT
+from sd_jax.nn.layers import RANGE_MOMENTUM, SD_QUANT, low_precision_factories, rebuild_kernel
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.step import create_train_state, eval_step, train_step
 
@@ -239,3 +239,55 @@ def test_bfloat16_train_step_keeps_float32_variables():
     assert np.isfinite(float(metrics["loss"]))
     floats = [leaf for leaf in jax.tree.leaves(state.variables) if jnp.issubdtype(leaf.dtype, jnp.floating)]
     assert floats and all(leaf.dtype == jnp.float32 for leaf in floats)
+
+
+def test_low_precision_dense_layers_quantize_like_sd_layers():
+    # The dense 8-bit baseline: same input quantizer and running range as an SD layer at 8 bits.
+    model = models.get("resnet20", num_classes=10, **low_precision_factories(activation_bits=8, gradient_bits=8))
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    assert "sd_coeff" not in variables and "kernel" in variables["params"]["stem/conv"]
+    assert set(variables["sd_quant"]) == {name for name, layer in variables["params"].items() if "kernel" in layer}
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats", "sd_quant"],
+                             rngs={"quant": jax.random.key(2), "dropout": jax.random.key(3)})
+    assert int(updated["sd_quant"]["stem/conv"]["count"]) == 1
+    exact = models.get("resnet20", num_classes=10).apply({k: v for k, v in variables.items() if k != "sd_quant"}, x,
+                                                         train=False)
+    quantized = model.apply(variables, x, train=False)  # count 0: evaluation leaves the input as is
+    np.testing.assert_allclose(quantized, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_factories_refuse_bad_bits():
+    with pytest.raises(ValueError, match="activation_bits=0"):
+        low_precision_factories(activation_bits=0, gradient_bits=8)
+    with pytest.raises(ValueError, match="unknown option"):
+        low_precision_factories(threshold=0.1)
+
+
+@pytest.mark.parametrize("activation_range", ["sample", "batch"])
+def test_activation_range_sample_or_batch_and_the_running_momentum(activation_range):
+    # "batch": one range per batch, the mean of the per-sample min and max (the authors' QuantMeasure);
+    # the running range keeps range_momentum of its old value.
+    layer = SDDense(features=4, activation_bits=2, activation_range=activation_range, range_momentum=0.1)
+    x1 = jax.random.normal(jax.random.key(0), (8, 16))
+    x2 = 3 * jax.random.normal(jax.random.key(1), (8, 16))
+    variables = layer.init(jax.random.key(2), x1)
+    for x in (x1, x2):
+        y, updated = layer.apply(variables, x, mutable=[SD_QUANT])
+        variables = {**variables, **updated}
+    low = 0.1 * x1.min(axis=1).mean() + 0.9 * x2.min(axis=1).mean()
+    np.testing.assert_allclose(variables[SD_QUANT]["low"], low, rtol=1e-5)
+    sample_low, sample_high = fixed_point.per_sample_range(x2)
+    if activation_range == "batch":
+        sample_low, sample_high = sample_low.mean(), sample_high.mean()
+    quantized = fixed_point.quantize_activation(x2, 2, sample_low, sample_high)
+    kernel = rebuild_kernel(variables["sd_coeff"]["coeff"], variables["sd_basis"]["basis"], variables["sd_mask"]["mask"],
+                            blocking.block_spec((16, 4), "dense"), mode="latent", threshold=1e-3, max_coeff=32.0)
+    np.testing.assert_allclose(y, quantized @ kernel + variables["params"]["bias"], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_activation_range_or_momentum_is_refused():
+    for kwargs, message in (({"activation_range": "layer"}, "activation_range 'layer'"),
+                            ({"range_momentum": 1.0}, "range_momentum=1.0")):
+        with pytest.raises(ValueError, match=message):
+            SDDense(features=4, activation_bits=8, **kwargs).init(jax.random.key(0), jnp.ones((2, 3)))

@@ -33,3 +33,19 @@ def test_mask_collection_is_refused():
         sd_optimizer(0.1).init(variables)
     with pytest.raises(ValueError, match="coeff_update"):
         sd_optimizer(0.1, coeff_update="adam")
+
+
+def test_quantize_each_step_snaps_c_to_powers_of_two_after_the_sgd_step():
+    variables = _variables()
+    optimizer = sd_optimizer(0.1, momentum=0.9, weight_decay=0.0, coeff_update="quantize_each_step", threshold=4e-3)
+    state = optimizer.init(variables)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, -1.3), variables)
+    updates, state = optimizer.update(grads, state, variables)
+    coeff = optax.apply_updates(variables, updates)["sd_coeff"]["coeff"][0]
+    # 0.5 + 0.13 -> 0.5; 0 + 0.13 -> 0.125; -1 + 0.13 -> -1: SGD first, then the nearest power of two.
+    np.testing.assert_array_equal(coeff, [0.5, 0.125, -1.0])
+    # The momentum keeps the float step, so repeated small steps still move C eventually.
+    for _ in range(3):
+        variables = optax.apply_updates(variables, updates)
+        updates, state = optimizer.update(grads, state, variables)
+    assert float(optax.apply_updates(variables, updates)["sd_coeff"]["coeff"][0, 0]) > 0.5
