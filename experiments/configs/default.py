@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data_dir = ""
     config.input = ml_collections.ConfigDict(dict(
         dataset="cifar10", data_dir=config.get_ref("data_dir"), batch_size=128, eval_batch_size=500,
-        setting="plain", part="source", split_seed=0,
+        # split_rule: how the adaptation/finetune parts are drawn: "sd_jax" (own seeded split, adaptation
+        # labels renumbered 0..n-1) or "reference" (the authors' np.random.seed split, labels kept).
+        setting="plain", part="source", split_seed=0, split_rule="sd_jax",
     ))
     config.model = ml_collections.ConfigDict(dict(
         name="resnet20", sd=False,

@@ -105,7 +105,7 @@ class Pipeline:
 
     @property
     def num_classes(self) -> int:
-        """Outputs a classifier for this pipeline needs (the part's classes in adaptation)."""
+        """Outputs a classifier for this pipeline needs (adaptation, sd_jax rule: the part's classes)."""
         return self.selection.num_classes
 
     @property
@@ -255,6 +255,7 @@ def input_pipeline(
     part: str = "source",
     split_seed: int = 0,
     source_classes: int | None = None,
+    split_rule: str = "sd_jax",
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -268,7 +269,8 @@ def input_pipeline(
     training (default: split is the training split): shuffle each epoch, augment, drop the
     remainder, repeat forever unless `num_epochs`; otherwise one pass in order, the last batch
     padded (see "mask"). `batch_size` is global; `process_index`/`process_count` default to JAX's.
-    setting/part/split_seed/source_classes: the paper's settings (`sd_jax.data.settings`).
+    setting/part/split_seed/source_classes/split_rule: the paper's settings and how their parts are
+    drawn ("sd_jax" or "reference", the authors' splits; `sd_jax.data.settings`).
     `image_size` applies to ImageNet-style crops only. `data_dir`: prepared data (default
     `SD_JAX_DATA_DIR`, else TFDS's default folder).
     """
@@ -297,7 +299,7 @@ def input_pipeline(
         )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs} must be at least 1 (or None to repeat forever)")
-    settings.check(setting, part)
+    settings.check(setting, part, split_rule)
     if num_threads < 0:
         raise ValueError(f"num_threads={num_threads} must be 0 (decode inline) or more")
     if image_size is None:
@@ -324,6 +326,7 @@ def input_pipeline(
         source_classes=spec.source_classes if source_classes is None else source_classes,
         is_train_split=is_train_split,
         labels=None if memory is None else memory[1],
+        split_rule=split_rule,
     )
     if training and len(selection.indices) < batch_size:
         raise ValueError(
@@ -334,6 +337,8 @@ def input_pipeline(
         raise ValueError(f"no examples selected from {name!r} {split!r} (setting {setting!r}, part {part!r})")
     identity = [name, split, batch_size, seed, training, setting, part, split_seed, source_classes,
                 image_size, len(source), zlib.crc32(selection.indices.astype(np.int64).tobytes())]
+    if split_rule != "sd_jax":  # appended only then, so that states saved before split_rule still resume
+        identity.append(split_rule)
     fingerprint = zlib.crc32(json.dumps(identity).encode())
     return Pipeline(
         spec=spec, source=source, selection=selection, batch_size=batch_size, seed=seed,

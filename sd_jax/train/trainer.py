@@ -60,7 +60,7 @@ class TrainingError(RuntimeError):
 
 def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.Pipeline]:
     common = dict(setting=config.input.setting, part=config.input.part, split_seed=config.input.split_seed,
-                  data_dir=config.input.data_dir or None)
+                  split_rule=config.input.split_rule, data_dir=config.input.data_dir or None)
     train = data.input_pipeline(config.input.dataset, "train", batch_size=config.input.batch_size,
                                 seed=config.seed, **common)
     evaluation = data.input_pipeline(config.input.dataset, "eval", batch_size=config.input.eval_batch_size,

@@ -163,6 +163,35 @@ def test_finetune_halves_are_disjoint_and_complete(mock):
     assert test.num_examples == 200
 
 
+def test_reference_adaptation_keeps_the_authors_classes_and_labels(mock):
+    def labels_of(part, split):
+        pipeline = data.input_pipeline("cifar10", split, batch_size=1, seed=0, training=False, setting="adaptation",
+                                       part=part, split_rule="reference", **SINGLE)
+        return pipeline, np.concatenate([b["label"][b["mask"]] for b in pipeline])
+
+    for part, classes in (("source", [2, 8, 4, 9, 1]), ("target", [6, 7, 3, 0, 5])):
+        for split in ("train", "test"):
+            pipeline, labels = labels_of(part, split)
+            assert pipeline.num_classes == 10 and pipeline.selection.classes.tolist() == classes
+            assert set(labels) == set(classes)  # original labels, test split filtered the same way
+
+
+def test_reference_cifar100_adaptation_is_90_10_with_100_outputs(mock):
+    target = data.input_pipeline("cifar100", "train", batch_size=8, seed=0, setting="adaptation", part="target",
+                                 split_rule="reference", **SINGLE)
+    assert target.num_classes == 100
+    assert set(next(target)["label"]) <= set(np.random.RandomState(0).permutation(100)[90:])
+
+
+def test_reference_finetune_halves_and_state_are_their_own(mock):
+    reference = data.input_pipeline("cifar10", "train", batch_size=10, seed=0, setting="finetune",
+                                    split_rule="reference", **SINGLE)
+    np.testing.assert_array_equal(reference.selection.indices, np.sort(np.random.RandomState(0).permutation(200)[:100]))
+    ours = data.input_pipeline("cifar10", "train", batch_size=10, seed=0, setting="finetune", **SINGLE)
+    with pytest.raises(ValueError, match="saved by a pipeline with other arguments"):
+        ours.set_state(reference.get_state())
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(name="svhn"), ValueError, "unknown dataset 'svhn'"),
     (dict(split="validation"), ValueError, "has splits 'train' and 'test'"),
@@ -173,6 +202,7 @@ def test_finetune_halves_are_disjoint_and_complete(mock):
     (dict(image_size=64), ValueError, "drop image_size=64"),
     (dict(name="imagenet2012", setting="adaptation"), ValueError, "meant for CIFAR-sized data"),
     (dict(num_epochs=0), ValueError, "num_epochs=0"),
+    (dict(split_rule="authors"), ValueError, "unknown split_rule 'authors'; pick one of sd_jax, reference"),
 ])
 def test_bad_arguments(mock, kwargs, error, message):
     arguments = dict(name="cifar10", split="train", batch_size=32, seed=0, **SINGLE)

@@ -57,6 +57,7 @@ def test_finetune_keeps_eval_split_whole():
     (dict(setting="adaptation", labels=np.arange(10), source_classes=0), "source_classes=0"),
     (dict(setting="adaptation"), "needs the labels"),
     (dict(setting="adaptation", labels=np.arange(10) + 5), "labels range over 5..14"),
+    (dict(setting="finetune", split_rule="authors"), "unknown split_rule 'authors'; pick one of sd_jax, reference"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -66,3 +67,66 @@ def test_bad_settings(kwargs, message):
 def test_example_split_needs_two_examples():
     with pytest.raises(ValueError, match="cannot split 1 example"):
         settings.example_split(1, seed=0)
+
+
+def test_reference_adaptation_is_the_authors_cifar10_split_with_labels_kept():
+    labels = np.repeat(np.arange(10), 4)
+    parts = {part: settings.select(40, num_classes=10, setting="adaptation", part=part, source_classes=5,
+                                   labels=labels, split_rule="reference") for part in settings.PARTS}
+    # SmartDeal-Training/main.py: np.random.seed(0); plabels = np.random.permutation(10)
+    assert parts["source"].classes.tolist() == [2, 8, 4, 9, 1]
+    assert parts["target"].classes.tolist() == [6, 7, 3, 0, 5]
+    for part, selection in parts.items():
+        assert selection.num_classes == 10  # the authors keep a 10-way classifier
+        kept = labels[selection.indices]
+        assert set(kept) == set(selection.classes)
+        np.testing.assert_array_equal(selection.label_map[kept], kept)  # original labels
+        assert (selection.label_map[np.setdiff1d(np.arange(10), selection.classes)] == -1).all()
+        np.testing.assert_array_equal(selection.indices, np.flatnonzero(np.isin(labels, selection.classes)))
+
+
+def test_reference_cifar100_adaptation_is_90_10_of_the_seed_0_permutation():
+    labels = np.repeat(np.arange(100), 2)
+    order = np.random.RandomState(0).permutation(100)  # main_c100.py: np.random.seed(0); permutation(100)
+    source = settings.select(200, num_classes=100, setting="adaptation", source_classes=90, labels=labels,
+                             split_rule="reference")
+    target = settings.select(200, num_classes=100, setting="adaptation", part="target", source_classes=90,
+                             labels=labels, split_rule="reference")
+    np.testing.assert_array_equal(source.classes, order[:90])
+    np.testing.assert_array_equal(target.classes, order[90:])
+    assert source.num_classes == target.num_classes == 100
+
+
+def test_reference_finetune_is_the_authors_25k_25k_split():
+    order = np.random.RandomState(0).permutation(50_000)  # main.py: np.random.seed(0); permutation(50000)
+    source = settings.select(50_000, num_classes=10, setting="finetune", split_rule="reference")
+    target = settings.select(50_000, num_classes=10, setting="finetune", part="target", split_rule="reference")
+    np.testing.assert_array_equal(source.indices, np.sort(order[:25_000]))
+    np.testing.assert_array_equal(target.indices, np.sort(order[25_000:]))
+    assert source.num_classes == 10
+    whole = settings.select(10_000, num_classes=10, setting="finetune", is_train_split=False, split_rule="reference")
+    np.testing.assert_array_equal(whole.indices, np.arange(10_000))
+
+
+def test_reference_rule_draws_the_global_stream_without_touching_it():
+    before = np.random.get_state()[1].copy()
+    drawn = settings.class_split(10, 5, seed=3, split_rule="reference")
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+    np.testing.assert_array_equal(np.concatenate(drawn), np.random.RandomState(3).permutation(10))
+
+
+def test_sd_jax_rule_is_the_default_and_differs_from_the_reference():
+    labels = np.repeat(np.arange(10), 2)
+    default = settings.select(20, num_classes=10, setting="adaptation", labels=labels)
+    explicit = settings.select(20, num_classes=10, setting="adaptation", labels=labels, split_rule="sd_jax")
+    np.testing.assert_array_equal(default.classes, explicit.classes)
+    assert default.num_classes == 5
+    np.testing.assert_array_equal(default.classes, settings.class_split(10, 5, seed=0)[0])
+    assert default.classes.tolist() != [2, 8, 4, 9, 1]  # its own stream, not the authors'
+
+
+@pytest.mark.parametrize("split", [lambda: settings.class_split(10, 5, 0, "numpy"),
+                                   lambda: settings.example_split(10, 0, "numpy")])
+def test_split_functions_check_the_rule(split):
+    with pytest.raises(ValueError, match="unknown split_rule 'numpy'; pick one of sd_jax, reference"):
+        split()

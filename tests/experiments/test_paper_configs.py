@@ -23,7 +23,8 @@ def _build(dataset, model, setting):
         config = paper.get_config(f"{dataset},{model},{setting}")
     with tfds.testing.mock_data(num_examples=200):
         pipeline = data.input_pipeline(config.input.dataset, "train", batch_size=4, seed=0,
-                                       setting=config.input.setting, part=config.input.part, image_size=32)
+                                       setting=config.input.setting, part=config.input.part,
+                                       split_rule=config.input.split_rule, image_size=32)
         batch = next(pipeline)
     net = trainer._model(config, pipeline.num_classes)
     variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
@@ -62,6 +63,7 @@ AUTHORS = dict(
     reset_counters_every_epoch=True, revive_at="ceil", swa_start_epoch=161, swa_lr=0.05,
     inference_only_lr=0.05, inference_only_epochs=300, inference_only_threshold=1e-3, inference_only_max_coeff=32.0,
     decompose_iterations=30, threshold_decay=0.5, activation_range="batch", range_momentum=0.1,
+    split_rule="reference",  # main.py --task adapt|finetune: np.random.seed(0) splits, labels kept
 )
 
 
@@ -98,6 +100,21 @@ def test_reference_inference_only_uses_the_authors_inference_defaults():
     config = _reference("inference_only")
     assert (config.optim.lr, config.optim.epochs, config.sd.threshold, config.sd.max_coeff) == (0.05, 300, 1e-3, 32.0)
     assert any("re-decompose" in note for note in config.departures)
+
+
+def test_reference_adaptation_and_finetune_use_the_authors_splits():
+    for setting in ("adaptation", "finetune"):
+        config = _reference(setting)
+        assert config.input.split_rule == "reference" and config.input.part == "target"
+        assert not any("split" in note for note in config.departures)
+        assert paper.get_config(f"cifar10,resnet18,{setting},tuned").input.split_rule == "sd_jax"
+    assert _reference("sd_scratch").input.split_rule == "sd_jax"  # no split to draw
+    config = _reference("adaptation")
+    config.input.batch_size = config.input.eval_batch_size = 4
+    with tfds.testing.mock_data(num_examples=200):
+        train, evaluation = trainer._pipelines(config)
+    for pipeline in (train, evaluation):
+        assert pipeline.num_classes == 10 and pipeline.selection.classes.tolist() == [6, 7, 3, 0, 5]
 
 
 def test_sd_8bit_and_dense_8bit_quantize_activations_and_gradients():
