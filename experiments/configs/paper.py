@@ -38,6 +38,7 @@ schedule scales with it). ImageNet rows (90 epochs) need a multi-GPU or TPU slic
 
 from __future__ import annotations
 
+import pathlib
 import warnings
 
 import ml_collections
@@ -92,6 +93,41 @@ REFERENCE_DEPARTURES = {
 TUNED = dict(scratch_threshold=2.0**-5, scratch_init_scheme="lecun", decomposed_threshold=0.03,
              decomposed_switch_bar=200, decomposed_weight_decay=0.0, inference_only_lr=0.01,
              inference_only_epochs=40)
+
+
+# The authors' per-layer structural-pruning fractions (experiments/configs/structure/README.md), by
+# (dataset, model): the files SmartDeal-Training/run_structural_sedt_and_save.py (CIFAR-10) and
+# run_structural_sedt_and_save_c100.py (CIFAR-100) read, by the 'population' criterion, when they
+# decompose a trained model for the target task. Their MobileNetV2 is sd_jax's mobilenet_v2 with
+# smartdeal_reference=True. cifar10_jpeg reads cifar10's file.
+STRUCTURE_DIR = pathlib.Path(__file__).resolve().parent / "structure"
+STRUCTURE_FILES = {
+    ("cifar10", "resnet18"): "resnet18-structure-percentage.txt",
+    ("cifar10", "mobilenet_v2"): "mobilenetv2-structure-percentage.txt",
+    ("cifar100", "resnet18"): "resnet18-structure-percentage-smaller3.txt",
+    ("cifar100", "mobilenet_v2"): "mobilenetv2-structure-percentage-smaller.txt",
+}
+
+
+def structure_file(dataset: str, model: str) -> pathlib.Path | None:
+    """The authors' structure file for `model` (a CIFAR zoo name) on `dataset`, or None if they have none."""
+    name = STRUCTURE_FILES.get((dataset.removesuffix("_jpeg"), model))
+    return None if name is None else STRUCTURE_DIR / name
+
+
+def structure_rules(dataset: str, model: str, **model_options) -> list[tuple[str, dict]]:
+    """`config.sd.rules` entries that prune `model` structurally as the authors do on `dataset`:
+    one (f"^{layer}$", {"prune_criterion": "population", "prune_fraction": f}) per line of its
+    structure file. `model_options` build the model (mobilenet_v2: smartdeal_reference=True).
+    Raises ValueError where the authors have no file, or where the file does not fit the model."""
+    path = structure_file(dataset, model)
+    if path is None:
+        raise ValueError(f"the authors have no structure file for {model!r} on {dataset!r}; "
+                         f"theirs: {sorted(STRUCTURE_FILES)}")
+    from sd_jax.models import registry
+    from sd_jax.nn import structure
+    layers = registry.layer_names(registry.get(model, num_classes=10, **model_options))
+    return structure.structure_rules(path, layers, model=model, criterion="population")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -5,10 +5,13 @@ B = I and C = sparsify(A):
   1. Cq = round-to-power-of-two(C), clipped to max_coeff; a block whose Cq did not change stops.
   2. B = argmin ||Cq B - A||.
   3. C = argmin ||C B - A|| (unconstrained).
-  4. C = sparsify(C): structural pruning, the optional row rule, then the element threshold (with an
-     optional per-row threshold decay when the threshold would empty a row).
+  4. C = sparsify(C): the optional row rule, then the element threshold (with an optional per-row
+     threshold decay when the threshold would empty a row).
 It ends with Cq = round(C) and a last refit of B. Blocks are independent, so tensors whose blocks
 share (m, k) and the static options are decomposed in one jitted call (`decompose_many`).
+
+Structural pruning (DESIGN.md 1.2) runs once, on the host, before the loop: it zeroes the pruned
+entries of A, so the decomposition fits the pruned weight (`structural_keep`, `PRUNE_CRITERIA`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from sd_jax.core.report import TensorReport, tensor_statistics
 
 Array = jax.Array
 
+# How structural pruning picks what it removes: sd_jax's rule, then the authors' three `prune_type`s.
+PRUNE_CRITERIA = ("sd_jax", "population", "value", "energy")
+
 
 @dataclasses.dataclass(frozen=True)
 class DecomposeOptions:
@@ -41,9 +47,21 @@ class DecomposeOptions:
     iterations: most alternating rounds; each block stops early once its rounded C repeats.
     pow2: round C to powers of two (False keeps a float C: plain sparse low-rank-basis fitting).
     row_threshold: a row of C whose L1 norm is below it becomes 0 (reference: 5 * threshold; 0 = off).
-    prune_fraction: fraction of rows of C (kernel rows of a k x k conv; rows of `row_length` inputs
-        of a dense or 1 x 1 kernel) removed before decomposition, smallest L1 first, with one
-        pattern shared by each group of `prune_group` output filters.
+    prune_criterion: how structural pruning picks what it removes before decomposition, with one
+        pattern shared by each group of `prune_group` consecutive output filters, by L1 norm summed
+        over the group (see `structural_keep`):
+        'sd_jax': the floor of `prune_fraction` times the rows of C (kernel rows of a k x k conv,
+            rows of `row_length` inputs of a dense or 1 x 1 kernel), smallest first;
+        'population', 'value', 'energy': the authors' rule (SmartDeal-Training/se/alg_structural.py,
+            `prune_type`): units are kernel rows of k x k and depthwise convs and single input
+            channels of 1 x 1 convs; dense layers are never pruned. 'population' removes the ceiling
+            of `prune_fraction` times the units, smallest first; 'value' removes the units whose
+            group L1 is below `prune_threshold`; 'energy' keeps units until they hold the share
+            `prune_threshold` of the group's L1 (counted as their code counts it, see
+            `reference_pruned_count`) and removes the rest, smallest first.
+    prune_fraction: fraction of rows or units removed ('sd_jax', 'population'; 0 = off).
+    prune_threshold: the authors' `prune_threshold` for 'value' (an L1 floor) and 'energy' (a share
+        in [0, 1]); 0 = off (their energy loop at 0 would remove all units but one).
     row_scale: give each row of C a float scale (stored, 32 bits a row) and round C / scale, so the
         largest entry of every row is represented exactly.
     decay_steps, threshold_decay: when the element threshold would empty a row that survived the
@@ -56,7 +74,9 @@ class DecomposeOptions:
     iterations: int = 30
     pow2: bool = True
     row_threshold: float = 0.0
+    prune_criterion: str = "sd_jax"
     prune_fraction: float = 0.0
+    prune_threshold: float = 0.0
     prune_group: int = 32
     row_scale: bool = False
     decay_steps: int = 0
@@ -80,8 +100,22 @@ class DecomposeOptions:
             fail(f"iterations={self.iterations!r} must be an integer >= 1 (reference: 30)")
         if not _finite_number(self.row_threshold) or self.row_threshold < 0:
             fail(f"row_threshold={self.row_threshold!r} must be >= 0 (0 turns the row rule off)")
+        if self.prune_criterion not in PRUNE_CRITERIA:
+            fail(f"prune_criterion={self.prune_criterion!r} is not one of {PRUNE_CRITERIA}")
         if not _finite_number(self.prune_fraction) or not 0 <= self.prune_fraction < 1:
             fail(f"prune_fraction={self.prune_fraction!r} must be in [0, 1)")
+        if not _finite_number(self.prune_threshold) or self.prune_threshold < 0:
+            fail(f"prune_threshold={self.prune_threshold!r} must be a finite number >= 0")
+        if self.prune_criterion == "energy" and self.prune_threshold > 1:
+            fail(f"prune_threshold={self.prune_threshold!r} is the share of L1 the 'energy' criterion keeps; "
+                 "pass a number in [0, 1]")
+        by_fraction = self.prune_criterion in ("sd_jax", "population")
+        if by_fraction and self.prune_threshold:
+            fail(f"prune_threshold={self.prune_threshold!r} is read by the 'value' and 'energy' criteria only, "
+                 f"not by prune_criterion={self.prune_criterion!r}; set prune_fraction instead")
+        if not by_fraction and self.prune_fraction:
+            fail(f"prune_fraction={self.prune_fraction!r} is read by the 'sd_jax' and 'population' criteria "
+                 f"only, not by prune_criterion={self.prune_criterion!r}; set prune_threshold instead")
         if not isinstance(self.prune_group, int) or self.prune_group < 1:
             fail(f"prune_group={self.prune_group!r} must be a positive integer (reference: 32)")
         if not isinstance(self.decay_steps, int) or self.decay_steps < 0:
@@ -102,6 +136,11 @@ class DecomposeOptions:
         if unknown:
             raise ValueError(f"{name}: unknown decomposition option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs).validate(name)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether structural pruning is on (its criterion's number is not 0)."""
+        return bool(self.prune_fraction or self.prune_threshold)
 
     def static_key(self) -> tuple:
         """Options that change the compiled computation (the rest are per-block arrays)."""
@@ -142,10 +181,11 @@ def reconstruct_blocks(coeff: Array, basis: Array, row_scale: Array | None, spec
 
 
 def structural_keep_rows(blocks: np.ndarray, spec: blocking.BlockSpec, fraction: float, group: int) -> np.ndarray:
-    """Rows of C kept after structural pruning, (n, m) bool, computed on the host.
+    """Rows of C kept by the 'sd_jax' criterion, (n, m) bool, computed on the host.
 
-    Per group of `group` output filters, the `fraction` of real rows with the smallest L1 norm
-    (summed over the group's filters) is removed; padding rows are never counted or chosen.
+    Per group of `group` output filters, the floor of `fraction` times the real rows, those with the
+    smallest L1 norm (summed over the group's filters), is removed; padding rows are never counted or
+    chosen.
     """
     real = blocking.real_rows(spec).reshape(-1)
     num_prune = int(math.floor(fraction * int(real.sum())))
@@ -161,10 +201,85 @@ def structural_keep_rows(blocks: np.ndarray, spec: blocking.BlockSpec, fraction:
     return np.repeat(keep, group, axis=0)[: spec.num_outputs].reshape(spec.block_shape[:2])
 
 
+def reference_pruned_count(group_l1: np.ndarray, share: float) -> int:
+    """How many units the authors' 'energy' criterion removes from a group.
+
+    Their loop walks the units from the last to the first in their flattened order (not by size),
+    adding each unit's L1 until the sum reaches `share` of the group's total; the index where it stops
+    is the count, and that many units, the smallest, are removed. Sums run in float32 one term at a
+    time, as theirs; a group of zeros loses nothing.
+    """
+    group_l1 = np.asarray(group_l1, np.float32)
+    tail = np.cumsum(group_l1[::-1])[::-1]  # tail[e] = group_l1[e] + ... + group_l1[-1], summed from the end
+    total = np.cumsum(group_l1)[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reached = np.nonzero(tail / total >= np.float32(share))[0]
+    return int(reached.max()) if reached.size else 0
+
+
+def reference_pruned_units(group_l1: np.ndarray, criterion: str, amount: float) -> np.ndarray:
+    """Units (kernel rows or input channels) of one group of filters the authors' rule removes, bool.
+
+    group_l1: (units,) L1 norm of each unit summed over the group's filters, in the authors' order.
+    criterion 'population': the ceiling of amount * units, smallest first; 'value': units whose L1 is
+    below amount; 'energy': `reference_pruned_count` units, smallest first. Ties go to the earlier unit.
+    """
+    group_l1 = np.asarray(group_l1, np.float32)
+    if criterion == "value":
+        return group_l1 < amount
+    if criterion == "population":
+        count = math.ceil(group_l1.size * float(amount))
+    elif criterion == "energy":
+        count = reference_pruned_count(group_l1, amount)
+    else:
+        raise ValueError(f"criterion {criterion!r} is not one of the authors' 'population', 'value', 'energy'")
+    pruned = np.zeros(group_l1.shape, bool)
+    pruned[np.argsort(group_l1, kind="stable")[:count]] = True
+    return pruned
+
+
+def structural_keep(weight: np.ndarray, spec: blocking.BlockSpec, options: DecomposeOptions) -> np.ndarray:
+    """Entries of the blocks that structural pruning keeps, (n, m, k) bool, computed on the host.
+
+    'sd_jax' keeps whole rows of C (`structural_keep_rows`). The authors' criteria work on the weight:
+    a k x k or depthwise kernel's units are its kernel rows (input channel, kernel row), channel-major
+    as their (cout, cin, kh, kw) weight flattens them; a 1 x 1 kernel's units are single input
+    channels, which the dense blocking spreads over rows of `row_length` inputs, so there C·B is only
+    fitted to a zero and need not be exactly zero (as theirs); dense layers are never pruned.
+    """
+    if not options.prunes:
+        return np.ones(spec.block_shape, bool)
+    if options.prune_criterion == "sd_jax":
+        rows = structural_keep_rows(blocking.to_blocks(weight, spec), spec, options.prune_fraction,
+                                    options.prune_group)
+        return np.broadcast_to(rows[..., None], spec.block_shape)
+    if spec.kind == "dense":
+        return np.ones(spec.block_shape, bool)
+    kh, kw, cin, cout = spec.shape
+    magnitude = np.abs(np.asarray(weight, np.float32))
+    if kh * kw == 1:
+        unit_l1 = magnitude.reshape(cin, cout).T  # (cout, input channels)
+    else:
+        unit_l1 = np.transpose(magnitude.sum(axis=1), (2, 1, 0)).reshape(cout, cin * kh)  # (cout, (cin, kh))
+    unit_l1 = np.ascontiguousarray(unit_l1)  # group sums then add filter after filter, as theirs
+    amount = options.prune_fraction if options.prune_criterion == "population" else options.prune_threshold
+    keep_units = np.ones(unit_l1.shape, bool)
+    for start in range(0, cout, options.prune_group):
+        group_l1 = unit_l1[start:start + options.prune_group].sum(axis=0)
+        keep_units[start:start + options.prune_group] = ~reference_pruned_units(
+            group_l1, options.prune_criterion, amount)
+    if kh * kw == 1:
+        keep = keep_units.T.reshape(spec.shape)
+    else:
+        keep = np.broadcast_to(np.transpose(keep_units.reshape(cout, cin, kh), (2, 1, 0))[:, None], spec.shape)
+    return blocking.to_blocks(np.ascontiguousarray(keep), spec)
+
+
 def _sparsify(c, threshold, row_threshold, threshold_decay, use_row_rule, decay_steps):
     """Step 4 on C^T (n, k, m): the optional row rule, then the (decayed) element threshold.
 
-    Structurally pruned rows need no mask here: A is zero there, so C^T = X A^T is exactly zero too.
+    Structurally pruned rows need no mask here: A is zero there, so C^T = X A^T is exactly zero too
+    (pruned single entries, the 1 x 1 input channels of the authors' rule, are only fitted to zero).
     """
     if use_row_rule:
         row_l1 = jnp.sum(jnp.abs(c), axis=1, keepdims=True)
@@ -218,7 +333,7 @@ def _schedule(n: int, m: int, k: int) -> tuple[int, int]:
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decompose_blocks(
     blocks: Array,
-    keep_rows: Array,
+    keep: Array,
     threshold: Array,
     max_coeff: Array,
     row_threshold: Array,
@@ -232,6 +347,8 @@ def decompose_blocks(
 ) -> dict[str, Array]:
     """The batched alternating least squares on blocks (n, m, k) with per-block options (n,).
 
+    keep (n, m, k) bool: the entries structural pruning keeps (`structural_keep`); A is zero elsewhere.
+
     Returns coeff (n, m, k), basis (n, k, k), row_scale (n, m, 1) (ones when off) and the number of
     rounds each block ran, iterations (n,).
 
@@ -244,8 +361,7 @@ def decompose_blocks(
     groups, per_pass = _schedule(n, m, k)
     padded = -(-n // groups) * groups  # zero blocks pad the last group; they finish in two rounds
     pad = lambda x: jnp.pad(jnp.asarray(x), [(0, padded - n)] + [(0, 0)] * (jnp.ndim(x) - 1))
-    keep = pad(keep_rows)[:, None, :]
-    a = jnp.where(keep, jnp.swapaxes(pad(blocks), 1, 2), 0.0)  # A^T: (padded, k, m)
+    a = jnp.where(jnp.swapaxes(pad(keep), 1, 2), jnp.swapaxes(pad(blocks), 1, 2), 0.0)  # A^T: (padded, k, m)
     options = dict(
         threshold=threshold, max_coeff=max_coeff, row_threshold=row_threshold, threshold_decay=threshold_decay
     )
@@ -307,13 +423,13 @@ def _als_round(state, a, options, *, iterations, use_pow2, use_row_scale, use_ro
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("specs",))
-def _decompose_bucket(weights, keep_rows, threshold, max_coeff, row_threshold, threshold_decay, *, specs, **static):
+def _decompose_bucket(weights, keep, threshold, max_coeff, row_threshold, threshold_decay, *, specs, **static):
     """Blocking, `decompose_blocks` and per-tensor `tensor_statistics` of a bucket, in one compilation.
 
     Returns per-tensor lists of coeff, basis, row_scale, mask and rounds, and the statistics.
     """
     blocks = jnp.concatenate([blocking.to_blocks(w, spec) for w, spec in zip(weights, specs)])
-    out = decompose_blocks.__wrapped__(blocks, keep_rows, threshold, max_coeff, row_threshold, threshold_decay, **static)
+    out = decompose_blocks.__wrapped__(blocks, keep, threshold, max_coeff, row_threshold, threshold_decay, **static)
     sizes = [spec.num_blocks for spec in specs]
     segment = jnp.repeat(jnp.arange(len(specs)), np.array(sizes), total_repeat_length=blocks.shape[0])
     stats = tensor_statistics(blocks, out["coeff"], out["basis"], out["row_scale"], segment, len(specs))
@@ -348,11 +464,7 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             weight.shape, job.kind, group_size=options.group_size, row_length=options.row_length,
             max_rows=options.max_rows, name=job.name,
         )
-        if options.prune_fraction > 0:
-            keep = structural_keep_rows(blocking.to_blocks(weight, spec), spec, options.prune_fraction,
-                                        options.prune_group)
-        else:
-            keep = np.ones(spec.block_shape[:2], bool)
+        keep = structural_keep(weight, spec, options)
         prepared.append((job, options, spec, weight, keep))
 
     buckets: dict[tuple, list[int]] = {}

@@ -13,9 +13,10 @@ its options override `defaults`. Option keys:
 - layer options (`SDOptions`): mode, threshold, max_coeff, init_scheme, group_size, row_length,
   max_rows, kind ('conv' or 'depthwise'; dense layers are always 'dense'), activation_bits and
   gradient_bits (None or e.g. 8: low-precision training, see `sd_jax.nn.layers`).
-- decomposition options (`DecomposeOptions`), used by `to_sd` only: iterations, prune_fraction,
-  prune_group, row_threshold, decay_steps, threshold_decay. `threshold`, `max_coeff` and the
-  blocking serve both the decomposition and the layer.
+- decomposition options (`DecomposeOptions`), used by `to_sd` only: iterations, prune_criterion,
+  prune_fraction, prune_threshold, prune_group, row_threshold, decay_steps, threshold_decay
+  (`sd_jax.nn.structure` turns the authors' per-layer pruning fractions into such rules).
+  `threshold`, `max_coeff` and the blocking serve both the decomposition and the layer.
 
 Layers no rule names follow the reference: 2-D convolutions up to `max_kernel_size` wide and dense
 layers become SD; wider convolutions (the 7x7 ImageNet stem) and convolutions that are not 2-D stay
@@ -42,7 +43,8 @@ from sd_jax.nn.layers import OPTION_NAMES, SDConv, SDDense, SDOptions
 Rule = tuple[str, Mapping[str, Any]]
 ModuleFactory = Callable[..., nn.Module]
 
-DECOMPOSE_ONLY = ("iterations", "prune_fraction", "prune_group", "row_threshold", "decay_steps", "threshold_decay")
+DECOMPOSE_ONLY = ("iterations", "prune_criterion", "prune_fraction", "prune_threshold", "prune_group", "row_threshold",
+                  "decay_steps", "threshold_decay")
 SHARED = ("threshold", "max_coeff", "group_size", "row_length", "max_rows")
 KNOWN_KEYS = ("skip", *OPTION_NAMES, *DECOMPOSE_ONLY)
 # DecomposeOptions fields SD layers cannot represent.
