@@ -228,4 +228,19 @@ def _decomposed(config: ml_collections.ConfigDict, setting: str, recipe: str) ->
         config.input.part = "target"
         if recipe == "reference":
             config.input.split_rule = REFERENCE["split_rule"]
+            _structural_pruning(config)
         config.init.reset = "^head/"
+
+
+def _structural_pruning(config: ml_collections.ConfigDict) -> None:
+    """The authors' structural pruning before decomposition (their run_structural_sedt_and_save.py):
+    per-layer fractions from their structure file, population criterion; a departure where they have
+    no file for this model."""
+    model = config.model.name
+    if structure_file(config.input.dataset, model) is None:
+        config.departures = [*config.departures, f"the authors have no structure file for {model!r} on "
+                             f"{config.input.dataset!r}: no structural pruning"]
+        return
+    if model == "mobilenet_v2":
+        config.model.options.smartdeal_reference = True
+    config.sd.rules = [*config.sd.rules, *structure_rules(config.input.dataset, model, **config.model.options)]

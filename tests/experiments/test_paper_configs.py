@@ -180,3 +180,14 @@ def test_sd_from_scratch_without_batch_norm_takes_a_lower_learning_rate():
         warnings.simplefilter("ignore")
         assert fashion_mnist.get_config("lenet5,sd_8bit").optim.lr == 0.01
         assert fashion_mnist.get_config("resnet20,sd_8bit").optim.lr == 0.1
+
+
+def test_reference_transfer_settings_prune_structurally_with_the_authors_fractions():
+    config = paper.get_config("cifar10,resnet18,finetune,reference")
+    assert len(config.sd.rules) == 21  # one per line of resnet18-structure-percentage.txt
+    assert all(options["prune_criterion"] == "population" for _, options in config.sd.rules)
+    trainer._sd_rules(config)  # the rules are valid SD rules
+    with pytest.warns(UserWarning):
+        other = paper.get_config("cifar10,resnet20,adaptation,reference")
+    assert other.sd.rules == [] and any("no structure file" in note for note in other.departures)
+    assert paper.get_config("cifar10,resnet18,adaptation,tuned").sd.rules == []
