@@ -38,7 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # layers to re-initialise (adaptation: "^head/").
     config.init = ml_collections.ConfigDict(dict(from_params="", reset=""))
     config.sd = ml_collections.ConfigDict(dict(
-        mode="pow2", threshold=1e-3, max_coeff=32.0, iterations=30, prune_fraction=0.0, row_threshold=0.0,
+        mode="pow2", threshold=1e-3, max_coeff=32.0, iterations=30, row_threshold=0.0,
+        # Structural pruning before decomposition (sd_jax.DecomposeOptions): "sd_jax", or the authors'
+        # "population" (prune_fraction), "value" / "energy" (prune_threshold).
+        prune_criterion="sd_jax", prune_fraction=0.0, prune_threshold=0.0,
         rules=[],
         # From-scratch draw of B and C: "lecun" / "he" (C at that scale, B orthogonal) or "reference".
         init_scheme="lecun",
