@@ -52,13 +52,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # old running range kept each step (authors: 0.1).
         activation_range="sample", range_momentum=0.9,
     ))
+    # schedule: "reference" (DESIGN.md 1.4), "cosine" (after warmup_steps) or "step" (lr times step_factor
+    # every step_epochs epochs, the authors' inference-only schedule).
     config.optim = ml_collections.ConfigDict(dict(
-        epochs=200, lr=0.1, schedule="reference", warmup_steps=0, momentum=0.9, weight_decay=5e-4,
+        epochs=200, lr=0.1, schedule="reference", warmup_steps=0, step_epochs=30, step_factor=0.5,
+        momentum=0.9, weight_decay=5e-4,
         coeff_update="bucket_switch", switch_bar=1, update_threshold=0.0,
         # Bucket switch: restart every counter each epoch (the reference does), and where revived
         # coefficients start: "nearest" (the magnitude the threshold rounds to, 4e-3 -> 2^-8) or "ceil"
         # (the reference's smallest power of two >= threshold, 4e-3 -> 2^-7).
         reset_counters_every_epoch=False, revive_at="nearest",
+        # A dense model (model.sd=False) whose kernels are projected onto SD form after every epoch: each
+        # kernel the `sd` rules select replaced by C·B of its decomposition with the `sd` options, before
+        # the evaluation; with SWA the average too (the authors' inference-only rule).
+        project_every_epoch=False,
     ))
     # A checkpoint every every_steps steps and at each evaluation; the keep_last newest and the keep_best
     # best by eval accuracy stay.

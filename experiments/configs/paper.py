@@ -20,7 +20,9 @@ Settings (the rows of the paper and of the ablation in RESULTS.md):
 - sd_8bit: sd_scratch with 8-bit activations and gradients (stochastic rounding): the paper's
   training-efficiency claims (10.56x lower training storage, 4.48x lower training energy).
 - sd_bucket_switch: SD from scratch with the bucket-switch update of C (the authors' `--switch`).
-- inference_only: decompose a trained dense model and fine-tune it in SD form.
+- inference_only: reference: the authors' rule: a trained dense model trained on, dense, with each
+  kernel projected onto SD form (replaced by C·B of its decomposition) after every epoch, and its SWA
+  average too; tuned: decompose a trained dense model once and fine-tune it in SD form.
 - adaptation / finetune: pre-train on the source part (`input.part=source`), then train SD on the
   target part (CIFAR-10 classes 5/5, CIFAR-100 90/10; or 25k/25k training images).
 
@@ -63,9 +65,12 @@ REFERENCE = dict(
     lr=0.1, batch_size=128, epochs=200, momentum=0.9, weight_decay=5e-4, imagenet_weight_decay=1e-4,
     schedule="reference", threshold=4e-3, switch_bar=1, update_threshold=0.0, init_scheme="reference",
     reset_counters_every_epoch=True, revive_at="ceil", swa_start_epoch=161, swa_lr=0.05,
-    # SmartDeal-Inference/main.py: the inference-only setting
+    # SmartDeal-Inference/main.py: the inference-only setting: a dense network trained by SGD, lr halved
+    # every 30 epochs, one SWA average each epoch from the first, and after every epoch each weight of both
+    # replaced by C·B of its decomposition (threshold 1e-3, max_C 32, 30 rounds)
     inference_only_lr=0.05, inference_only_epochs=300, inference_only_threshold=1e-3, inference_only_max_coeff=32.0,
-    decompose_iterations=30, threshold_decay=0.5,
+    decompose_iterations=30, threshold_decay=0.5, inference_only_schedule="step", inference_only_step_epochs=30,
+    inference_only_step_factor=0.5, inference_only_swa_start_epoch=1, inference_only_project_every_epoch=True,
     # SmartDeal-Inference/quantize.py QuantMeasure: one range per batch, running range 0.1·old + 0.9·new
     activation_range="batch", range_momentum=0.1,
     # main.py / main_c100.py --task adapt|finetune: np.random.seed(0) permutations of the classes (5/5 on
@@ -76,9 +81,8 @@ REFERENCE = dict(
 REFERENCE_DEPARTURES = {
     "all": ("C is clipped to max_coeff=32 (the authors clip only when --max-C is given; from-scratch "
             "latent C stays far below 32)",),
-    "inference_only": ("the authors re-decompose the network after every epoch of dense SGD with SWA; "
-                       "sd_jax decomposes once and fine-tunes B and C (bucket switch)",
-                       "the authors halve lr every 30 epochs; sd_jax uses the reference schedule"),
+    "inference_only": ("the authors' --resume starts the epoch count at the checkpoint's 'epoch', so their lr "
+                       "halvings count from the dense run's last epoch; sd_jax counts from 0",),
     "sd_8bit": ("the authors' training code has no low-bit SD layers; sd_jax uses the range rule of "
                 "their inference code's quantizer",),
     "dense_8bit": ("the authors' training code has no dense 8-bit baseline; sd_jax uses the SD layers' "
@@ -207,7 +211,8 @@ def _from_scratch(config: ml_collections.ConfigDict, setting: str, recipe: str) 
 
 
 def _decomposed(config: ml_collections.ConfigDict, setting: str, recipe: str) -> None:
-    """The settings that decompose a trained model and bucket-switch its C."""
+    """The settings that start from a trained model: decomposed once, its C bucket-switched; by the
+    reference, inference-only instead trains the dense model on and projects it every epoch."""
     if recipe == "reference":
         config.sd.threshold = REFERENCE["inference_only_threshold"]
         config.sd.max_coeff = REFERENCE["inference_only_max_coeff"]
@@ -219,10 +224,19 @@ def _decomposed(config: ml_collections.ConfigDict, setting: str, recipe: str) ->
         config.sd.threshold = TUNED["decomposed_threshold"]
         config.optim.switch_bar = TUNED["decomposed_switch_bar"]
         config.optim.weight_decay = TUNED["decomposed_weight_decay"]
-    if setting == "inference_only":
-        reference = recipe == "reference"
-        config.optim.epochs = REFERENCE["inference_only_epochs"] if reference else TUNED["inference_only_epochs"]
-        config.optim.lr = REFERENCE["inference_only_lr"] if reference else TUNED["inference_only_lr"]
+    if setting == "inference_only" and recipe == "reference":
+        # SmartDeal-Inference/main.py: the model stays dense and is projected onto SD form every epoch.
+        config.model.sd = False
+        config.optim.project_every_epoch = REFERENCE["inference_only_project_every_epoch"]
+        config.optim.epochs = REFERENCE["inference_only_epochs"]
+        config.optim.lr = REFERENCE["inference_only_lr"]
+        config.optim.schedule = REFERENCE["inference_only_schedule"]
+        config.optim.step_epochs = REFERENCE["inference_only_step_epochs"]
+        config.optim.step_factor = REFERENCE["inference_only_step_factor"]
+        config.swa.start_epoch = REFERENCE["inference_only_swa_start_epoch"]
+    elif setting == "inference_only":
+        config.optim.epochs = TUNED["inference_only_epochs"]
+        config.optim.lr = TUNED["inference_only_lr"]
     else:  # adaptation / finetune
         config.input.setting = setting
         config.input.part = "target"

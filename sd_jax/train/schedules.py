@@ -1,4 +1,5 @@
-"""Learning-rate schedules: the reference SmartDeal schedule and cosine (DESIGN.md 1.4, 1.6)."""
+"""Learning-rate schedules: the reference SmartDeal schedule, the step schedule of the authors'
+inference-only code, and cosine (DESIGN.md 1.4, 1.6)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ def reference_schedule(
         t = (step // steps_per_epoch) / span
         factor = jnp.where(t <= 0.5, 1.0, jnp.where(t <= 0.9, 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4, ratio))
         return base_lr * factor
+
+    return schedule
+
+
+def step_schedule(base_lr: float, *, step_epochs: int, factor: float, steps_per_epoch: int = 1) -> optax.Schedule:
+    """The authors' inference-only schedule (`adjust_learning_rate` in SmartDeal-Inference/main.py):
+    epoch e (from 0) runs at base_lr * factor ** (e // step_epochs), set once per epoch (reference:
+    lr 0.05 halved every 30 epochs). Step s (optax's count, from 0) belongs to epoch
+    s // steps_per_epoch."""
+    if base_lr <= 0 or step_epochs < 1 or factor <= 0 or steps_per_epoch < 1:
+        raise ValueError(f"need base_lr > 0, step_epochs >= 1, factor > 0 and steps_per_epoch >= 1, got {base_lr}, "
+                         f"{step_epochs}, {factor} and {steps_per_epoch}")
+
+    def schedule(step):
+        return base_lr * factor ** ((step // steps_per_epoch) // step_epochs)
 
     return schedule
 

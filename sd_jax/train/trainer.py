@@ -19,6 +19,15 @@ far (one set of weights per epoch) is put in SD form, its batch-norm statistics 
 epoch of training batches (`swa.bn_batches`) and it is evaluated (`swa_eval_loss`,
 `swa_eval_accuracy`; summary `best_swa_accuracy`, `best_swa_step`). The last average is the result
 of the run: the final checkpoint and the summary's `accuracy`.
+
+Projection (`optim.project_every_epoch`, a dense model; the authors' inference-only rule,
+SmartDeal-Inference/main.py): after each epoch every kernel the `sd` rules select is replaced by the
+reconstruction C·B of its decomposition with the `sd` options (`sd_jax.train.projection`), before the
+evaluation, so every accuracy the run reports (final and best) is of projected weights, and training
+goes on from them. With SWA the average is taken and its batch-norm statistics recomputed as above,
+then its kernels are projected too, and the projected average is the one later epochs average into (the
+authors' SWA model is overwritten by its projection). The summary counts the storage of the last
+projection as SD storage (density of C, compression), as for an SD model.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ from jax.experimental import multihost_utils
 
 from sd_jax import data, models
 from sd_jax.core import pow2
+from sd_jax.core.decompose import Decomposition
+from sd_jax.core.network import NetworkDecomposition
 from sd_jax.models.common import BN_MOMENTUM
 from sd_jax.nn import convert
 from sd_jax.nn import report as sd_report
 from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
 from sd_jax.nn.rules import SDRules
-from sd_jax.train import checkpoint, schedules, sharding, swa
+from sd_jax.train import checkpoint, projection, schedules, sharding, swa
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.step import TrainState, create_train_state, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
@@ -69,10 +80,7 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
 
 
 def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
-    if config.optim.coeff_update in ("latent", "quantize_each_step") and config.sd.mode == "pow2":
-        raise ValueError(f"optim.coeff_update={config.optim.coeff_update!r} trains C as a float, but sd.mode='pow2' "
-                         "uses C as stored, so the weights would leave the powers of two: set sd.mode='latent' "
-                         "(the layer then re-quantizes C every step) or optim.coeff_update='bucket_switch'")
+    """The SD layers and options of the config's `sd` section (the SD model's, or the projection's)."""
     options = dict(config.sd.to_dict())
     rules = [tuple(rule) for rule in options.pop("rules")]
     return SDRules(rules, **options)
@@ -84,6 +92,11 @@ def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     dense 8-bit baseline of the paper's training claims)."""
     options = config.model.options.to_dict()
     if config.model.sd:
+        if config.optim.coeff_update in ("latent", "quantize_each_step") and config.sd.mode == "pow2":
+            raise ValueError(f"optim.coeff_update={config.optim.coeff_update!r} trains C as a float, but "
+                             "sd.mode='pow2' uses C as stored, so the weights would leave the powers of two: set "
+                             "sd.mode='latent' (the layer then re-quantizes C every step) or "
+                             "optim.coeff_update='bucket_switch'")
         return models.get(config.model.name, num_classes=num_classes, sd=_sd_rules(config), **options)
     if config.sd.activation_bits is None and config.sd.gradient_bits is None:
         return models.get(config.model.name, num_classes=num_classes, **options)
@@ -112,17 +125,27 @@ def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     if config.optim.schedule == "cosine":
         return schedules.cosine_schedule(config.optim.lr, config.optim.epochs * steps_per_epoch,
                                          warmup_steps=config.optim.warmup_steps)
-    raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference' or 'cosine'")
+    if config.optim.schedule == "step":
+        return schedules.step_schedule(config.optim.lr, step_epochs=config.optim.step_epochs,
+                                       factor=config.optim.step_factor, steps_per_epoch=steps_per_epoch)
+    raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference', 'cosine' or 'step'")
 
 
 def _check_evaluation_options(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError for an `eval` or `swa` option the trainer cannot follow."""
+    """Raise ValueError for an `eval`, `swa` or projection option the trainer cannot follow."""
     if config.eval.every_steps < 0:
         raise ValueError(f"eval.every_steps={config.eval.every_steps}; pass a number of steps, or 0 for once an epoch")
     if not 0 <= config.swa.start_epoch <= config.optim.epochs or config.swa.bn_batches < 0:
         raise ValueError(f"swa.start_epoch={config.swa.start_epoch}, swa.bn_batches={config.swa.bn_batches}: pass "
                          f"a start epoch from 1 to optim.epochs={config.optim.epochs} (0: no SWA) and bn_batches >= 0 "
                          "(0: a whole epoch)")
+    if config.optim.project_every_epoch and config.model.sd:
+        raise ValueError("optim.project_every_epoch projects a dense model's kernels onto SD form, but model.sd=True "
+                         "trains the SD form itself: set model.sd=False (the authors' inference-only rule) or "
+                         "optim.project_every_epoch=False")
+    if config.optim.project_every_epoch and config.eval.every_steps:
+        raise ValueError(f"eval.every_steps={config.eval.every_steps} would evaluate weights that are not projected "
+                         "(optim.project_every_epoch projects once an epoch): set eval.every_steps=0")
 
 
 def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dict[str, Any]:
@@ -187,16 +210,23 @@ def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh) -
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
 
-def _storage(model: Any, state: TrainState, sample: jax.Array) -> dict[str, float]:
+def _storage(model: Any, state: TrainState, sample: jax.Array,
+             decomposition: NetworkDecomposition | None = None) -> dict[str, float]:
     """Density of C and compression against 32-bit weights (DESIGN.md 1.5) of the coefficients the
     SD layers use (latent ones quantized as the layers quantize them) over the real kernel entries;
     other parameters (biases, batch norm, kernels left dense) count 32 bits on both sides, as in the
-    analyzer's storage ratio."""
-    if "sd_coeff" not in state.trainable:
+    analyzer's storage ratio. A dense model whose kernels are C·B of `decomposition` (the last
+    projection) counts as that SD model."""
+    if decomposition is not None:
+        tree = decomposition.tree
+    elif "sd_coeff" in state.trainable:
+        tree = convert.sd_tree(model, _fetch(state.variables), sample, train=False)
+    else:
         return {"density": 1.0, "compression_ratio": 1.0}
-    variables = _fetch(state.variables)
-    totals = sd_report.model_report(convert.sd_tree(model, variables, sample, train=False)).totals()
-    other_bits = 32 * sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"]))
+    totals = sd_report.model_report(tree).totals()
+    is_decomposition = lambda leaf: isinstance(leaf, Decomposition)
+    other_bits = 32 * sum(int(np.size(x)) for x in jax.tree.leaves(tree, is_leaf=is_decomposition)
+                          if not is_decomposition(x))
     return {"density": totals["density"],
             "compression_ratio": (32 * totals["sd_params"] + other_bits) / (totals["sd_storage_bits"] + other_bits)}
 
@@ -296,6 +326,26 @@ def _swa_model(config: ml_collections.ConfigDict, state: TrainState, bn_forward:
     return state
 
 
+def _put_like(values: Any, like: Any) -> Any:
+    """Host arrays `values` as global arrays placed and typed as `like` (a tree of the same structure)."""
+    return jax.tree.map(lambda value, old: jax.make_array_from_callback(
+        old.shape, old.sharding, lambda index: np.asarray(value, old.dtype)[index]), values, like)
+
+
+def _projected(params: Any, rules: SDRules) -> tuple[Any, NetworkDecomposition]:
+    """`params` (global arrays) with the kernels `rules` select projected onto SD form, placed as they
+    were, and the decomposition they are C·B of (`projection.project`)."""
+    projected, decomposition = projection.project(_fetch(params), rules)
+    return _put_like(projected, params), decomposition
+
+
+def _with_swa_average(opt_state: Any, average: Any) -> Any:
+    """`opt_state` with the average of its one `swa.SWAState` replaced by `average`."""
+    is_swa = lambda node: isinstance(node, swa.SWAState)
+    return jax.tree.map(lambda node: node._replace(average=average) if is_swa(node) else node, opt_state,
+                        is_leaf=is_swa)
+
+
 def _keep_best(record: dict[str, Any], model: str, step: int, accuracy: float) -> dict[str, Any]:
     """`record` with best_{model}accuracy and best_{model}step updated by an evaluation at `step`
     (`model` "" for the trained model, "swa_" for the SWA average); the first of equal ones stays."""
@@ -331,7 +381,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bn_forward = jax.jit(lambda variables, images: apply_fn(
         variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": bn_key}))
     record = checkpoints.evaluation(first_step) if first_step else {}
-    result = None
+    # optim.project_every_epoch: the rules of the projection, and the decomposition the kernels of the
+    # state to report are C·B of.
+    project_rules = _sd_rules(config) if config.optim.project_every_epoch else None
+    result = decomposition = None
     try:
         for step in range(first_step + 1, total_steps + 1):
             state, metrics = train_step(state, _global_batch(next(train_data), mesh))
@@ -353,6 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step % every == 0:
                     checkpoints.save(step, state, data_state=train_data.get_state(), evaluation=record)
                 continue
+            if project_rules is not None:  # each evaluation is at the end of an epoch (checked in _build)
+                params, decomposition = _projected(state.trainable["params"], project_rules)
+                state = state.replace(trainable={**state.trainable, "params": params})
             result = _evaluate(eval_step, state, eval_data, mesh)
             if not math.isfinite(result["loss"]):
                 _stop(step, result["loss"], checkpoints, evaluation=True)
@@ -363,11 +419,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 images = (_global_batch(batch, mesh)["image"] for batch in
                           _training_epoch(train_data, step // steps_per_epoch - 1, config.swa.bn_batches))
                 swa_state = _swa_model(config, state, bn_forward, images)
+                if project_rules is not None:  # after the batch norm, as the authors; later epochs average into it
+                    params, swa_decomposition = _projected(swa_state.trainable["params"], project_rules)
+                    average = {**swa_state.trainable, "params": params}
+                    state = state.replace(opt_state=_with_swa_average(state.opt_state, average))
+                    swa_state = swa_state.replace(trainable=average, opt_state=state.opt_state)
                 swa_result = _evaluate(eval_step, swa_state, eval_data, mesh)
                 record = _keep_best(record, "swa_", step, swa_result["accuracy"])
                 evaluation.update(swa_eval_loss=swa_result["loss"], swa_eval_accuracy=swa_result["accuracy"])
                 if final:  # the SWA average is the result of the run
                     state, result = swa_state, swa_result
+                    if project_rules is not None:
+                        decomposition = swa_decomposition
             writer.write(step, evaluation)
             swa_text = f", SWA {evaluation['swa_eval_accuracy']:.4f}" if swa_now else ""
             print(f"\nepoch {step / steps_per_epoch:g}: eval accuracy {evaluation['eval_accuracy']:.4f} "
@@ -376,13 +439,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              metrics={"accuracy": result["accuracy"]}, force=True)
         if result is None:  # finished before: report the final model of the checkpoint
             result = _evaluate(eval_step, state, eval_data, mesh)
+            if project_rules is not None:  # its kernels are projected; count a decomposition of them
+                decomposition = projection.project(_fetch(state.trainable["params"]), project_rules)[1]
     finally:
         checkpoints.close()
         writer.close()
     best = {key: record[key] for key in ("best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step")
             if key in record}
     summary = dict(accuracy=result["accuracy"], loss=result["loss"], **best, steps=total_steps,
-                   seconds=time.perf_counter() - start, **_storage(model, state, sample),
+                   seconds=time.perf_counter() - start, **_storage(model, state, sample, decomposition),
                    dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                    setting=config.setting or config.input.setting, recipe=config.recipe or None,
                    part=config.input.part, epochs=config.optim.epochs,

@@ -62,7 +62,12 @@ AUTHORS = dict(
     schedule="reference", threshold=4e-3, switch_bar=1, update_threshold=0.0, init_scheme="reference",
     reset_counters_every_epoch=True, revive_at="ceil", swa_start_epoch=161, swa_lr=0.05,
     inference_only_lr=0.05, inference_only_epochs=300, inference_only_threshold=1e-3, inference_only_max_coeff=32.0,
-    decompose_iterations=30, threshold_decay=0.5, activation_range="batch", range_momentum=0.1,
+    decompose_iterations=30, threshold_decay=0.5,
+    # SmartDeal-Inference/main.py: `lr = args.lr * (0.5 ** (epoch // 30))`; utils.moving_average after every
+    # epoch from the first (swa_n = 0); smart_net(model) and smart_net(swa_model) after every epoch
+    inference_only_schedule="step", inference_only_step_epochs=30, inference_only_step_factor=0.5,
+    inference_only_swa_start_epoch=1, inference_only_project_every_epoch=True,
+    activation_range="batch", range_momentum=0.1,
     split_rule="reference",  # main.py --task adapt|finetune: np.random.seed(0) splits, labels kept
 )
 
@@ -99,7 +104,21 @@ def test_reference_bucket_switch_follows_the_authors_rule():
 def test_reference_inference_only_uses_the_authors_inference_defaults():
     config = _reference("inference_only")
     assert (config.optim.lr, config.optim.epochs, config.sd.threshold, config.sd.max_coeff) == (0.05, 300, 1e-3, 32.0)
-    assert any("re-decompose" in note for note in config.departures)
+    assert config.sd.iterations == 30 and config.optim.weight_decay == 5e-4 and config.optim.momentum == 0.9
+
+
+def test_reference_inference_only_trains_dense_projected_every_epoch_with_swa_and_the_step_schedule():
+    config = _reference("inference_only")
+    assert not config.model.sd and config.optim.project_every_epoch
+    assert (config.optim.schedule, config.optim.step_epochs, config.optim.step_factor) == ("step", 30, 0.5)
+    assert (config.swa.start_epoch, config.swa.bn_batches, config.eval.every_steps) == (1, 0, 0)
+    assert not any("re-decompose" in note or "every 30 epochs" in note for note in config.departures)
+    schedule = trainer._schedule(config, steps_per_epoch=391)
+    assert [float(schedule(epoch * 391)) for epoch in (0, 29, 30, 60, 299)] == pytest.approx(
+        [0.05, 0.05, 0.025, 0.0125, 0.05 / 2**9])
+    tuned = paper.get_config("cifar10,resnet18,inference_only,tuned")  # decomposed once, then fine-tuned in SD form
+    assert tuned.model.sd and not tuned.optim.project_every_epoch and tuned.optim.schedule == "reference"
+    assert (tuned.optim.lr, tuned.optim.epochs, tuned.swa.start_epoch) == (0.01, 40, 0)
 
 
 def test_reference_adaptation_and_finetune_use_the_authors_splits():
@@ -156,7 +175,8 @@ def test_fashion_mnist_configs_build(setting):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the authors never ran LeNet-5
         config = fashion_mnist.get_config(f"lenet5,{setting}")
-    assert config.input.dataset == "fashion_mnist_idx" and config.model.sd == (setting not in ("dense", "dense_8bit"))
+    dense = setting in ("dense", "dense_8bit") or setting == "inference_only"  # reference: dense, projected
+    assert config.input.dataset == "fashion_mnist_idx" and config.model.sd == (not dense)
     with tfds.testing.mock_data(num_examples=64):
         pipeline = data.input_pipeline(config.input.dataset, "train", batch_size=4, seed=0,
                                        setting=config.input.setting, part=config.input.part)

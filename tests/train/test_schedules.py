@@ -44,3 +44,26 @@ def test_reference_schedule_is_the_authors_per_epoch():
 def test_reference_schedule_refuses_bad_options(kwargs):
     with pytest.raises(ValueError):
         schedules.reference_schedule(0.1, **dict(dict(epochs=200), **kwargs))
+
+
+def _inference_lr(epoch, *, lr=0.05):
+    """`adjust_learning_rate(optimizer, epoch)` of SmartDeal-Inference/main.py, verbatim but for args."""
+    return lr * (0.5 ** (epoch // 30))
+
+
+def test_step_schedule_is_the_authors_inference_only_schedule():
+    schedule = schedules.step_schedule(0.05, step_epochs=30, factor=0.5, steps_per_epoch=391)
+    for epoch in range(300):
+        for step in (epoch * 391, epoch * 391 + 390):  # constant within an epoch
+            assert float(schedule(step)) == pytest.approx(_inference_lr(epoch), rel=1e-6)
+    assert float(schedule(29 * 391 + 390)) == pytest.approx(0.05) and float(schedule(30 * 391)) == pytest.approx(0.025)
+    assert float(schedule(299 * 391)) == pytest.approx(0.05 / 2**9)
+    per_step = schedules.step_schedule(0.1, step_epochs=2, factor=0.1)  # steps_per_epoch=1: epochs are steps
+    assert [float(per_step(s)) for s in range(5)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("kwargs", [dict(step_epochs=0), dict(factor=0.0), dict(steps_per_epoch=0),
+                                    dict(base_lr=0.0)])
+def test_step_schedule_refuses_bad_options(kwargs):
+    with pytest.raises(ValueError, match="step_epochs >= 1"):
+        schedules.step_schedule(**dict(dict(base_lr=0.05, step_epochs=30, factor=0.5), **kwargs))

@@ -241,3 +241,88 @@ def test_batch_norm_batches_are_a_whole_training_epoch_read_aside():
     for ours, theirs in zip(aside, epoch_0):
         np.testing.assert_array_equal(ours["image"], theirs["image"])
     assert len(list(trainer._training_epoch(pipeline, 0, 2))) == 2
+
+
+def test_dense_training_projected_onto_sd_form_every_epoch_with_swa(tmp_path, monkeypatch):
+    """The authors' inference-only rule: a trained dense model, fine-tuned dense (`--mode=finetune`
+    with init.from_params), its kernels and those of its SWA average replaced by C·B after every epoch."""
+    import jax
+
+    from sd_jax.nn import report
+    from sd_jax.train import projection, swa
+    from sd_jax.train.checkpoint import load_variables
+
+    dense_dir = str(tmp_path / "dense")
+    trainer.train_and_evaluate(_config(), dense_dir)
+    original, projections = projection.project, []
+
+    def recorded(params, rules):
+        projections.append(original(params, rules))
+        return projections[-1]
+
+    monkeypatch.setattr(projection, "project", recorded)
+    config = _config(init__from_params=os.path.join(dense_dir, "checkpoints"), optim__epochs=2,
+                     optim__project_every_epoch=True, optim__schedule="step", optim__step_epochs=1,
+                     swa__start_epoch=1, sd__threshold=1e-3, ckpt__keep_last=10)
+    workdir = str(tmp_path / "projected")
+    summary = trainer.train_and_evaluate(config, workdir)
+    assert len(projections) == 4  # the model, then the SWA average, after each of the 2 epochs
+    evaluations = _evaluations(workdir)
+    assert [e["step"] for e in evaluations] == [4, 8] and all("swa_eval_accuracy" in e for e in evaluations)
+    assert summary["accuracy"] == evaluations[-1]["swa_eval_accuracy"] and summary["sd"] is False
+
+    # After epoch 1 the model is projected before its evaluation and checkpoint; the first SWA average is
+    # that model's weights, so its projection is the same.
+    after_epoch_1 = load_variables(os.path.join(workdir, "checkpoints", "4", "state"))["trainable"]["params"]
+    for params, _ in projections[:2]:
+        jax.tree.map(np.testing.assert_array_equal, after_epoch_1, jax.device_get(params))
+    # The result is the projected SWA average, which is also the average later epochs would build on.
+    swa_params, swa_decomposition = projections[-1]
+    jax.tree.map(np.testing.assert_array_equal, load_variables(os.path.join(workdir, "checkpoints"))["params"],
+                 jax.device_get(swa_params))
+    state = trainer._build(config, workdir)[3]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(swa.find_state(state.opt_state).average["params"]),
+                 jax.device_get(swa_params))
+    # Its storage counts as the SD model of that decomposition.
+    totals = report.model_report(swa_decomposition.tree).totals()
+    assert summary["density"] == totals["density"] and 0 < summary["density"] < 1
+    assert summary["compression_ratio"] > 1
+
+
+def test_projection_options_that_cannot_work_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="model.sd=True trains the SD form itself"):
+        trainer.train_and_evaluate(_config(optim__project_every_epoch=True, model__sd=True), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="eval.every_steps=2 would evaluate weights that are not projected"):
+        trainer.train_and_evaluate(_config(optim__project_every_epoch=True, eval__every_steps=2), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="'reference', 'cosine' or 'step'"):
+        trainer.train_and_evaluate(_config(optim__schedule="steps"), str(tmp_path / "c"))
+
+
+@pytest.mark.slow
+def test_projected_run_resumes_bitwise(tmp_path, monkeypatch):
+    import jax
+
+    from sd_jax.train.checkpoint import load_variables
+
+    config = _config(optim__epochs=2, optim__project_every_epoch=True, swa__start_epoch=1, ckpt__every_steps=3)
+    full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+    original, calls = trainer._global_batch, []
+
+    def interrupt_in_the_second_epoch(batch, mesh):
+        # Steps 1-4, 2 eval batches, 2 SWA eval batches (no batch norm), then steps 5 and 6 (saved): 10 calls.
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt("simulated preemption")
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "_global_batch", interrupt_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(trainer, "_global_batch", original)
+    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    for key in ("accuracy", "loss", "best_accuracy", "best_swa_accuracy", "density", "compression_ratio"):
+        assert resumed[key] == full[key], key
+    jax.tree.map(np.testing.assert_array_equal, load_variables(str(tmp_path / "full" / "checkpoints")),
+                 load_variables(str(tmp_path / "resumed" / "checkpoints")))
+    again = trainer.train_and_evaluate(config, str(tmp_path / "full"))  # finished: a decomposition of the result
+    assert again["accuracy"] == full["accuracy"] and again["density"] == pytest.approx(full["density"], rel=0.1)
