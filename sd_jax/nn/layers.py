@@ -421,10 +421,11 @@ class SDConv(nn.Module):
     """2-D convolution (NHWC input, (kh, kw, cin / groups, features) kernel) with an SD kernel.
 
     Constructor keywords of nn.Conv, plus the SD options (`SDOptions`): `mode` ('latent' or 'pow2'),
-    `threshold` and `max_coeff` of the quantizer, `init_scheme` ('lecun', 'he' or 'reference'), the blocking
+    `threshold` and `max_coeff` of the quantizer, `init_scheme` (one of INIT_SCHEMES), the blocking
     (`group_size`, `row_length`, `max_rows`), `kind` (default: 'depthwise' for one input channel
     per group and group count = features, else 'conv'), and the low-precision options
-    `activation_bits` and `gradient_bits` (None: off; see the module docstring).
+    `activation_bits` and `gradient_bits` (None: off), `activation_range` and `range_momentum` (see
+    the module docstring).
     """
 
     features: int
