@@ -203,13 +203,17 @@ def _from_scratch(config: ml_collections.ConfigDict, setting: str, recipe: str) 
     if setting == "sd_bucket_switch":
         config.sd.mode = "pow2"
         config.optim.coeff_update = "bucket_switch"
-        config.optim.switch_bar = REFERENCE["switch_bar"]
-        config.optim.update_threshold = REFERENCE["update_threshold"]
-        config.optim.reset_counters_every_epoch = REFERENCE["reset_counters_every_epoch"]
-        config.optim.revive_at = REFERENCE["revive_at"]
+        _reference_bucket_switch(config)
     else:
         config.sd.mode = "latent"
         config.optim.coeff_update = "latent"
+
+
+def _reference_bucket_switch(config: ml_collections.ConfigDict) -> None:
+    """The authors' bucket-switch rule: a switch on every vote, no dC threshold, counters reset each
+    epoch, revived entries at the smallest power of two >= threshold."""
+    for key in ("switch_bar", "update_threshold", "reset_counters_every_epoch", "revive_at"):
+        config.optim[key] = REFERENCE[key]
 
 
 def _decomposed(config: ml_collections.ConfigDict, setting: str, recipe: str) -> None:
@@ -219,9 +223,7 @@ def _decomposed(config: ml_collections.ConfigDict, setting: str, recipe: str) ->
         config.sd.threshold = REFERENCE["inference_only_threshold"]
         config.sd.max_coeff = REFERENCE["inference_only_max_coeff"]
         config.sd.iterations = REFERENCE["decompose_iterations"]
-        config.optim.switch_bar = REFERENCE["switch_bar"]
-        config.optim.reset_counters_every_epoch = REFERENCE["reset_counters_every_epoch"]
-        config.optim.revive_at = REFERENCE["revive_at"]
+        _reference_bucket_switch(config)
     else:
         config.sd.threshold = TUNED["decomposed_threshold"]
         config.optim.switch_bar = TUNED["decomposed_switch_bar"]

@@ -20,6 +20,24 @@ def _config(**changes):
     return tiny_config(**changes)
 
 
+def _preempted_then_resumed(config, workdir, monkeypatch, at_call):
+    """Run `config` in `workdir` killed at the `at_call`-th batch put on the devices (a simulated
+    preemption), then run it again to the end; return the second run's summary."""
+    original, calls = trainer._global_batch, []
+
+    def preempt(batch, mesh):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt("simulated preemption")
+        return original(batch, mesh)
+
+    monkeypatch.setattr(trainer, "_global_batch", preempt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(trainer, "_global_batch", original)
+    return trainer.train_and_evaluate(config, workdir)
+
+
 def test_dense_then_sd_finetune_end_to_end(tmp_path):
     dense_dir = str(tmp_path / "dense")
     summary = trainer.train_and_evaluate(_config(), dense_dir)
@@ -42,19 +60,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
 
     config = _config(optim__epochs=2, ckpt__every_steps=3)
     full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
-    original, calls = trainer._global_batch, []
-
-    def interrupt_after_five(batch, mesh):
-        calls.append(1)
-        if len(calls) > 5:
-            raise KeyboardInterrupt("simulated preemption")
-        return original(batch, mesh)
-
-    monkeypatch.setattr(trainer, "_global_batch", interrupt_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(trainer, "_global_batch", original)
-    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed = _preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch, at_call=6)
     assert resumed["loss"] == full["loss"] and resumed["accuracy"] == full["accuracy"]
     jax.tree.map(np.testing.assert_array_equal, load_variables(str(tmp_path / "full" / "checkpoints")),
                  load_variables(str(tmp_path / "resumed" / "checkpoints")))
@@ -111,20 +117,8 @@ def test_swa_with_batch_norm_resumes_bitwise(tmp_path, monkeypatch):
                      ckpt__keep_last=10)
     config.model.options.depth = 8
     full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
-    original, calls = trainer._global_batch, []
-
-    def interrupt_in_the_last_epoch(batch, mesh):
-        # Up to step 8: 8 training, 2 x 2 eval, 4 batch-norm (an epoch) and 2 SWA eval batches; 20 = step 10.
-        calls.append(1)
-        if len(calls) == 20:
-            raise KeyboardInterrupt("simulated preemption")
-        return original(batch, mesh)
-
-    monkeypatch.setattr(trainer, "_global_batch", interrupt_in_the_last_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(trainer, "_global_batch", original)
-    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    # Up to step 8: 8 training, 2 x 2 eval, 4 batch-norm (an epoch) and 2 SWA eval batches; call 20 = step 10.
+    resumed = _preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch, at_call=20)
     for key in ("accuracy", "loss", "best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step"):
         assert resumed[key] == full[key], key
     final = load_variables(str(tmp_path / "full" / "checkpoints"))
@@ -172,19 +166,8 @@ def test_evaluates_each_epoch_keeps_the_best_checkpoint_and_resumes_the_best(tmp
     assert checkpoints.all_steps() == [8, 14, 16] and checkpoints.metrics(8) == {"accuracy": 0.9}
     checkpoints.close()
 
-    original, calls = trainer._global_batch, []
-
-    def interrupt_at_step_15(batch, mesh):
-        calls.append(1)
-        if len(calls) == 15:
-            raise KeyboardInterrupt("simulated preemption")
-        return original(batch, mesh)
-
-    monkeypatch.setattr(trainer, "_global_batch", interrupt_at_step_15)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(trainer, "_global_batch", original)
-    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))  # from step 14: best of step 8 is older
+    # Killed at step 15; resumed from step 14, whose best (step 8) is older than the kept checkpoints.
+    resumed = _preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch, at_call=15)
     assert {k: resumed[k] for k in ("accuracy", "best_accuracy", "best_step")} == {
         k: full[k] for k in ("accuracy", "best_accuracy", "best_step")}
 
@@ -306,20 +289,8 @@ def test_projected_run_resumes_bitwise(tmp_path, monkeypatch):
 
     config = _config(optim__epochs=2, optim__project_every_epoch=True, swa__start_epoch=1, ckpt__every_steps=3)
     full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
-    original, calls = trainer._global_batch, []
-
-    def interrupt_in_the_second_epoch(batch, mesh):
-        # Steps 1-4, 2 eval batches, 2 SWA eval batches (no batch norm), then steps 5 and 6 (saved): 10 calls.
-        calls.append(1)
-        if len(calls) == 11:
-            raise KeyboardInterrupt("simulated preemption")
-        return original(batch, mesh)
-
-    monkeypatch.setattr(trainer, "_global_batch", interrupt_in_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(trainer, "_global_batch", original)
-    resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    # Steps 1-4, 2 eval batches, 2 SWA eval batches (no batch norm), then steps 5 and 6 (saved): 10 calls.
+    resumed = _preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch, at_call=11)
     for key in ("accuracy", "loss", "best_accuracy", "best_swa_accuracy", "density", "compression_ratio"):
         assert resumed[key] == full[key], key
     jax.tree.map(np.testing.assert_array_equal, load_variables(str(tmp_path / "full" / "checkpoints")),
