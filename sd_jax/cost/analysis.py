@@ -5,7 +5,9 @@ another (usually the same technology at other bit widths) and, optionally, the d
 dense 8-bit baseline (8-bit weights, activations and gradients: the class of baseline the paper's
 training claims are measured against); `summary`, `layer_rows` and the `format_*` / `to_*`
 functions render the result; `plot_energy` and `plot_storage` save PNGs. Storage totals add the
-model's other parameters (biases, norms) at 32 bits to every side.
+model's other parameters (biases, norms) at 32 bits to every side. Reports give both MAC counts:
+`macs` as FLOP counters count them (padding taps included) and `effective_macs` (without them), and
+name the one the energy figures charge (`energy_macs`, see `sd_jax.cost.energy`).
 """
 
 from __future__ import annotations
@@ -87,12 +89,17 @@ RATIOS = dict(inference_energy="inference_energy", storage="storage_bits", train
 
 def summary(analysis: Analysis) -> dict[str, Any]:
     """Totals of every view and their ratios, energies in `unit`, storage in bits: `<total>_ratio` is
-    dense / SD, `<total>_ratio_vs_int8` dense 8-bit / SD (when the analysis has that baseline)."""
+    dense / SD, `<total>_ratio_vs_int8` dense 8-bit / SD (when the analysis has that baseline).
+    MACs per image: `macs` (padding taps included), `effective_macs` (excluded) and `energy_macs`,
+    the name of the count the energies charge."""
     other_bits = analysis.network.other_params * OTHER_PARAM_BITS
     views = dict(dense=analysis.dense, sd=analysis.sd, dense_int8=analysis.dense_int8)
     totals = {view: _side_totals(result, other_bits) for view, result in views.items() if result is not None}
+    layers = analysis.network.layers
     out: dict[str, Any] = dict(model=analysis.model, unit=analysis.unit,
-                               macs=sum(layer.macs for layer in analysis.network.layers),
+                               macs=sum(layer.macs for layer in layers),
+                               effective_macs=sum(layer.effective_macs for layer in layers),
+                               energy_macs=energy_lib.ENERGY_MACS,
                                layers=len(analysis.network.layers),
                                sd_layers=sum(layer.sd is not None for layer in analysis.network.layers),
                                sd_density=_density(analysis.network),
@@ -116,13 +123,15 @@ def _density(network: Network) -> float | None:
 
 
 def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:
-    """One row per layer: shapes, MACs, SD statistics, storage and energies of both views."""
+    """One row per layer: shapes, MACs (with and without padding taps), SD statistics, storage and
+    energies of both views."""
     rows = []
     for i, layer in enumerate(analysis.network.layers):
         pick = lambda tree: float(tree[i])
         train = lambda result: sum(pick(part) for phase in result["training"].values() for part in phase.values())
         rows.append(dict(
             layer=layer.name, kind=layer.kind, kernel="x".join(map(str, layer.kernel_shape)), macs=layer.macs,
+            effective_macs=layer.effective_macs,
             density=layer.sd.density if layer.sd else None, code_bits=layer.sd.code_bits if layer.sd else None,
             dense_storage_bits=pick(analysis.dense["storage"]["weights"]),
             sd_storage_bits=pick(analysis.sd["storage"]["weights"]),
@@ -133,10 +142,10 @@ def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:
     return rows
 
 
-_COLUMNS = ("layer", "kind", "kernel", "macs", "density", "code_bits", "dense_storage_bits", "sd_storage_bits",
-            "dense_inference_energy", "sd_inference_energy", "dense_training_energy", "sd_training_energy")
-_HEADERS = ("layer", "kind", "kernel", "MACs", "density", "code bits", "dense bits", "SD bits",
-            "dense inf.", "SD inf.", "dense train", "SD train")
+_COLUMNS = ("layer", "kind", "kernel", "macs", "effective_macs", "density", "code_bits", "dense_storage_bits",
+            "sd_storage_bits", "dense_inference_energy", "sd_inference_energy", "dense_training_energy", "sd_training_energy")
+_HEADERS = ("layer", "kind", "kernel", "MACs", "effective MACs", "density", "code bits", "dense bits",
+            "SD bits", "dense inf.", "SD inf.", "dense train", "SD train")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -176,16 +185,22 @@ def _totals_table(analysis: Analysis) -> list[list[str]]:
     return rows
 
 
+def _headline(analysis: Analysis) -> str:
+    """One sentence: both MAC counts, the one the energies charge, and how many layers are in SD form."""
+    s = summary(analysis)
+    return (f"{analysis.model}: {s['macs']:,} MACs per image, {s['effective_macs']:,} without taps on zero "
+            f"padding (energies charge {s['energy_macs']}); {s['sd_layers']} of {s['layers']} layers in SD form")
+
+
 def format_text(analysis: Analysis) -> str:
     """A plain-text per-layer table and the totals."""
     rows = [list(_HEADERS)] + [_cells(row) for row in layer_rows(analysis)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
     line = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
     table = [line(rows[0]), "-" * len(line(rows[0])), *map(line, rows[1:])]
-    s = summary(analysis)
     totals = _totals_table(analysis)
     widths = [max(len(row[i]) for row in totals) + 2 for i in range(len(totals[0]))]
-    lines = [f"{analysis.model}: {s['macs']:,} MACs per image, {s['sd_layers']} of {s['layers']} layers in SD form"]
+    lines = [_headline(analysis)]
     lines += [row[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) for row in totals]
     return "\n".join(table + [""] + lines)
 
@@ -195,7 +210,7 @@ def format_markdown(analysis: Analysis) -> str:
     md = lambda cells: "| " + " | ".join(cells) + " |"
     totals = _totals_table(analysis)
     lines = [md(_HEADERS), md(["---"] * len(_HEADERS)), *(md(_cells(row)) for row in layer_rows(analysis))]
-    lines += ["", md(totals[0]), md(["---"] * len(totals[0])), *map(md, totals[1:])]
+    lines += ["", _headline(analysis), "", md(totals[0]), md(["---"] * len(totals[0])), *map(md, totals[1:])]
     return "\n".join(lines)
 
 

@@ -4,9 +4,14 @@
 is a jitted function from counts and one `Hardware` description to per-layer energies (in the
 table's unit) and storage (bits); `sweep_energy` is the same function `vmap`ped over descriptions.
 
+Which MACs: the model charges each layer's `effective_macs` (`ENERGY_MACS`), the multiplications
+whose input is not zero padding, not the FLOP-counter `macs` that include them. Padding zeros are
+never stored or moved, and an accelerator that handles borders (Eyeriss gates zero inputs) does not
+multiply them; the reference's model (DESIGN.md 1.5) counts the work done and skips zeros.
+
 Access model (per pass over a batch; Eyeriss-style, a deliberately small one). A pass is a
-matrix product with MACs M, an operand A kept in the dataflow's favour (the weights), a streamed
-operand X and an output Y. With P processing elements, an operand of N elements used by M MACs is
+matrix product with M effective MACs, an operand A kept in the dataflow's favour (the weights), a
+streamed operand X and an output Y. With P processing elements, an operand of N elements used by M MACs is
 read from the buffer max(1, M / (N P)) times per element when streamed (each read feeds up to P
 PEs), once when stationary.
 - weight-stationary: A is loaded once into the PE registers; partial sums stream through the buffer
@@ -41,13 +46,18 @@ from sd_jax.cost.layers import Network
 
 Array = jax.Array
 
+ENERGY_MACS = "effective_macs"  # the `Layer` count the energy model charges (module docstring)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Counts:
-    """Per-layer counts (L,), per example; `sd` is 1 where the layer is stored in SD form."""
+    """Per-layer counts (L,), per example; `sd` is 1 where the layer is stored in SD form.
 
-    macs: Array
+    `effective_macs` are the layers' MACs without taps on zero padding: what the model charges.
+    """
+
+    effective_macs: Array
     weights: Array
     inputs: Array
     outputs: Array
@@ -67,7 +77,7 @@ def layer_counts(network: Network, *, sd: bool = True) -> Counts:
     use = lambda layer: sd and layer.sd is not None
     stat = lambda field: column(lambda layer: getattr(layer.sd, field) if use(layer) else 0)
     return Counts(
-        macs=column(lambda layer: layer.macs), weights=column(lambda layer: layer.weights),
+        effective_macs=column(lambda layer: getattr(layer, ENERGY_MACS)), weights=column(lambda layer: layer.weights),
         inputs=column(lambda layer: layer.inputs), outputs=column(lambda layer: layer.outputs),
         sd=column(lambda layer: float(use(layer))), sd_storage_bits=stat("storage_bits"),
         nonzeros=stat("nonzeros"), coeff_entries=stat("coeff_entries"), basis_entries=stat("basis_entries"),
@@ -108,7 +118,7 @@ def energy(counts: Counts, hw: Hardware) -> dict[str, dict[str, Array]]:
     "activations"} in bits per step}; each part is an (L,) array.
     """
     c, batch = counts, hw.batch
-    macs, inputs, outputs = c.macs * batch, c.inputs * batch, c.outputs * batch
+    macs, inputs, outputs = c.effective_macs * batch, c.inputs * batch, c.outputs * batch
     weight_bits = _stored_weight_bits(c, hw)
     coefficient_steps = jnp.where(hw.skip_zeros > 0, c.nonzeros, c.coeff_entries) * c.k * c.sd
     forward = _pass(hw, macs, weight_bits, c.weights, hw.weight_bits, inputs, hw.activation_bits,

@@ -52,3 +52,15 @@ def test_reports_show_both_baselines(result):
     ratio = f"{summary['inference_energy_ratio_vs_int8']:.2f}x"
     assert "dense 8-bit / SD" in text and ratio in text
     assert "| total | dense | dense 8-bit | SD | dense / SD | dense 8-bit / SD |" in markdown
+
+
+def test_reports_give_both_mac_counts_and_name_the_one_energy_charges(network, result):
+    s = analysis.summary(result)
+    assert s["macs"] == sum(layer.macs for layer in network.layers) > s["effective_macs"]
+    assert s["energy_macs"] == "effective_macs"
+    text, markdown = analysis.format_text(result), analysis.format_markdown(result)
+    headline = f"{s['macs']:,} MACs per image, {s['effective_macs']:,} without taps on zero padding"
+    assert headline in text and headline in markdown and "energies charge effective_macs" in text
+    stem = analysis.layer_rows(result)[0]
+    assert (stem["macs"], stem["effective_macs"]) == (network.layers[0].macs, network.layers[0].effective_macs)
+    assert analysis.to_csv(result).startswith("layer,kind,kernel,macs,effective_macs,")

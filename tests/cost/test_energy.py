@@ -17,6 +17,13 @@ def test_dram_weight_traffic_by_hand(network):
     assert float(dram) == pytest.approx(expected_bits * 640 / 32, rel=1e-6)
 
 
+def test_energy_charges_the_macs_without_padding_taps(network):
+    hw = hardware.hardware()
+    mac = energy.energy(energy.layer_counts(network, sd=False), hw)["inference"]["mac"]
+    np.testing.assert_allclose(mac, [layer.effective_macs * float(hw.mac) for layer in network.layers], rtol=1e-6)
+    assert network.layers[0].macs > network.layers[0].effective_macs  # the stem's 3x3 taps on the zero border
+
+
 def test_sd_moves_fewer_weight_bits_and_pays_rebuild(network):
     hw = hardware.hardware()  # 32-bit dense weights
     sd = energy.energy(energy.layer_counts(network), hw)
