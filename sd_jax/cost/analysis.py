@@ -143,7 +143,8 @@ def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:
 
 
 _COLUMNS = ("layer", "kind", "kernel", "macs", "effective_macs", "density", "code_bits", "dense_storage_bits",
-            "sd_storage_bits", "dense_inference_energy", "sd_inference_energy", "dense_training_energy", "sd_training_energy")
+            "sd_storage_bits", "dense_inference_energy", "sd_inference_energy", "dense_training_energy",
+            "sd_training_energy")
 _HEADERS = ("layer", "kind", "kernel", "MACs", "effective MACs", "density", "code bits", "dense bits",
             "SD bits", "dense inf.", "SD inf.", "dense train", "SD train")
 
