@@ -34,30 +34,32 @@ class Progress:
         self._in_place = enabled and self._stream.isatty()
         self._open_line = False
         self.stage, self.total, self._first, self._done, self._images_per_step = "", 0, 0, 0, 0
-        self._started = 0.0
+        self._started, self._measuring = 0.0, False
+        self.rate = 0.0  # steps a second at the last update
 
     def start(self, stage: str, total: int, *, done: int = 0, images_per_step: int = 0) -> None:
         """Begin `stage` ("train", "eval", "swa", "decompose", ...) of `total` steps, `done` of them already
-        done (a resumed run); the rate and the ETA count from here."""
+        done (a resumed run)."""
         self._end_line()
         self.stage, self.total, self._first, self._done = stage, total, done, done
-        self._images_per_step = images_per_step
+        self._images_per_step, self._measuring = images_per_step, False
         self._started = self._clock()
 
-    @property
-    def rate(self) -> float:
-        """Steps a second of the current stage since it started (0 before the first step)."""
-        elapsed = self._clock() - self._started
+    def _rate(self, now: float) -> float:
+        elapsed = now - self._started
         return (self._done - self._first) / elapsed if elapsed > 0 else 0.0
 
     def update(self, done: int, *, transient: bool = False, **figures: float) -> None:
         """The progress line after `done` of the stage's steps, with `figures` (e.g. loss=0.41); a
-        `transient` line (the steps of an evaluation) shows only on a terminal, not in logs."""
-        self._done = done
+        `transient` line (the steps of an evaluation) shows only on a terminal, not in logs. The rate
+        counts from the stage's first update on, so that compiling the first step does not skew it."""
+        now, self._done = self._clock(), done
+        self.rate = rate = self._rate(now)
+        if not self._measuring:
+            self._first, self._started, self._measuring = done, now, True
         if transient and not self._in_place:
             return
         parts = [self.stage, f"step {done}/{self.total}"]
-        rate = self.rate
         if rate > 0:
             parts.append(f"{rate * self._images_per_step:.1f} images/s" if self._images_per_step
                          else f"{rate:.2f} steps/s")

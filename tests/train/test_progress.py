@@ -64,3 +64,14 @@ def test_transient_lines_show_only_on_a_terminal_and_a_disabled_progress_prints_
     assert log.getvalue() == "eval  epoch 1: accuracy 0.5\n"
     assert "eval  step 3/3" in terminal.getvalue() and terminal.getvalue().endswith("\neval  epoch 1: accuracy 0.5\n")
     assert silent.getvalue() == ""
+
+
+def test_the_rate_counts_from_the_first_update_so_compiling_does_not_skew_it():
+    log = io.StringIO()
+    progress = Progress(log, clock=_clock([0.0, 30.0, 31.0, 32.0]))  # the first step compiles for 30 s
+    progress.start("train", 100)
+    for done in (10, 20, 30):
+        progress.update(done)
+    assert progress.rate == 10.0
+    assert log.getvalue().splitlines()[1:] == ["train  step 20/100  10.00 steps/s  ETA 0:08",
+                                               "train  step 30/100  10.00 steps/s  ETA 0:07"]
