@@ -54,9 +54,10 @@ def write_text(path: epath.Path, text: str) -> None:
     try:
         temporary.write_text(text)
         temporary.replace(path)
-    finally:
+    except BaseException:
         if temporary.exists():
             temporary.unlink()
+        raise
 
 
 def git_commit(directory: str = _SOURCE) -> dict[str, Any]:
@@ -132,5 +133,6 @@ class MetricsWriter:
         write_text(self._path, "".join(self._lines))
 
     def close(self) -> None:
+        """Flush and close the events file."""
         if self._enabled:
             self._events.close()

@@ -97,3 +97,16 @@ def test_the_trainer_writes_a_bucket_workdir_through_epath(tmp_path, tiny_data, 
     lines = [json.loads(line) for line in (bucket / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "learning_rate" in line] == [1, 2, 3, 4]
     assert os.path.getsize(bucket / "tensorboard" / os.listdir(bucket / "tensorboard")[0]) > 100
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = workdir.as_path(tmp_path) / "summary.json"
+    workdir.write_text(target, "old")
+
+    def fail(self, destination):
+        raise OSError("bucket unreachable")
+
+    monkeypatch.setattr(type(target), "replace", fail)
+    with pytest.raises(OSError, match="unreachable"):
+        workdir.write_text(target, "new")
+    assert os.listdir(tmp_path) == ["summary.json"] and target.read_text() == "old"
