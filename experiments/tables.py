@@ -6,14 +6,17 @@
 Every `summary.json` below `--runs` counts: trainer runs (accuracy, best_accuracy, compression_ratio,
 density, seconds, dataset, model, setting, recipe) and quickstart runs (dense_accuracy, sd_accuracy,
 ...). A file that is not valid JSON or lacks the figures is reported and skipped; the stage summaries
-inside a quickstart run are left to the quickstart's own row. A run's setting is the one its summary
-records, or, for runs that recorded only the data split ("plain"), the setting named in the config
-argument of its `command.txt`. A run's `energy.json` (the analyzer's JSON report of its final
+inside a quickstart run are left to the quickstart's own row. A run describes itself (the trainer and
+the quickstart write `config.json` and `run.json`, `sd_jax.train.workdir`): its command is the last
+start's command line in `run.json`, with its commit; its setting is the one its summary records, else
+its `config.json`'s. Runs from before that keep a hand-written `command.txt`: its text is the
+command, and the setting named in its config argument stands in for a summary that recorded only the
+data split ("plain"). A run's `energy.json` (the analyzer's JSON report of its final
 weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratios against dense
 float32 and against dense 8-bit and, for SD runs, gives the compression and density columns (the
 same count as the trainer's summary). Each row holds ROW_KEYS, None where the run does not say.
 The markdown starts with `NOTES.md` of the `--runs` folder when there is one, has one row per run,
-the commands recorded in each run's `command.txt`, and the paper's headline claims beneath; the plot
+the command of each run, and the paper's headline claims beneath; the plot
 shows accuracy against compression. No figure is typed by hand.
 """
 
@@ -30,7 +33,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments.configs.paper import SETTINGS
-from sd_jax.train import checkpoint
+from sd_jax.train import checkpoint, workdir
 
 PAPER_CLAIMS = (
     "SD inference: up to 2.44x energy efficiency (authors' hardware)",
@@ -39,6 +42,7 @@ PAPER_CLAIMS = (
 )
 
 ENERGY_FILE = "energy.json"
+LEGACY_COMMAND_FILE = "command.txt"  # what runs from before run.json kept by hand
 PREAMBLE_FILE = "NOTES.md"
 ENERGY_RATIOS = ("inference_energy_ratio", "training_energy_ratio", "inference_energy_ratio_vs_int8",
                  "training_energy_ratio_vs_int8")
@@ -87,28 +91,55 @@ def _text(path: str) -> str:
 def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
     """A row without its energy ratios (see `collect`), or None for a summary without accuracy."""
     run = os.path.dirname(path)
-    command = _text(os.path.join(run, "command.txt")).strip()
+    command, config = _command(run), _config(run)
     if "sd_accuracy" in summary:  # a quickstart: a dense model trained, decomposed and fine-tuned in SD form
-        return dict(run=run, dataset="fashion_mnist", model="resnet20", setting="inference_only", recipe=None,
-                    epochs=None, dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"],
-                    best_accuracy=None, compression_ratio=summary["compression_ratio"], density=summary["density"],
+        return dict(run=run, dataset=summary.get("dataset", "fashion_mnist"), model=summary.get("model", "resnet20"),
+                    setting=summary.get("setting", "inference_only"), recipe=summary.get("recipe"), epochs=None,
+                    dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"], best_accuracy=None,
+                    compression_ratio=summary["compression_ratio"], density=summary["density"],
                     seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
         return None
     machine = f"{summary['backend']} x{summary.get('devices', '?')}" if "backend" in summary else ""
     machine += f", {summary['cpus']} CPU cores" if machine and "cpus" in summary else ""
     return dict(run=run, dataset=summary.get("dataset"), model=summary.get("model"),
-                setting=_setting(summary, command), recipe=summary.get("recipe"), epochs=summary.get("epochs"),
+                setting=_setting(summary, config, command), recipe=summary.get("recipe"), epochs=summary.get("epochs"),
                 dense_accuracy=None, accuracy=summary["accuracy"], best_accuracy=summary.get("best_accuracy"),
                 compression_ratio=summary.get("compression_ratio"), density=summary.get("density"),
                 seconds=summary.get("seconds"), machine=machine, command=command)
 
 
-def _setting(summary: dict[str, Any], command: str) -> str | None:
-    """The experiment setting the run recorded, else the one its command names (runs that recorded only
-    the data split, "plain"), else None."""
-    recorded = summary.get("setting")
-    return recorded if isinstance(recorded, str) and recorded != "plain" else _config_setting(command)
+def _command(run: str) -> str:
+    """The command of the run's last start in its `run.json`, with the commit it ran at; for runs from
+    before `run.json`, the text of their hand-written `command.txt`; "" when there is neither."""
+    starts = _json(os.path.join(run, workdir.RUN_FILE)).get("starts")
+    if not starts:
+        return _text(os.path.join(run, LEGACY_COMMAND_FILE)).strip()
+    last = starts[-1]
+    changes = ", with uncommitted changes" if last.get("dirty") else ""
+    return f"{last['command']}   # at commit {last.get('commit', workdir.UNKNOWN_COMMIT)}{changes}"
+
+
+def _config(run: str) -> dict[str, Any]:
+    """The run's `config.json` ({} when it has none)."""
+    return _json(os.path.join(run, workdir.CONFIG_FILE))
+
+
+def _json(path: str) -> dict[str, Any]:
+    """The JSON object at `path`; {} when the file is missing or broken."""
+    try:
+        return dict(workdir.read_json(path))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _setting(summary: dict[str, Any], config: dict[str, Any], command: str) -> str | None:
+    """The experiment setting the run recorded in its summary, else in its config, else the one its
+    command names (runs from before config.json that recorded only the data split, "plain"), else None."""
+    for recorded in (summary.get("setting"), config.get("setting"), config.get("input", {}).get("setting")):
+        if isinstance(recorded, str) and recorded not in ("", "plain"):
+            return recorded
+    return _config_setting(command)
 
 
 def _config_setting(command: str) -> str | None:

@@ -1,22 +1,29 @@
-"""Config of the quickstart (`experiments/quickstart.py`): Fashion-MNIST, ResNet-20, dense then SD.
+"""Configs of the quickstart's two trainer runs (`experiments/quickstart.py`): Fashion-MNIST, ResNet-20.
 
-    python -m experiments.quickstart --config=experiments/configs/quickstart.py --config.optim.epochs=1
+    python -m experiments.quickstart --config=experiments/configs/quickstart.py:dense \\
+        --sd_config=experiments/configs/quickstart.py:sd --sd_config.optim.epochs=1
 
-About 12 minutes on 2 CPU cores. `finetune` holds what the SD stage changes.
+Argument "dense" (the default): the dense run, 2 epochs, cosine lr from 0.1. "sd": the same run in
+the paper's inference-only setting by the tuned recipe (`paper.apply_setting`: the dense model
+decomposed, then fine-tuned in SD form with the bucket-switch update of C), 1 epoch; the quickstart
+points its `init.from_params` at the dense run's checkpoints. About 12 minutes on 2 CPU cores, both.
 """
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from experiments.configs import default
+from experiments.configs import default, paper
+
+STAGES = ("dense", "sd")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The dense stage; `sd_stage` derives the fine-tuning stage from it."""
-    config = default.get_config(arg)
+    """The config of quickstart stage `arg` (one of STAGES; default "dense")."""
+    stage = arg or "dense"
+    if stage not in STAGES:
+        raise ValueError(f"quickstart stage {arg!r}: pass one of {STAGES}, e.g. experiments/configs/quickstart.py:sd")
+    config = default.get_config()
     config.input.dataset = "fashion_mnist_idx"
     config.model.name = "resnet20"
     config.optim.epochs = 2
@@ -24,25 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.schedule = "cosine"
     config.log_every = 20
     config.ckpt.every_steps = 200
-    # Measured on 2026-11-26 (dense 91.27 %): threshold 0.02, switch_bar 50, weight decay 5e-4 gave
-    # SD 76.2 % at 7.4x; weight decay drives every coefficient's votes toward zero, so the fine-tune
-    # runs without it, and 0.03 / 200 gave SD 91.07 % at 9.7x, density 0.46.
-    config.finetune = ml_collections.ConfigDict(dict(
-        epochs=1, lr=0.01, threshold=0.03, switch_bar=200, weight_decay=0.0, prune_fraction=0.0,
-    ))
+    if stage == "dense":
+        return paper.apply_setting(config, "dense", "tuned")
+    config = paper.apply_setting(config, "inference_only", "tuned")
+    config.optim.epochs = 1
     return config
-
-
-def sd_stage(config: ml_collections.ConfigDict, dense_workdir: str) -> ml_collections.ConfigDict:
-    """Fine-tuning config: decompose the dense checkpoint, then bucket-switch training."""
-    sd = ml_collections.ConfigDict(config.to_dict())
-    sd.init.from_params = os.path.join(dense_workdir, "checkpoints")
-    sd.model.sd = True
-    sd.sd.threshold = config.finetune.threshold
-    sd.sd.prune_fraction = config.finetune.prune_fraction
-    sd.optim.epochs = config.finetune.epochs
-    sd.optim.lr = config.finetune.lr
-    sd.optim.switch_bar = config.finetune.switch_bar
-    sd.optim.weight_decay = config.finetune.weight_decay
-    sd.optim.coeff_update = "bucket_switch"
-    return sd

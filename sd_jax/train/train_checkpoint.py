@@ -5,7 +5,9 @@ collection, optimizer state with the bucket-switch counters and SWA average, PRN
 "state", the input pipeline's position as the JSON item "data", and the trainer's evaluation record
 (best accuracy so far and its step) as the JSON item "evaluation". A save's `metrics` are written
 with it, so the best checkpoint is still known, and kept, after a restart. Saves run in the
-background; `wait` (or `close`) before the process exits.
+background; `wait` (or `close`) before the process exits. The directory is any path `etils.epath`
+reaches (a local folder, gs://...); every process of a multi-process run calls `save` and `restore`
+alike, and Orbax has the primary process write what is written once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from sd_jax.train.checkpoint import CheckpointError
 from sd_jax.train.step import TrainState
+from sd_jax.train.workdir import as_path
 
 
 ITEMS = ("state", "data", "evaluation")
@@ -45,7 +48,7 @@ class TrainCheckpoints:
 
     def __init__(
         self,
-        directory: str,
+        directory: str | os.PathLike,
         *,
         every_steps: int,
         keep_last: int = 2,
@@ -69,7 +72,7 @@ class TrainCheckpoints:
             # Orbax writes a save's metrics to disk only with a best_fn; BestN reads them back on restart.
             best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode,
         )
-        self.directory = os.path.abspath(directory)
+        self.directory = as_path(directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def save(self, step: int, state: TrainState, *, data_state: dict[str, Any] | None = None,
@@ -99,7 +102,7 @@ class TrainCheckpoints:
 
     def evaluation(self, step: int) -> dict[str, Any]:
         """The evaluation record saved with `step` ({} when there is none, e.g. an older checkpoint)."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), "evaluation")):
+        if not (self.directory / str(step) / "evaluation").is_dir():
             return {}
         restored = self._manager.restore(step, args=ocp.args.Composite(evaluation=ocp.args.JsonRestore()))
         return dict(restored["evaluation"] or {})

@@ -3,9 +3,14 @@
 `train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD with
 `model.sd`) from scratch or from `init.from_params` (a dense checkpoint is decomposed on the way in
 when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from
-the latest checkpoint in `workdir` when there is one. It writes TensorBoard events and
-`metrics.jsonl` in the workdir, prints a progress line, and returns a summary (also written to
-`summary.json`). A non-finite loss stops the run with a message; the last good checkpoint stays.
+the latest checkpoint in `workdir` when there is one. `workdir` is any path `etils.epath` reaches (a
+local folder, gs://...). The run describes itself there (`config.json`, and the command line and the
+commit in `run.json`), writes TensorBoard events and `metrics.jsonl` (loss, accuracy, learning rate;
+at each evaluation its figures and, for SD and projected models, the density of C), prints progress
+lines (stage, step of total, images/s, ETA) and each evaluation's result, and returns a summary (also
+written to `summary.json`); all of that from process 0 only (`sd_jax.train.workdir`), while every
+process takes part in Orbax's checkpoints. A non-finite loss stops the run with a message; the last
+good checkpoint stays.
 `evaluate(config, workdir)` restores the latest checkpoint and evaluates it.
 
 Evaluation: after every epoch (every `eval.every_steps` steps when set) and at the end, the model is
@@ -37,10 +42,9 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -48,10 +52,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
 from sd_jax import data, models
 from sd_jax.core import pow2
+from sd_jax.core import report as decomposition_report
 from sd_jax.core.decompose import Decomposition
 from sd_jax.core.network import NetworkDecomposition
 from sd_jax.models.common import BN_MOMENTUM
@@ -59,8 +65,9 @@ from sd_jax.nn import convert
 from sd_jax.nn import report as sd_report
 from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
 from sd_jax.nn.rules import SDRules
-from sd_jax.train import checkpoint, projection, schedules, sharding, swa
+from sd_jax.train import checkpoint, projection, schedules, sharding, swa, workdir as run_files
 from sd_jax.train.optimizer import sd_optimizer
+from sd_jax.train.progress import Progress, duration
 from sd_jax.train.step import TrainState, create_train_state, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
 
@@ -148,10 +155,10 @@ def _check_evaluation_options(config: ml_collections.ConfigDict) -> None:
                          "(optim.project_every_epoch projects once an epoch): set eval.every_steps=0")
 
 
-def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dict[str, Any]:
+def _initial_variables(config, model, sample, key, from_checkpoint: bool, progress: Progress) -> dict[str, Any]:
     """Fresh variables, or those of `init.from_params`: an SD checkpoint as it is, a dense one as it is
-    for a dense model or decomposed (`to_sd`) for an SD model. Layers whose name matches
-    `init.reset` (e.g. the classifier, for the adaptation setting) keep their fresh values.
+    for a dense model or decomposed (`to_sd`, the "decompose" stage) for an SD model. Layers whose name
+    matches `init.reset` (e.g. the classifier, for the adaptation setting) keep their fresh values.
 
     When resuming (`from_checkpoint` False) the fresh variables only serve as the restore template.
     """
@@ -165,7 +172,7 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dic
                                                     **config.model.options.to_dict()).init(k, sample, train=False), key)
         loaded = {name: checkpoint.arrange_like(tree, dense[name]) if name in dense else tree
                   for name, tree in loaded.items()}
-        loaded, _ = convert.to_sd(loaded, _sd_rules(config))
+        loaded = _decompose(loaded, _sd_rules(config), config.init.from_params, progress)
     if "sd_quant" in fresh and "sd_quant" not in loaded:  # low-precision ranges start fresh
         loaded["sd_quant"] = fresh["sd_quant"]
     loaded = {name: checkpoint.arrange_like(tree, fresh[name]) for name, tree in loaded.items()}
@@ -177,6 +184,17 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool) -> dic
                     loaded[collection][layer] = layers[layer]
     _check_same_structure(fresh, loaded, config.init.from_params)
     return loaded
+
+
+def _decompose(variables: dict[str, Any], rules: SDRules, source: str, progress: Progress) -> dict[str, Any]:
+    """`variables` of a dense model in SD form (`convert.to_sd`), saying so as it starts and ends."""
+    progress.report(f"decompose: the dense kernels of {source} into SD form (W = C·B, C sparse powers of two)")
+    start = time.perf_counter()
+    variables, decomposition = convert.to_sd(variables, rules)
+    totals = decomposition_report.totals(decomposition.reports, decomposition.dense_params)
+    progress.report(f"decompose: {totals['decomposed_tensors']} kernels in {duration(time.perf_counter() - start)}, "
+                    f"density of C {totals['density']:.3f}, compression {totals['compression']:.2f}x")
+    return variables
 
 
 def _check_same_structure(expected: Any, got: Any, source: str) -> None:
@@ -201,10 +219,12 @@ def _fetch(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh) -> dict[str, float]:
+def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh, progress: Progress,
+              stage: str = "eval") -> dict[str, float]:
+    """Loss and accuracy over the whole eval split, shown as stage `stage` while it runs."""
     pipeline.set_state({"epoch": 0, "step": 0, "fingerprint": pipeline.get_state()["fingerprint"]})
     totals = np.zeros(3)
-    for _ in range(pipeline.steps_per_epoch):
+    for _ in progress.track(stage, range(pipeline.steps_per_epoch), pipeline.steps_per_epoch):
         out = _fetch(evaluate_step(state, _global_batch(next(pipeline), mesh)))
         totals += [out["loss_sum"], out["correct"], out["count"]]
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
@@ -245,28 +265,24 @@ def _stop(step: int, loss: float, checkpoints: TrainCheckpoints, *, evaluation: 
     raise TrainingError(f"{what}; stopped; {where}; lower optim.lr and rerun")
 
 
-class _Writer:
-    """TensorBoard events plus one JSON line per logged step."""
+class _Run(NamedTuple):
+    """What `_build` makes of a config: everything a run needs but its train state."""
 
-    def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter  # no TensorFlow needed
-
-        self._events = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self._events.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps(dict(step=step, **metrics)) + "\n")
-        self._jsonl.flush()
-
-    def close(self) -> None:
-        self._events.close()
-        self._jsonl.close()
+    config: ml_collections.ConfigDict
+    train_data: data.Pipeline
+    eval_data: data.Pipeline
+    mesh: Any
+    checkpoints: TrainCheckpoints
+    total_steps: int
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    model: Any
+    sample: jax.Array
+    schedule: optax.Schedule
 
 
-def _build(config: ml_collections.ConfigDict, workdir: str):
-    """Data, mesh, state (restored when the workdir has a checkpoint), checkpoints and step count."""
+def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Progress) -> tuple[_Run, TrainState]:
+    """The run and its state (restored when the workdir has a checkpoint)."""
     _check_evaluation_options(config)
     train_data, eval_data = _pipelines(config)
     mesh = sharding.data_mesh()
@@ -277,11 +293,12 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
     model = _model(config, train_data.num_classes)
     sample = jnp.zeros((1,) + next(iter(eval_data))["image"].shape[1:], jnp.float32)
     key = jax.random.key(config.seed)
-    checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), every_steps=config.ckpt.every_steps,
+    checkpoints = TrainCheckpoints(workdir / "checkpoints", every_steps=config.ckpt.every_steps,
                                    keep_last=config.ckpt.keep_last, keep_best=config.ckpt.keep_best)
     resuming = checkpoints.latest_step() is not None
-    variables = _initial_variables(config, model, sample, key, from_checkpoint=not resuming)
-    tx = sd_optimizer(_schedule(config, train_data.steps_per_epoch), momentum=config.optim.momentum,
+    variables = _initial_variables(config, model, sample, key, from_checkpoint=not resuming, progress=progress)
+    schedule = _schedule(config, train_data.steps_per_epoch)
+    tx = sd_optimizer(schedule, momentum=config.optim.momentum,
                       weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold, max_coeff=config.sd.max_coeff,
@@ -295,7 +312,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str):
         state, data_state = checkpoints.restore(state)
         train_data.set_state(data_state)
     train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size)
-    return train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step, model, sample
+    run = _Run(config, train_data, eval_data, mesh, checkpoints, total_steps, train_step, eval_step, model, sample,
+               schedule)
+    return run, state
 
 
 def _training_epoch(train_data: data.Pipeline, epoch: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
@@ -354,104 +373,163 @@ def _keep_best(record: dict[str, Any], model: str, step: int, accuracy: float) -
     return record
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+class _Evaluated(NamedTuple):
+    """What the evaluations of a run found so far."""
+
+    record: dict[str, Any]  # best accuracies and their steps, saved with every checkpoint
+    result: dict[str, float] | None = None  # the latest evaluation of the run's model
+    decomposition: NetworkDecomposition | None = None  # what projected kernels are C·B of
+
+
+def _swa_average(run: _Run, state: TrainState, step: int, bn_forward: Callable[..., Any],
+                 project_rules: SDRules | None, progress: Progress) -> tuple[TrainState, TrainState, Any]:
+    """The SWA average taken after `step` as a model to evaluate (`_swa_model`, batch norm recomputed
+    over the epoch's first `swa.bn_batches` batches), with its kernels projected when `project_rules`
+    are given; returns `state` (then averaging on from the projected average), that model and the
+    projection's decomposition (None without projection)."""
+    config, steps_per_epoch = run.config, run.train_data.steps_per_epoch
+    batches = _training_epoch(run.train_data, step // steps_per_epoch - 1, config.swa.bn_batches)
+    images = (_global_batch(batch, run.mesh)["image"] for batch in
+              progress.track("swa batch norm", batches, config.swa.bn_batches or steps_per_epoch))
+    swa_state = _swa_model(config, state, bn_forward, images)
+    if project_rules is None:
+        return state, swa_state, None
+    params, decomposition = _projected(swa_state.trainable["params"], project_rules)  # after the batch norm, as the authors
+    average = {**swa_state.trainable, "params": params}
+    state = state.replace(opt_state=_with_swa_average(state.opt_state, average))
+    return state, swa_state.replace(trainable=average, opt_state=state.opt_state), decomposition
+
+
+def _swa_taken(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int) -> bool:
+    """Whether an SWA average was just taken at `step` (the end of an epoch from swa.start_epoch on)."""
+    return 0 < config.swa.start_epoch * steps_per_epoch <= step and step % steps_per_epoch == 0
+
+
+def _evaluation_line(figures: dict[str, float], record: dict[str, Any]) -> str:
+    """One line of an evaluation's results for people."""
+    line = (f"eval  epoch {figures['epoch']:g}: accuracy {figures['eval_accuracy']:.4f}, loss {figures['eval_loss']:.4f} "
+            f"(best {record['best_accuracy']:.4f} at step {record['best_step']})")
+    if "swa_eval_accuracy" in figures:
+        line += f"; SWA accuracy {figures['swa_eval_accuracy']:.4f} (best {record['best_swa_accuracy']:.4f})"
+    if "density" in figures:
+        line += f"; density of C {figures['density']:.3f}, compression {figures['compression_ratio']:.2f}x"
+    return line
+
+
+def _evaluation_point(run: _Run, state: TrainState, step: int, evaluated: _Evaluated, *,
+                      bn_forward: Callable[..., Any], project_rules: SDRules | None, writer: run_files.MetricsWriter,
+                      progress: Progress) -> tuple[TrainState, _Evaluated]:
+    """The work after a `step` that ends an evaluation period (an epoch, eval.every_steps, the last
+    step): project the kernels (optim.project_every_epoch), evaluate, evaluate the SWA average just
+    taken (at the last step it becomes the result), log and print the figures (with the density of C
+    for an SD or projected model) and save a checkpoint that carries the accuracy."""
+    decomposition = evaluated.decomposition
+    if project_rules is not None:  # each evaluation is at the end of an epoch (checked in _build)
+        params, decomposition = _projected(state.trainable["params"], project_rules)
+        state = state.replace(trainable={**state.trainable, "params": params})
+    result = _evaluate(run.eval_step, state, run.eval_data, run.mesh, progress)
+    if not math.isfinite(result["loss"]):
+        _stop(step, result["loss"], run.checkpoints, evaluation=True)
+    record = _keep_best(evaluated.record, "", step, result["accuracy"])
+    figures = {"epoch": step / run.train_data.steps_per_epoch, "eval_loss": result["loss"],
+               "eval_accuracy": result["accuracy"]}
+    if _swa_taken(run.config, step, run.train_data.steps_per_epoch):
+        state, swa_state, swa_decomposition = _swa_average(run, state, step, bn_forward, project_rules, progress)
+        swa_result = _evaluate(run.eval_step, swa_state, run.eval_data, run.mesh, progress, stage="swa eval")
+        record = _keep_best(record, "swa_", step, swa_result["accuracy"])
+        figures.update(swa_eval_loss=swa_result["loss"], swa_eval_accuracy=swa_result["accuracy"])
+        if step == run.total_steps:  # the SWA average is the result of the run
+            state, result, decomposition = swa_state, swa_result, swa_decomposition
+    if decomposition is not None or "sd_coeff" in state.trainable:
+        figures.update(_storage(run.model, state, run.sample, decomposition))
+    writer.write(step, figures)
+    progress.report(_evaluation_line(figures, record))
+    run.checkpoints.save(step, state, data_state=run.train_data.get_state(), evaluation=record,
+                         metrics={"accuracy": result["accuracy"]}, force=True)
+    return state, _Evaluated(record, result, decomposition)
+
+
+def _log_step(run: _Run, step: int, first_step: int, metrics: dict[str, jax.Array], writer: run_files.MetricsWriter,
+              progress: Progress) -> None:
+    """Fetch the metrics of `step` where it is logged, or where its loss vouches for the checkpoint of
+    step - 1 (the state that loss came from); stop on a non-finite loss; log with the learning rate."""
+    logged = step % run.config.log_every == 0 or step == run.total_steps
+    vouches = step - 1 > first_step and (step - 1) % run.config.ckpt.every_steps == 0
+    if not (logged or vouches):
+        return
+    metrics = {name: float(value) for name, value in _fetch(metrics).items()}
+    if not math.isfinite(metrics["loss"]):
+        _stop(step, metrics["loss"], run.checkpoints)
+    if logged:
+        progress.update(step, loss=metrics["loss"], accuracy=metrics["accuracy"])
+        writer.write(step, dict(metrics, learning_rate=float(run.schedule(step - 1)), steps_per_second=progress.rate))
+
+
+def _summary(run: _Run, state: TrainState, evaluated: _Evaluated, seconds: float) -> dict[str, Any]:
+    """The run's summary: final and best figures, storage, and what ran where."""
+    config, record = run.config, evaluated.record
+    best = {key: record[key] for key in ("best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step")
+            if key in record}
+    return dict(accuracy=evaluated.result["accuracy"], loss=evaluated.result["loss"], **best, steps=run.total_steps,
+                seconds=seconds, **_storage(run.model, state, run.sample, evaluated.decomposition),
+                dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
+                setting=config.setting or config.input.setting, recipe=config.recipe or None,
+                part=config.input.part, epochs=config.optim.epochs,
+                backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),
+                date=time.strftime("%Y-%m-%d"))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Accuracy and loss of the latest checkpoint in `workdir` on the evaluation split."""
-    _, eval_data, mesh, state, checkpoints, _, _, eval_step, _, _ = _build(config, workdir)
+    progress = Progress(enabled=run_files.reports())
+    run, state = _build(config, run_files.as_path(workdir), progress)
     try:
-        if checkpoints.latest_step() is None:
+        if run.checkpoints.latest_step() is None:
             raise checkpoint.CheckpointError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
-        return _evaluate(eval_step, state, eval_data, mesh)
+        return _evaluate(run.eval_step, state, run.eval_data, run.mesh, progress)
     finally:
-        checkpoints.close()
+        run.checkpoints.close()
+        progress.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or fine-tune) as `config` says; return and save the summary."""
-    os.makedirs(workdir, exist_ok=True)
-    start = time.perf_counter()
-    (train_data, eval_data, mesh, state, checkpoints, total_steps, train_step, eval_step, model,
-     sample) = _build(config, workdir)
-    writer = _Writer(workdir)
-    first_step, tick = int(state.step), time.perf_counter()
-    every, steps_per_epoch = config.ckpt.every_steps, train_data.steps_per_epoch
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or fine-tune) as `config` says; return the summary and, from process 0, write it."""
+    start, workdir, reports = time.perf_counter(), run_files.as_path(workdir), run_files.reports()
+    progress = Progress(enabled=reports)
+    if reports:
+        run_files.describe_run(workdir, config)
+    run, state = _build(config, workdir, progress)
+    writer = run_files.MetricsWriter(workdir, enabled=reports)
+    first_step, steps_per_epoch = int(state.step), run.train_data.steps_per_epoch
     eval_every = config.eval.every_steps or steps_per_epoch
-    swa_first = config.swa.start_epoch * steps_per_epoch
     # Read before the steps donate `state`; the train steps fold in their step number, not 2^32 - 1.
     apply_fn, bn_key = state.apply_fn, jax.random.fold_in(state.key, 2**32 - 1)
     bn_forward = jax.jit(lambda variables, images: apply_fn(
         variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": bn_key}))
-    record = checkpoints.evaluation(first_step) if first_step else {}
-    # optim.project_every_epoch: the rules of the projection, and the decomposition the kernels of the
-    # state to report are C·B of.
+    evaluated = _Evaluated(run.checkpoints.evaluation(first_step) if first_step else {})
     project_rules = _sd_rules(config) if config.optim.project_every_epoch else None
-    result = decomposition = None
     try:
-        for step in range(first_step + 1, total_steps + 1):
-            state, metrics = train_step(state, _global_batch(next(train_data), mesh))
-            logged = step % config.log_every == 0 or step == total_steps
-            # The loss of step s is that of the state after step s - 1: it vouches for a checkpoint saved then.
-            vouches = step - 1 > first_step and (step - 1) % every == 0
-            if logged or vouches:
-                metrics = {k: float(v) for k, v in _fetch(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
-                    _stop(step, metrics["loss"], checkpoints)
-            if logged:
-                rate = (step - first_step) / (time.perf_counter() - tick)
-                writer.write(step, dict(metrics, steps_per_second=rate))
-                print(f"\rstep {step}/{total_steps}  {rate:.2f} steps/s  loss {metrics['loss']:.4f}  "
-                      f"accuracy {metrics['accuracy']:.3f}", end="", file=sys.stderr, flush=True)
-            final = step == total_steps
-            swa_now = 0 < swa_first <= step and step % steps_per_epoch == 0  # an average was just taken
-            if step % eval_every and not final and not swa_now:
-                if step % every == 0:
-                    checkpoints.save(step, state, data_state=train_data.get_state(), evaluation=record)
+        progress.start("train", run.total_steps, done=first_step, images_per_step=config.input.batch_size)
+        for step in range(first_step + 1, run.total_steps + 1):
+            state, metrics = run.train_step(state, _global_batch(next(run.train_data), run.mesh))
+            _log_step(run, step, first_step, metrics, writer, progress)
+            if step % eval_every and step != run.total_steps and not _swa_taken(config, step, steps_per_epoch):
+                if step % config.ckpt.every_steps == 0:
+                    run.checkpoints.save(step, state, data_state=run.train_data.get_state(), evaluation=evaluated.record)
                 continue
-            if project_rules is not None:  # each evaluation is at the end of an epoch (checked in _build)
-                params, decomposition = _projected(state.trainable["params"], project_rules)
-                state = state.replace(trainable={**state.trainable, "params": params})
-            result = _evaluate(eval_step, state, eval_data, mesh)
-            if not math.isfinite(result["loss"]):
-                _stop(step, result["loss"], checkpoints, evaluation=True)
-            record = _keep_best(record, "", step, result["accuracy"])
-            evaluation = {"epoch": step / steps_per_epoch, "eval_loss": result["loss"],
-                          "eval_accuracy": result["accuracy"]}
-            if swa_now:
-                images = (_global_batch(batch, mesh)["image"] for batch in
-                          _training_epoch(train_data, step // steps_per_epoch - 1, config.swa.bn_batches))
-                swa_state = _swa_model(config, state, bn_forward, images)
-                if project_rules is not None:  # after the batch norm, as the authors; later epochs average into it
-                    params, swa_decomposition = _projected(swa_state.trainable["params"], project_rules)
-                    average = {**swa_state.trainable, "params": params}
-                    state = state.replace(opt_state=_with_swa_average(state.opt_state, average))
-                    swa_state = swa_state.replace(trainable=average, opt_state=state.opt_state)
-                swa_result = _evaluate(eval_step, swa_state, eval_data, mesh)
-                record = _keep_best(record, "swa_", step, swa_result["accuracy"])
-                evaluation.update(swa_eval_loss=swa_result["loss"], swa_eval_accuracy=swa_result["accuracy"])
-                if final:  # the SWA average is the result of the run
-                    state, result = swa_state, swa_result
-                    if project_rules is not None:
-                        decomposition = swa_decomposition
-            writer.write(step, evaluation)
-            swa_text = f", SWA {evaluation['swa_eval_accuracy']:.4f}" if swa_now else ""
-            print(f"\nepoch {step / steps_per_epoch:g}: eval accuracy {evaluation['eval_accuracy']:.4f} "
-                  f"(best {record['best_accuracy']:.4f}){swa_text}", file=sys.stderr)
-            checkpoints.save(step, state, data_state=train_data.get_state(), evaluation=record,
-                             metrics={"accuracy": result["accuracy"]}, force=True)
-        if result is None:  # finished before: report the final model of the checkpoint
-            result = _evaluate(eval_step, state, eval_data, mesh)
-            if project_rules is not None:  # its kernels are projected; count a decomposition of them
-                decomposition = projection.project(_fetch(state.trainable["params"]), project_rules)[1]
+            state, evaluated = _evaluation_point(run, state, step, evaluated, bn_forward=bn_forward,
+                                                 project_rules=project_rules, writer=writer, progress=progress)
+            progress.start("train", run.total_steps, done=step, images_per_step=config.input.batch_size)
+        if evaluated.result is None:  # finished before: report the final model of the checkpoint
+            decomposition = None if project_rules is None else projection.project(  # its kernels are projected
+                _fetch(state.trainable["params"]), project_rules)[1]
+            result = _evaluate(run.eval_step, state, run.eval_data, run.mesh, progress)
+            evaluated = evaluated._replace(result=result, decomposition=decomposition)
     finally:
-        checkpoints.close()
+        run.checkpoints.close()
         writer.close()
-    best = {key: record[key] for key in ("best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step")
-            if key in record}
-    summary = dict(accuracy=result["accuracy"], loss=result["loss"], **best, steps=total_steps,
-                   seconds=time.perf_counter() - start, **_storage(model, state, sample, decomposition),
-                   dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
-                   setting=config.setting or config.input.setting, recipe=config.recipe or None,
-                   part=config.input.part, epochs=config.optim.epochs,
-                   backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),
-                   date=time.strftime("%Y-%m-%d"))
-    checkpoint.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+        progress.close()
+    summary = _summary(run, state, evaluated, time.perf_counter() - start)
+    if reports:
+        run_files.write_text(workdir / run_files.SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary

@@ -83,6 +83,43 @@ def test_markdown_shows_both_baselines_and_marks_a_missing_one(runs):
     assert "--mode=train" in text and "10.56x" in text
 
 
+def test_a_run_that_describes_itself_gives_its_command_commit_and_setting(tmp_path):
+    """The trainer's run.json and config.json, not a hand-written command.txt."""
+    first = dict(command="python -m launch.main --mode=train --workdir=runs/x", commit="a" * 40, dirty=False)
+    last = dict(first, commit="b" * 40, dirty=True)
+    _run(tmp_path, "described", _summary())  # setting "plain" in the summary
+    (tmp_path / "described" / "run.json").write_text(json.dumps({"starts": [first, last]}))
+    (tmp_path / "described" / "config.json").write_text(json.dumps({"setting": "sd_scratch", "input": {}}))
+    _run(tmp_path, "adaptation", _summary())
+    (tmp_path / "adaptation" / "config.json").write_text(json.dumps({"setting": "", "input": {"setting": "adaptation"}}))
+    _run(tmp_path, "broken_description", _summary(), PAPER_COMMAND.format(mode="train", setting="sd_8bit"))
+    (tmp_path / "broken_description" / "run.json").write_text("{not json")
+    rows = {os.path.basename(row["run"]): row for row in tables.collect(str(tmp_path))[0]}
+    assert rows["described"]["command"] == (f"python -m launch.main --mode=train --workdir=runs/x   # at commit "
+                                            f"{'b' * 40}, with uncommitted changes")
+    assert rows["described"]["setting"] == "sd_scratch" and rows["adaptation"]["setting"] == "adaptation"
+    assert rows["broken_description"]["setting"] == "sd_8bit"  # the command.txt of a run from before run.json
+    assert f"# at commit {'b' * 40}" in tables.markdown(list(rows.values()))
+
+
+def test_a_trained_run_is_a_row_with_its_own_command(tmp_path, monkeypatch):
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    from sd_jax.train import trainer
+    from tests.train.tiny_config import tiny_config
+
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "launch.main", "--mode=train", "--workdir=runs/tiny"])
+    config = tiny_config()
+    config.setting = "dense"
+    with tfds.testing.mock_data(num_examples=64):
+        trainer.train_and_evaluate(config, str(tmp_path / "tiny"))
+    (row,) = tables.collect(str(tmp_path))[0]
+    assert row["command"].startswith("python -m launch.main --mode=train --workdir=runs/tiny   # at commit ")
+    assert (row["setting"], row["dataset"], row["model"]) == ("dense", "mnist", "mlp")
+
+
 def test_quickstart_runs_and_broken_files(tmp_path):
     _run(tmp_path, "q", dict(dense_accuracy=0.91, sd_accuracy=0.905, compression_ratio=9.7, density=0.46,
                              seconds={"total": 560.0}))

@@ -45,6 +45,10 @@ def test_trainer_in_two_processes_equals_one_process(tmp_path):
     assert one["devices"] == two["devices"] == 4 and one["steps"] == two["steps"]
     for key in ("accuracy", "loss", "density", "compression_ratio"):
         assert one[key] == pytest.approx(two[key], rel=1e-5), key
+    # Only process 0 writes metrics and events: as many lines, and one events file, as one process.
+    lines = [open(os.path.join(d, "metrics.jsonl")).read().splitlines() for d in (single, multi)]
+    assert len(lines[0]) == len(lines[1]) and len(os.listdir(os.path.join(multi, "tensorboard"))) == 1
+    assert json.loads(open(os.path.join(multi, "run.json")).read())["starts"][0]["processes"] == 2
     for key, value in checkpoint.flatten(checkpoint.load_variables(os.path.join(single, "checkpoints"))).items():
         other = checkpoint.flatten(checkpoint.load_variables(os.path.join(multi, "checkpoints")))[key]
         np.testing.assert_allclose(value, other, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -7,6 +7,8 @@ import tensorflow_datasets as tfds
 
 from sd_jax.train import trainer
 from sd_jax.train.checkpoint import CheckpointError
+from sd_jax.train.progress import Progress
+from sd_jax.train.workdir import as_path
 from tests.train.tiny_config import tiny_config
 
 
@@ -36,6 +38,13 @@ def _preempted_then_resumed(config, workdir, monkeypatch, at_call):
         trainer.train_and_evaluate(config, workdir)
     monkeypatch.setattr(trainer, "_global_batch", original)
     return trainer.train_and_evaluate(config, workdir)
+
+
+def _final_state(config, workdir):
+    """The train state of the latest checkpoint in `workdir`."""
+    run, state = trainer._build(config, as_path(workdir), Progress(enabled=False))
+    run.checkpoints.close()
+    return state
 
 
 def test_dense_then_sd_finetune_end_to_end(tmp_path):
@@ -142,7 +151,7 @@ def test_latent_update_of_stored_power_of_two_coefficients_is_refused(tmp_path):
 
 def _scripted_evaluation(monkeypatch, accuracy_after_step):
     """Evaluations that report `accuracy_after_step[step]` for the state after `step`."""
-    def evaluate(eval_step, state, pipeline, mesh):
+    def evaluate(eval_step, state, pipeline, mesh, progress, stage="eval"):
         return {"loss": 1.0, "accuracy": accuracy_after_step[int(state.step)]}
 
     monkeypatch.setattr(trainer, "_evaluate", evaluate)
@@ -195,7 +204,7 @@ def test_swa_averages_each_epoch_from_the_start_epoch_and_evaluates_each_average
     assert summary["best_swa_accuracy"] == max(swa_accuracies) and summary["accuracy"] == swa_accuracies[-1]
     assert summary["best_accuracy"] == max(e["eval_accuracy"] for e in evaluations)
     assert summary["best_swa_step"] in (8, 12)
-    state = trainer._build(config, str(tmp_path))[3]  # the final checkpoint: the SWA model
+    state = _final_state(config, tmp_path)  # the final checkpoint: the SWA model
     average = swa.find_state(state.opt_state)
     assert int(average.averaged) == 2  # after epochs 2 and 3
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.trainable["params"]),
@@ -263,7 +272,7 @@ def test_dense_training_projected_onto_sd_form_every_epoch_with_swa(tmp_path, mo
     swa_params, swa_decomposition = projections[-1]
     jax.tree.map(np.testing.assert_array_equal, load_variables(os.path.join(workdir, "checkpoints"))["params"],
                  jax.device_get(swa_params))
-    state = trainer._build(config, workdir)[3]
+    state = _final_state(config, workdir)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(swa.find_state(state.opt_state).average["params"]),
                  jax.device_get(swa_params))
     # Its storage counts as the SD model of that decomposition.

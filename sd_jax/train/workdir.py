@@ -1,0 +1,138 @@
+"""What a run writes into its workdir, on any path `etils.epath` reaches (a local folder, gs://...).
+
+    config.json    the full resolved config (ConfigDict JSON)
+    run.json       {"starts": [...]}: for each start of the run (resumes included) the command line,
+                   sys.argv, the git commit of the code (or "unknown") and the time
+    metrics.jsonl  one JSON object per logged step, with TensorBoard events in tensorboard/
+    summary.json   the trainer's summary
+
+Only the process that reports (`reports()`: process 0) writes these; Orbax writes the checkpoints
+from every process. Whole files are written atomically (a temporary sibling, then a rename), so a
+reader never sees half a file; `metrics.jsonl` is rewritten whole at each write, since buckets cannot
+append.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+EVENTS_DIR = "tensorboard"
+UNKNOWN_COMMIT = "unknown"
+_SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an epath.Path, made absolute when it is local (a URI such as gs://... already is)."""
+    path = epath.Path(path)
+    return path if path.is_absolute() else path.absolute()
+
+
+def reports() -> bool:
+    """Whether this process writes the run's metrics, events and summaries (process 0 does)."""
+    return jax.process_index() == 0
+
+
+def write_text(path: epath.Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a temporary sibling, then a rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)
+    except BaseException:
+        if temporary.exists():
+            temporary.unlink()
+        raise
+
+
+def git_commit(directory: str = _SOURCE) -> dict[str, Any]:
+    """{"commit": HEAD of the git checkout holding `directory` (UNKNOWN_COMMIT where there is none or git
+    is missing), "dirty": whether tracked files differ from it (None when unknown)}."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {"commit": UNKNOWN_COMMIT, "dirty": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def command_line() -> str:
+    """The command that started this process, as a shell would take it (`python -m launch.main ...`)."""
+    return shlex.join(["python", *sys.orig_argv[1:]])
+
+
+def describe_run(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
+    """Write `config.json` and add this start (command line, sys.argv, commit, time) to `run.json`."""
+    write_text(workdir / CONFIG_FILE, config.to_json_best_effort(indent=1, sort_keys=True) + "\n")
+    starts = read_json(workdir / RUN_FILE).get("starts", [])
+    start = dict(command=command_line(), argv=list(sys.argv), **git_commit(),
+                 started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), processes=jax.process_count())
+    write_text(workdir / RUN_FILE, json.dumps({"starts": [*starts, start]}, indent=1) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object at `path`, {} when there is no such file."""
+    path = epath.Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class _EpathRecordFiles:
+    """tensorboardX writer factory: event files opened through epath (a bucket's own client)."""
+
+    def open(self, path: str) -> Any:
+        return epath.Path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+class MetricsWriter:
+    """TensorBoard events plus one JSON line per logged step; writes nothing where `enabled` is False
+    (the processes that do not report)."""
+
+    def __init__(self, workdir: epath.Path, *, enabled: bool = True) -> None:
+        self._enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter, record_writer  # no TensorFlow needed
+
+        events = str(workdir / EVENTS_DIR)
+        if "://" in events:
+            record_writer.register_writer_factory(events.split("://")[0], _EpathRecordFiles())
+        self._events = SummaryWriter(events)
+        self._path = workdir / METRICS_FILE
+        self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Log `metrics` of `step` to both."""
+        if not self._enabled:
+            return
+        for name, value in metrics.items():
+            self._events.add_scalar(name, value, step)
+        self._lines.append(json.dumps(dict(step=step, **metrics)) + "\n")
+        write_text(self._path, "".join(self._lines))
+
+    def close(self) -> None:
+        """Flush and close the events file."""
+        if self._enabled:
+            self._events.close()
