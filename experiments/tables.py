@@ -30,7 +30,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments.configs.paper import SETTINGS
-from sd_jax.train import checkpoint
+from sd_jax import io as sd_io
 
 PAPER_CLAIMS = (
     "SD inference: up to 2.44x energy efficiency (authors' hardware)",
@@ -212,7 +212,7 @@ def main(argv: list[str]) -> None:
         print(message, file=sys.stderr)
     text = to_json(rows) if options.json else markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)))
     if options.output:
-        checkpoint.atomic_write_text(options.output, text + "\n")
+        sd_io.atomic_write_text(options.output, text + "\n")
     else:
         print(text)
     if options.plot and rows:
