@@ -85,10 +85,11 @@ def upgrade_layout(tree: Any, source: str) -> Any:
                               "decompose the dense parameters again without row_scale")
     upgraded = dict(tree)
     for collection, leaf in SD_LEAVES.items():
-        if isinstance(tree.get(collection), Mapping):
+        flat = flatten(tree[collection]) if isinstance(tree.get(collection), Mapping) else {}
+        if any(key.endswith("/kernel") for key in flat):  # else left as it is, nesting included
             upgraded[collection] = unflatten({
-                (key[: -len("kernel")] + leaf if key == "kernel" or key.endswith("/kernel") else key): value
-                for key, value in flatten(tree[collection]).items()})
+                (key.removesuffix("kernel") + leaf if key.endswith("/kernel") else key): value
+                for key, value in flat.items()})
     return upgraded
 
 
