@@ -125,6 +125,12 @@ def test_every_mode_reads_an_adaptation_run_with_its_config(tmp_path):
         commands.evaluate(tiny_config(model__sd=True), path)
 
 
+def test_analyze_with_a_training_config_and_no_checkpoint():
+    """He-normal weights decomposed by the config's `sd` rules (a training config's `sd` options were unknown)."""
+    summary = json.loads(commands.analyze(tiny_config(), output_format="json"))["summary"]
+    assert summary["sd_layers"] == LAYERS and summary["storage_ratio"] > 1
+
+
 def test_a_model_without_input_geometry_takes_its_zoo_input():
     config = tiny_config()
     assert inputs.target(config).input_shape == (1, 28, 28, 1)
