@@ -34,7 +34,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line
 def model_entry(name: str, table: str) -> dict:
     """Ratios of one model against dense 32-bit float and dense 8-bit int."""
     config = default.get_config()
-    network, _ = network_of(config, inputs.target(config, name), None)
+    network, _ = network_of(config, inputs.target_of(config, name), None)
     options = dict(comparison.COST_DEFAULTS, table=table,
                    dataset_size=1281167 if name.endswith("_imagenet") else 50000)
     vs32 = analysis.summary(comparison.analysis_of(network, name, options))

@@ -19,8 +19,8 @@ from sd_jax.nn import convert
 from sd_jax.nn.rules import SDRules
 
 
-def decomposed(target: inputs.Target, params: Any, rules: SDRules) -> NetworkDecomposition:
-    """`params` of `target`'s dense model decomposed by `rules` (one batched call)."""
+def decomposed(params: Any, rules: SDRules) -> NetworkDecomposition:
+    """Dense `params` decomposed by `rules` (one batched call; a rule that names no layer raises ValueError)."""
     return convert.to_sd({"params": params}, rules)[1]
 
 
@@ -33,7 +33,7 @@ def network_of(config: Any, target: inputs.Target, params_path: str | None) -> t
         placed = inputs.arranged(variables, model, target, params_path)
         return layers.extract_layers(model, target.input_shape, variables=placed, train=False), True
     params = inputs.dense_params(target, params_path)
-    return layers.extract_layers(target.build(), target.input_shape, decomposition=decomposed(target, params, rules),
+    return layers.extract_layers(target.build(), target.input_shape, decomposition=decomposed(params, rules),
                                  train=False), False
 
 
@@ -47,7 +47,7 @@ def analyze(config: Any, params_path: str | None = None, *, model_name: str | No
     if output_format not in analysis_lib.FORMATS:
         raise ValueError(f"output format {output_format!r} is not one of {sorted(analysis_lib.FORMATS)}")
     options = cost_options(config)
-    target = inputs.target(config, model_name)
+    target = inputs.target_of(config, model_name)
     network, trained = network_of(config, target, params_path)
     if trained and (config is None or "cost" not in config):
         bits = (config.sd.get("activation_bits") if config is not None and "sd" in config else None) \

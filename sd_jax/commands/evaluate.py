@@ -21,7 +21,7 @@ def evaluate(config: Any, params_path: str) -> dict[str, float]:
     if config is None or "input" not in config:
         raise ValueError("evaluate needs a config that describes a run (an `input` section with the dataset): "
                          "pass --config=experiments/configs/default.py or the run's config")
-    target = inputs.target(config)
+    target = inputs.target_of(config)
     variables = inputs.read_variables(params_path)
     model = target.build(SDRules.from_config(config) if inputs.is_sd(variables) else None)
     placed = inputs.arranged(variables, model, target, params_path, required=None)

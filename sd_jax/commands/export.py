@@ -48,14 +48,14 @@ def storage_count_bits(tensors: Mapping[str, packing.SDTensor | np.ndarray]) -> 
 
 def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = None) -> tuple[Any, dict[str, Any]]:
     """(the parameter tree with SD kernels as `Decomposition`s, the variables read) for `params_path`."""
-    target = inputs.target(config, model_name)
+    target = inputs.target_of(config, model_name)
     rules = SDRules.from_config(config)
     variables = inputs.read_variables(params_path)
     if inputs.is_sd(variables):
         model = target.build(rules)
         placed = inputs.arranged(variables, model, target, params_path)
         return convert.sd_tree(model, placed, target.sample(), train=False), variables
-    return decomposed(target, inputs.dense_params(target, params_path), rules).tree, variables
+    return decomposed(inputs.dense_params(target, params_path), rules).tree, variables
 
 
 def export(config: Any, params_path: str, output: str, *, model_name: str | None = None,

@@ -50,7 +50,7 @@ class Target:
         return jnp.zeros(self.input_shape, jnp.float32)
 
 
-def target(config: Any, model_name: str | None = None) -> Target:
+def target_of(config: Any, model_name: str | None = None) -> Target:
     """The model `config` describes, or the zoo model `model_name` with its zoo input when it names another."""
     described = config.model.name if config is not None and "model" in config else None
     name = model_name or described
@@ -80,12 +80,12 @@ def is_sd(variables: Mapping[str, Any]) -> bool:
     return SD_COEFF in variables
 
 
-def arranged(variables: Mapping[str, Any], model: Any, target_: Target, source: str, *,
+def arranged(variables: Mapping[str, Any], model: Any, target: Target, source: str, *,
              required: tuple[str, ...] | None = REQUIRED) -> dict[str, Any]:
     """`variables` in the nesting of `model`'s variables, the collections the model has; raises
     CheckpointError when they do not fit (another model, or another number of classes) or lack one of
     the `required` collections (None: every collection of the model)."""
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), target_.sample(), train=False))
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), target.sample(), train=False))
     placed = {name: sd_io.arrange_like(variables[name], template[name]) for name in template if name in variables}
     needed = {name: tree for name, tree in template.items()
               if name in variables or required is None or name in required}
@@ -95,18 +95,18 @@ def arranged(variables: Mapping[str, Any], model: Any, target_: Target, source: 
     wrong = sorted(key for key in set(want) & set(have) if want[key] != have[key])
     if missing or wrong:
         raise sd_io.CheckpointError(
-            f"{source}: the variables do not fit model {target_.name!r} with {target_.num_classes} classes "
+            f"{source}: the variables do not fit model {target.name!r} with {target.num_classes} classes "
             f"(missing {missing[:3]}, wrong shapes {wrong[:3]}); pass the config the run trained with "
             "(--config) or the model they belong to (--model)")
     return placed
 
 
-def dense_params(target_: Target, path: str | None) -> dict[str, Any]:
+def dense_params(target: Target, path: str | None) -> dict[str, Any]:
     """The dense parameters at `path` in the model's nesting, or He-normal random ones without a path."""
-    model = target_.build()
+    model = target.build()
     if path is None:
-        return he_normal_params(model, target_.input_shape)
+        return he_normal_params(model, target.input_shape)
     variables = read_variables(path)
     if is_sd(variables):
         raise ValueError(f"{path}: holds SD variables; this step needs dense parameters")
-    return arranged({"params": variables["params"]}, model, target_, path)["params"]
+    return arranged({"params": variables["params"]}, model, target, path)["params"]

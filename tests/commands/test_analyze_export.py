@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def lenet_params(tmp_path_factory):
-    target = inputs.target(None, "lenet5")
+    target = inputs.target_of(None, "lenet5")
     params = he_normal_params(target.build(), target.input_shape)
     path = tmp_path_factory.mktemp("ckpt") / "lenet.npz"
     np.savez(path, **{"/".join(k): v for k, v in _flat(params).items()})
@@ -61,7 +61,7 @@ def test_export_keeps_batch_norm_statistics_of_a_training_checkpoint(tmp_path):
 
     from sd_jax.io import flatten
 
-    target = inputs.target(None, "resnet20")
+    target = inputs.target_of(None, "resnet20")
     params = he_normal_params(target.build(), target.input_shape)
     stats = {"stem/bn": {"mean": np.full(16, 0.5, np.float32), "var": np.full(16, 2.0, np.float32)}}
     manager = ocp.CheckpointManager(str(tmp_path / "run"))

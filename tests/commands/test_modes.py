@@ -5,7 +5,6 @@ the .npz `decompose` writes; and an adaptation run, whose classifier has the tar
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -63,7 +62,7 @@ def test_decompose(runs, kind, tmp_path):
     layers = sorted(r["name"].removesuffix("/kernel") for r in report["layers"])
     with np.load(output) as data:
         assert sorted(k for k in data.files if k.startswith("sd_coeff/")) == [f"sd_coeff/{n}/coeff" for n in layers]
-    target = inputs.target(config)
+    target = inputs.target_of(config)
     model = target.build(SDRules.from_config(config))
     variables = inputs.arranged(inputs.read_variables(output), model, target, output)
     assert model.apply(variables, target.sample(), train=False).shape == (1, 10)
@@ -115,7 +114,7 @@ def test_every_mode_reads_an_adaptation_run_with_its_config(tmp_path):
     run = str(tmp_path / "run")
     summary = trainer.train_and_evaluate(config, run)
     path = os.path.join(run, "checkpoints")
-    assert inputs.target(config).num_classes == 5
+    assert inputs.target_of(config).num_classes == 5
     analyzed = json.loads(commands.analyze(config, path, output_format="json"))["summary"]
     assert analyzed["sd_density"] == pytest.approx(summary["density"])
     assert commands.evaluate(config, path)["accuracy"] == pytest.approx(summary["accuracy"])
@@ -125,6 +124,7 @@ def test_every_mode_reads_an_adaptation_run_with_its_config(tmp_path):
         commands.evaluate(tiny_config(model__sd=True), path)
 
 
+@pytest.mark.slow  # decomposes the MLP: about 9 s
 def test_analyze_with_a_training_config_and_no_checkpoint():
     """He-normal weights decomposed by the config's `sd` rules (a training config's `sd` options were unknown)."""
     summary = json.loads(commands.analyze(tiny_config(), output_format="json"))["summary"]
@@ -133,9 +133,9 @@ def test_analyze_with_a_training_config_and_no_checkpoint():
 
 def test_a_model_without_input_geometry_takes_its_zoo_input():
     config = tiny_config()
-    assert inputs.target(config).input_shape == (1, 28, 28, 1)
-    assert inputs.target(config, "resnet50_imagenet").num_classes == 1000
+    assert inputs.target_of(config).input_shape == (1, 28, 28, 1)
+    assert inputs.target_of(config, "resnet50_imagenet").num_classes == 1000
     with pytest.raises(ValueError, match="--model=NAME"):
-        inputs.target(None)
+        inputs.target_of(None)
     with pytest.raises(ValueError, match="needs a config that describes a run"):
         commands.evaluate(None, "x.npz")
