@@ -43,8 +43,8 @@ _NETWORKS = flags.DEFINE_list("networks", list(NETWORKS), f"Networks to run, of 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed JAX runs per network (after one compiling run).")
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed NumPy-loop runs per network.")
 _NUMPY_FRACTION = flags.DEFINE_float("numpy_fraction", 1.0, "Fraction of each tensor's blocks the NumPy loop runs.")
-_THRESHOLD = flags.DEFINE_float("threshold", 1e-3, "Element sparsity threshold.")
-_ITERATIONS = flags.DEFINE_integer("iterations", 30, "Most alternating rounds per block.")
+_THRESHOLD = flags.DEFINE_float("threshold", DecomposeOptions.threshold, "Element sparsity threshold.")
+_ITERATIONS = flags.DEFINE_integer("iterations", DecomposeOptions.iterations, "Most alternating rounds per block.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 

@@ -4,8 +4,8 @@
         [--table=horowitz45nm] [--json]
 
 For each model: He-normal random weights (seeded; no trained checkpoints are used), decomposed
-with the default settings of experiments/configs/decompose.py; the SD view runs 8-bit activations
-and rebuilt 8-bit weights with B at 32 bits, on the default hardware of `sd_jax.cost.commands`
+with the `sd` section of experiments/configs/default.py; the SD view runs 8-bit activations
+and rebuilt 8-bit weights with B at 32 bits, on the default hardware of `sd_jax.cost.comparison`
 (Eyeriss-like: 108 KiB buffer, 168 PEs, weight-stationary, zero skipping); inference at batch 1,
 training at batch 128 (CIFAR 50,000 / ImageNet 1,281,167 images per epoch). Ratios are dense / SD;
 the main keys compare with dense 32-bit float, the `_vs_int8` keys with dense 8-bit int. About 2-4
@@ -18,8 +18,10 @@ import json
 
 from absl import app, flags
 
-from experiments.configs import decompose as decompose_config
-from sd_jax.cost import analysis, commands, layers
+from experiments.configs import default
+from sd_jax.commands import inputs
+from sd_jax.commands.analyze import network_of
+from sd_jax.cost import analysis, comparison
 
 PAPER = dict(inference_energy_ratio=2.44, training_storage_ratio=10.56, training_energy_ratio=4.48)
 RATIOS = ("inference_energy_ratio", "storage_ratio", "training_energy_ratio", "training_storage_ratio")
@@ -31,13 +33,12 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line
 
 def model_entry(name: str, table: str) -> dict:
     """Ratios of one model against dense 32-bit float and dense 8-bit int."""
-    config = decompose_config.get_config()
-    model, shape, _, decomposition = commands.decomposed(name, None, config)
-    network = layers.extract_layers(model, shape, decomposition=decomposition, train=False)
-    options = dict(commands.COST_DEFAULTS, table=table,
+    config = default.get_config()
+    network, _ = network_of(config, inputs.target_of(config, name), None)
+    options = dict(comparison.COST_DEFAULTS, table=table,
                    dataset_size=1281167 if name.endswith("_imagenet") else 50000)
-    vs32 = analysis.summary(commands.analysis_of(network, name, options))
-    vs8 = analysis.summary(commands.analysis_of(network, name, dict(options, dense_bits=8)))
+    vs32 = analysis.summary(comparison.analysis_of(network, name, options))
+    vs8 = analysis.summary(comparison.analysis_of(network, name, dict(options, dense_bits=8)))
     entry = {key: vs32[key] for key in RATIOS}
     entry.update({f"{key}_vs_int8": vs8[key] for key in RATIOS})
     entry.update(macs=vs32["macs"], sd_layers=vs32["sd_layers"], layers=vs32["layers"],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sd_jax.core.decompose import DecomposeOptions
+
 
 def round_pow2(x: np.ndarray) -> np.ndarray:
     """Nearest power of two in linear distance, ties down, 0 stays 0."""
@@ -19,9 +21,9 @@ def round_pow2(x: np.ndarray) -> np.ndarray:
 
 def decompose_block(
     a: np.ndarray,
-    threshold: float = 1e-3,
-    max_coeff: float = 32.0,
-    iterations: int = 30,
+    threshold: float = DecomposeOptions.threshold,
+    max_coeff: float = DecomposeOptions.max_coeff,
+    iterations: int = DecomposeOptions.iterations,
     row_threshold: float = 0.0,
     keep_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:

@@ -33,7 +33,8 @@ from typing import Any
 from absl import app, flags
 
 from experiments.configs.paper import SETTINGS
-from sd_jax.train import checkpoint, workdir
+from sd_jax import io as sd_io
+from sd_jax.train import workdir
 
 PAPER_CLAIMS = (
     "SD inference: up to 2.44x energy efficiency (authors' hardware)",
@@ -243,7 +244,7 @@ def main(argv: list[str]) -> None:
         print(message, file=sys.stderr)
     text = to_json(rows) if options.json else markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)))
     if options.output:
-        checkpoint.atomic_write_text(options.output, text + "\n")
+        sd_io.atomic_write_text(options.output, text + "\n")
     else:
         print(text)
     if options.plot and rows:

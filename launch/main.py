@@ -1,16 +1,21 @@
-"""sd_jax command line: parses flags and hands over to the library.
-
-    python -m launch.main --mode=decompose --params=model.npz [--output=sd.npz] [--json]
-
-    python -m launch.main --mode=analyze --model=resnet20 [--params=PATH] [--format=markdown] [--plots=DIR]
-    python -m launch.main --mode=analyze --config=CONFIG_OF_AN_SD_RUN --model=resnet20 \
-        --params=runs/x/checkpoints --json --output=runs/x/energy.json   # the run's trained SD weights
-    python -m launch.main --mode=export --model=resnet20 --params=PATH --output=model.sdpack
+"""sd_jax command line: parses flags and hands over to the library (`sd_jax.train.trainer`, `sd_jax.commands`).
 
     python -m launch.main --mode=train --config=experiments/configs/default.py --workdir=runs/x
+    python -m launch.main --mode=decompose --params=model.npz [--output=sd.npz] [--json]
+    python -m launch.main --mode=analyze [--model=resnet20] [--params=PATH] [--format=markdown] [--plots=DIR]
+    python -m launch.main --mode=analyze --config=CONFIG_OF_THE_RUN --params=runs/x/checkpoints \
+        --json --output=runs/x/energy.json
+    python -m launch.main --mode=export --params=PATH --output=model.sdpack
+    python -m launch.main --mode=evaluate --config=CONFIG_OF_THE_RUN (--workdir=runs/x | --params=PATH)
 
-Modes: train / finetune / evaluate (see `sd_jax.train.trainer`); decompose (every kernel of a saved parameter tree -> SD form, per-layer report); analyze
-(energy and storage, dense and SD side by side); export (checkpoint -> packed SD file).
+One config format serves every mode (default: experiments/configs/default.py): its `model` and `input`
+sections name the model and its input, its `sd` section the SD layers and options. `--params` takes a
+dense or SD `.npz`, an Orbax checkpoint (a training run's `checkpoints` directory) or the output of
+`--mode=decompose`; `--model` analyzes or exports another zoo model than the config's.
+
+Modes: train / finetune (`sd_jax.train.trainer`); evaluate (the latest checkpoint of --workdir, or
+--params); decompose (every kernel the `sd` rules select -> SD variables and a per-layer report);
+analyze (energy and storage, dense and SD side by side); export (checkpoint -> packed SD file).
 """
 
 from __future__ import annotations
@@ -21,19 +26,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs", "decompose.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs", "default.py")
 
 MODES = ("train", "finetune", "evaluate", "decompose", "analyze", "export")
-TRAINING_MODES = ("train", "finetune", "evaluate")
+TRAINING_MODES = ("train", "finetune")
 _MODE = flags.DEFINE_enum("mode", "decompose", MODES, "What to run.")
-_PARAMS = flags.DEFINE_string("params", None, "Parameter tree to read: an .npz or an Orbax checkpoint directory.")
+_PARAMS = flags.DEFINE_string("params", None, "Variables to read: a dense or SD .npz, an Orbax checkpoint (a run's checkpoints directory) or a decompose output.")
 _OUTPUT = flags.DEFINE_string("output", None, "decompose: where to write the SD variables (.npz file or Orbax "
-                              "directory); analyze: where to write the report (instead of printing it).")
+                              "directory); analyze: where to write the report (instead of printing it); export: the packed file.")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of a table.")
-_MODEL = flags.DEFINE_string("model", None, "analyze / export: zoo model name, e.g. resnet20.")
+_MODEL = flags.DEFINE_string("model", None, "analyze / export: another zoo model than the config's, e.g. resnet20.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "markdown", "json", "csv"], "analyze: report format.")
 _PLOTS = flags.DEFINE_string("plots", None, "analyze: directory for PNG plots.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "train / finetune / evaluate: checkpoints, metrics, summary.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train / finetune / evaluate (without --params): checkpoints, metrics, summary.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Several processes: this one's index.")
@@ -45,22 +50,10 @@ except (AttributeError, KeyError) as _error:
              "against the file (--config=PATH) or add the key there")
 
 
-def run_decompose(config, params_path: str, output: str | None, as_json: bool) -> str:
-    """Decompose every kernel at `params_path`; return the report (table or JSON)."""
-    from sd_jax.core import report
-    from sd_jax.core.network import decompose_network
-    from sd_jax.train import checkpoint
-
-    options = dict(config.sd.to_dict())
-    rules = [tuple(rule) for rule in options.pop("rules")]
-    max_kernel_size = options.pop("max_kernel_size")
-    params = checkpoint.load_params(params_path)
-    result = decompose_network(params, rules, max_kernel_size=max_kernel_size, **options)
-    if output:
-        checkpoint.save_decomposition(output, result)
-    if as_json:
-        return report.to_json(result.reports, result.dense_params)
-    return report.format_table(result.reports, result.dense_params)
+def _print_result(result: dict) -> None:
+    width = max(map(len, result))
+    print("\n".join(f"{key.ljust(width)}  {value:.4f}" if isinstance(value, float) else f"{key.ljust(width)}  {value}"
+                    for key, value in result.items()))
 
 
 def _run_training(mode: str, config, workdir: str | None) -> None:
@@ -89,25 +82,32 @@ def _run_training(mode: str, config, workdir: str | None) -> None:
     except (ValueError, FileNotFoundError, trainer.TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    width = max(map(len, result))
-    print("\n".join(f"{key.ljust(width)}  {value:.4f}" if isinstance(value, float) else f"{key.ljust(width)}  {value}"
-                    for key, value in result.items()))
+    _print_result(result)
 
 
-def _input_geometry(config) -> dict[str, int]:
-    """analyze with a training config: its dataset's image size, channels and classes; {} otherwise."""
-    if "input" not in config:
-        return {}
-    from sd_jax.data import registry
+def _run_command(mode: str, config) -> None:
+    """decompose, analyze, export or evaluate --params: print the report, or write it to --output (analyze)."""
+    from sd_jax import commands  # imported only by the modes that need it: slow to import
+    from sd_jax import io as sd_io
 
-    spec = registry.get(config.input.dataset)
-    return dict(image_size=spec.image_size, channels=spec.channels, num_classes=spec.num_classes)
-
-
-def _cost_commands():
-    from sd_jax.cost import commands  # imported only by the modes that need it: slow to import
-
-    return commands
+    try:
+        if mode == "decompose":
+            text = commands.decompose(config, _PARAMS.value, _OUTPUT.value, as_json=_JSON.value)
+        elif mode == "analyze":
+            text = commands.analyze(config, _PARAMS.value, model_name=_MODEL.value, plots_dir=_PLOTS.value,
+                                    output_format="json" if _JSON.value else _FORMAT.value)
+        elif mode == "export":
+            text = commands.export(config, _PARAMS.value, _OUTPUT.value, model_name=_MODEL.value)
+        else:
+            _print_result(commands.evaluate(config, _PARAMS.value))
+            return
+    except ValueError as error:  # bad input: say what and how to fix it, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if mode == "analyze" and _OUTPUT.value:
+        sd_io.atomic_write_text(_OUTPUT.value, text + "\n")
+    else:
+        print(text)
 
 
 def main(argv: list[str]) -> None:
@@ -115,33 +115,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every save at INFO
         logging.set_verbosity(logging.WARNING)
-    if _MODE.value in TRAINING_MODES:
-        _run_training(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    mode = _MODE.value
+    if mode in TRAINING_MODES or (mode == "evaluate" and not _PARAMS.value):
+        _run_training(mode, _CONFIG.value, _WORKDIR.value)
         return
-    if _MODE.value != "analyze" and not _PARAMS.value:
-        raise app.UsageError(f"--mode={_MODE.value} needs --params=PATH (an .npz or an Orbax checkpoint)")
-    if _MODE.value != "decompose" and not _MODEL.value:
-        raise app.UsageError(f"--mode={_MODE.value} needs --model=NAME (a zoo model, e.g. resnet20)")
-    if _MODE.value == "export" and not _OUTPUT.value:
+    if mode != "analyze" and not _PARAMS.value:
+        raise app.UsageError(f"--mode={mode} needs --params=PATH (an .npz or an Orbax checkpoint)")
+    if mode == "export" and not _OUTPUT.value:
         raise app.UsageError("--mode=export needs --output=FILE for the packed model")
-    runs = dict(
-        decompose=lambda: run_decompose(_CONFIG.value, _PARAMS.value, _OUTPUT.value, _JSON.value),
-        analyze=lambda: _cost_commands().run_analyze(_CONFIG.value, _MODEL.value, _PARAMS.value, plots_dir=_PLOTS.value,
-                                             output_format="json" if _JSON.value else _FORMAT.value,
-                                             **_input_geometry(_CONFIG.value)),
-        export=lambda: _cost_commands().run_export(_CONFIG.value, _MODEL.value, _PARAMS.value, _OUTPUT.value),
-    )
-    try:
-        text = runs[_MODE.value]()
-        if _MODE.value == "analyze" and _OUTPUT.value:
-            from sd_jax.train import checkpoint
-
-            checkpoint.atomic_write_text(_OUTPUT.value, text + "\n")
-        else:
-            print(text)
-    except ValueError as error:  # bad input: say what and how to fix it, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    _run_command(mode, _CONFIG.value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -9,6 +9,16 @@ Sections: input, model, init, sd, optim, ckpt, eval, swa. The reference schedule
 
 import ml_collections
 
+from sd_jax.nn.rules import SDRules
+
+
+def sd_section(**changes) -> ml_collections.ConfigDict:
+    """The `sd` section: every option at its dataclass default, `changes` applied; options whose default
+    is None are typed placeholders, so that `--config.sd.activation_bits=8` parses."""
+    placeholders = {key: ml_collections.config_dict.placeholder(kind)
+                    for key, kind in SDRules.option_types().items()}
+    return ml_collections.ConfigDict({**SDRules.option_defaults(), **placeholders, **changes})
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
@@ -37,21 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # from_params: checkpoint to start from (a dense one is decomposed when model.sd); reset: regex of
     # layers to re-initialise (adaptation: "^head/").
     config.init = ml_collections.ConfigDict(dict(from_params="", reset=""))
-    config.sd = ml_collections.ConfigDict(dict(
-        mode="pow2", threshold=1e-3, max_coeff=32.0, iterations=30, row_threshold=0.0,
-        # Structural pruning before decomposition (sd_jax.DecomposeOptions): "sd_jax", or the authors'
-        # "population" (prune_fraction), "value" / "energy" (prune_threshold).
-        prune_criterion="sd_jax", prune_fraction=0.0, prune_threshold=0.0,
-        rules=[],
-        # From-scratch draw of B and C: "lecun" / "he" (C at that scale, B orthogonal) or "reference".
-        init_scheme="lecun",
-        # Low-precision SD training (DESIGN.md 1.4): e.g. 8-bit layer inputs and 8-bit gradients.
-        activation_bits=ml_collections.config_dict.placeholder(int),
-        gradient_bits=ml_collections.config_dict.placeholder(int),
-        # Training range of quantized inputs, "sample" or "batch" (the authors'), and the share of the
-        # old running range kept each step (authors: 0.1).
-        activation_range="sample", range_momentum=0.9,
-    ))
+    # Every SD option with its default from the option dataclasses (sd_jax.nn.rules.SDRules.option_defaults:
+    # layer options, decomposition options such as structural pruning, max_kernel_size and per-layer
+    # `rules`); this config changes only the coefficient mode: C as stored, kept powers of two by the
+    # bucket switch. The same section serves every mode (train, decompose, analyze, export).
+    config.sd = sd_section(mode="pow2")
     # schedule: "reference" (DESIGN.md 1.4), "cosine" (after warmup_steps) or "step" (lr times step_factor
     # every step_epochs epochs, the authors' inference-only schedule).
     config.optim = ml_collections.ConfigDict(dict(

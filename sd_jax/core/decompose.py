@@ -529,9 +529,9 @@ def decompose(
     weight: Any,
     *,
     kind: str,
-    threshold: float = 1e-3,
-    max_coeff: float = 32.0,
-    iterations: int = 30,
+    threshold: float = DecomposeOptions.threshold,
+    max_coeff: float = DecomposeOptions.max_coeff,
+    iterations: int = DecomposeOptions.iterations,
     name: str = "weight",
     **options: Any,
 ) -> Decomposition:

@@ -1,20 +1,19 @@
-"""Whole-network decomposition: every kernel of a parameter tree, options chosen by name rules.
+"""Whole-network decomposition: every kernel of a parameter tree in batched calls, options per kernel.
 
-Rules are `(pattern, options)` pairs; `pattern` is a regular expression searched in the slash-joined
-path of a kernel ("stage1_block0/conv1/kernel"), the first matching rule wins, and its options
-override the defaults. Two rule keys are not decomposition options: `kind` ("conv", "dense",
-"depthwise") and `skip` (True keeps the kernel dense). Without a rule the kind follows the shape:
-rank 2 is "dense", rank 4 is "conv"; convolutions wider than `max_kernel_size` (the 7 x 7 stem of an
-ImageNet ResNet) stay dense, as in the reference, unless a rule names them. A rule that matches no
-kernel is an error: it is almost always a typo.
+Which kernels are decomposed, as what kind ("conv", "dense", "depthwise") and with which
+`DecomposeOptions`, is a plan: a function from a kernel's slash-joined path
+("stage1_block0/conv1/kernel") and shape to `(kind, options)`, or None to keep the kernel dense. The
+core does no name matching: `sd_jax.nn.rules.SDRules.planner()` turns the one rule engine (patterns on
+layer names) into a plan. Without a plan every kernel gets the same options (`uniform`), its kind
+following the shape: rank 2 is "dense", rank 4 is "conv"; convolutions wider than `max_kernel_size`
+(the 7 x 7 stem of an ImageNet ResNet) stay dense, as in the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,9 +22,10 @@ import numpy as np
 from sd_jax.core.decompose import Decomposition, DecomposeOptions, TensorJob, decompose_many
 from sd_jax.core.report import TensorReport
 
-Rule = tuple[str, Mapping[str, Any]]
-
-RULE_KEYS = ("kind", "skip")
+# The widest convolution decomposed unless a rule names it: the reference leaves its 7 x 7 stem dense.
+MAX_KERNEL_SIZE = 5
+KernelPlan = tuple[str, DecomposeOptions]  # (kind, options) of one kernel
+Planner = Callable[[str, tuple[int, ...]], "KernelPlan | None"]  # (kernel path, shape) -> plan, None: dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,9 @@ def path_name(path: tuple) -> str:
     return "/".join(parts)
 
 
-def _default_kind(shape: tuple[int, ...], max_kernel_size: int) -> str | None:
+def default_kind(shape: Sequence[int], max_kernel_size: int = MAX_KERNEL_SIZE) -> str | None:
+    """The kind of a kernel no rule names: "dense" for rank 2, "conv" for a 2-D convolution up to
+    `max_kernel_size` wide, None (keep dense) otherwise."""
     if len(shape) == 2:
         return "dense"
     if len(shape) == 4 and max(shape[0], shape[1]) <= max_kernel_size:
@@ -65,61 +67,49 @@ def _default_kind(shape: tuple[int, ...], max_kernel_size: int) -> str | None:
     return None
 
 
-def _check_rules(rules: Sequence[Rule]) -> list[tuple[re.Pattern, dict[str, Any]]]:
-    compiled = []
-    for index, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], Mapping)):
-            raise ValueError(f"rule {index}: {rule!r} is not a (pattern, options-dict) pair")
-        pattern, options = rule
-        try:
-            compiled.append((re.compile(pattern), dict(options)))
-        except re.error as error:
-            raise ValueError(f"rule {index}: pattern {pattern!r} is not a valid regular expression ({error})") from None
-    return compiled
+def uniform(options: DecomposeOptions | None = None, *, max_kernel_size: int = MAX_KERNEL_SIZE) -> Planner:
+    """A plan giving every kernel `options` (default: `DecomposeOptions()`), its kind by `default_kind`."""
+    options = DecomposeOptions() if options is None else options
+
+    def plan(path: str, shape: tuple[int, ...]) -> KernelPlan | None:
+        kind = default_kind(shape, max_kernel_size)
+        return None if kind is None else (kind, options)
+
+    return plan
 
 
 def decompose_network(
     params: Any,
-    rules: Sequence[Rule] = (),
+    plan: Planner | None = None,
     *,
     kernel_names: Sequence[str] = ("kernel",),
-    max_kernel_size: int = 5,
-    **defaults: Any,
+    **options: Any,
 ) -> NetworkDecomposition:
-    """Decompose every kernel leaf (a leaf named in `kernel_names`) of `params` in batched calls.
+    """Decompose every kernel leaf (a leaf named in `kernel_names`) of `params` that `plan` selects, in
+    batched calls.
 
-    `defaults` are `DecomposeOptions` fields applied to every kernel; `rules` override them per layer.
+    Without `plan`, `options` (`DecomposeOptions` fields) go to every kernel (`uniform`); with a plan,
+    the plan holds the options, so passing both raises ValueError.
     """
-    DecomposeOptions.from_kwargs("defaults", **defaults)
-    compiled = _check_rules(rules)
-    used = [False] * len(compiled)
+    if plan is None:
+        plan = uniform(DecomposeOptions.from_kwargs("decompose_network options", **options))
+    elif options:
+        raise ValueError(f"decompose_network: options {sorted(options)} given beside a plan; put them in the plan "
+                         "(e.g. SDRules(**options).planner())")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     jobs: list[tuple[int, TensorJob]] = []
     dense_params = 0
     for index, (path, leaf) in enumerate(leaves):
-        name = path_name(path)
         shape = tuple(np.shape(leaf))
-        is_kernel = bool(path) and path_name(path[-1:]) in kernel_names
-        rule = None
-        for rule_index, (pattern, options) in enumerate(compiled):
-            if is_kernel and pattern.search(name):
-                used[rule_index] = True
-                rule = options
-                break
-        options = dict(defaults, **(rule or {}))
-        kind = options.pop("kind", None) or (_default_kind(shape, max_kernel_size) if is_kernel else None)
-        if not is_kernel or options.pop("skip", False) or kind is None:
+        chosen = plan(path_name(path), shape) if path and path_name(path[-1:]) in kernel_names else None
+        if chosen is None:
             dense_params += math.prod(shape)
             continue
-        jobs.append((index, TensorJob(name, leaf, kind, DecomposeOptions.from_kwargs(name, **options))))
-    unused = [compiled[i][0].pattern for i, hit in enumerate(used) if not hit]
-    if unused:
-        raise ValueError(
-            f"rule pattern(s) {unused} match no kernel; kernels are: "
-            f"{[path_name(p) for p, _ in leaves if p and path_name(p[-1:]) in kernel_names]}"
-        )
+        kind, kernel_options = chosen
+        name = path_name(path)
+        jobs.append((index, TensorJob(name, leaf, kind, kernel_options.validate(name))))
     if not jobs:
-        raise ValueError("no kernel to decompose: the tree has no 'kernel' leaf of rank 2 or 4 left by the rules")
+        raise ValueError("no kernel to decompose: the tree has no 'kernel' leaf of rank 2 or 4 that the plan selects")
     results = decompose_many([job for _, job in jobs])
     new_leaves = [leaf for _, leaf in leaves]
     for (index, _), result in zip(jobs, results):

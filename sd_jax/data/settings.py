@@ -96,6 +96,18 @@ def check(setting: str, part: str, split_rule: str = "sd_jax") -> None:
     check_split_rule(split_rule)
 
 
+def num_outputs(num_classes: int, *, setting: str = "plain", part: str = "source", source_classes: int | None = None,
+                split_rule: str = "sd_jax") -> int:
+    """Outputs of the classifier for `setting`/`part`: every class, except an adaptation part under the
+    "sd_jax" rule, whose labels are renumbered 0..n-1 over its own classes (the source half holds
+    `source_classes`, default half of them)."""
+    check(setting, part, split_rule)
+    if setting != "adaptation" or split_rule == "reference":
+        return num_classes
+    source = num_classes // 2 if source_classes is None else source_classes
+    return source if part == "source" else num_classes - source
+
+
 def select(
     num_examples: int,
     *,

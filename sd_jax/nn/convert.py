@@ -20,7 +20,6 @@ the arguments the model's `apply` needs, e.g. `dense_variables(model, v, x, trai
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 import jax
@@ -32,8 +31,9 @@ from sd_jax.core.decompose import DecomposeOptions, Decomposition
 from sd_jax.core.network import NetworkDecomposition, decompose_network
 from sd_jax.nn.layers import SD_BASIS, SD_COEFF, SD_COLLECTIONS, SD_MASK, SDOptions, record_layouts, rebuild_kernel
 
-Array = jax.Array
 from sd_jax.nn.rules import SDRules, layer_name
+
+Array = jax.Array
 
 
 def _keys(path: tuple) -> list[str]:
@@ -93,13 +93,8 @@ def to_sd(variables: dict[str, Any], rules: SDRules | None = None) -> tuple[dict
     present = sorted(set(SD_COLLECTIONS) & set(variables))
     if present:
         raise ValueError(f"to_sd: variables already hold SD collections {present}; pass a dense model's variables")
-    kernels = _kernel_layers(variables["params"])
-    rules.check_matches(kernels)
-    core_rules = []
-    for layer, shape in kernels.items():
-        options = rules.decompose_options(layer, shape)
-        core_rules.append((f"^{re.escape(layer)}/kernel$", {"skip": True} if options is None else options))
-    decomposition = decompose_network(variables["params"], core_rules)
+    rules.check_matches(_kernel_layers(variables["params"]))
+    decomposition = decompose_network(variables["params"], rules.planner())
     others = {name: value for name, value in variables.items() if name != "params"}
     return {**others, **sd_variables(decomposition.tree)}, decomposition
 

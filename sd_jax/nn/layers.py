@@ -73,6 +73,7 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
 from sd_jax.core import blocking, fixed_point, pow2
+from sd_jax.core.decompose import DecomposeOptions
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -164,12 +165,12 @@ class SDOptions:
     """The SD options of one layer: the fields SDConv / SDDense add to nn.Conv / nn.Dense."""
 
     mode: str = "latent"
-    threshold: float = 1e-3
-    max_coeff: float = 32.0
+    threshold: float = DecomposeOptions.threshold  # the options a layer shares with the decomposition
+    max_coeff: float = DecomposeOptions.max_coeff
     init_scheme: str = "lecun"
-    group_size: int = 64
-    row_length: int = 3
-    max_rows: int = 192
+    group_size: int = DecomposeOptions.group_size
+    row_length: int = DecomposeOptions.row_length
+    max_rows: int = DecomposeOptions.max_rows
     kind: str | None = None  # convs only; None: 'depthwise' for one input channel per group, else 'conv'
     activation_bits: int | None = None  # None: full-precision layer input
     gradient_bits: int | None = None  # None: full-precision cotangent

@@ -4,8 +4,13 @@
 model (`models.get(name, sd=rules)`), swaps the layers of a user's model (`sd_jax.nn.swap_layers`)
 and converts dense variables (`sd_jax.nn.to_sd`), so the model and its variables always agree.
 
-A rule is a `(pattern, options)` pair, as in `sd_jax.core.network.decompose_network`: `pattern` is a
-regular expression searched in the layer name (the zoo's `stage1_block0/conv1`; in a user's model
+`SDRules.from_config(config)` reads a config's `sd` section (the one schema of every mode: training,
+decompose, analyze, export); `SDRules.option_defaults()` gives every option with its default, taken
+from the option dataclasses (`SDOptions`, `DecomposeOptions`), the one place defaults live.
+`planner()` hands the per-kernel choice to `sd_jax.core.network.decompose_network`, so training,
+conversion and the decompose and analyze commands select layers by one engine.
+
+A rule is a `(pattern, options)` pair: `pattern` is a regular expression searched in the layer name (the zoo's `stage1_block0/conv1`; in a user's model
 the module path joined by '/', e.g. `Conv_0` or `encoder/Dense_1`); the first matching rule wins and
 its options override `defaults`. Option keys:
 - `skip`: True keeps the layer dense (nn.Conv / nn.Dense). Use it to leave the first conv
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
@@ -38,6 +44,7 @@ import flax.linen as nn
 
 from sd_jax.core import pow2
 from sd_jax.core.decompose import DecomposeOptions
+from sd_jax.core.network import MAX_KERNEL_SIZE, KernelPlan, Planner
 from sd_jax.nn.layers import OPTION_NAMES, SDConv, SDDense, SDOptions
 
 Rule = tuple[str, Mapping[str, Any]]
@@ -68,7 +75,8 @@ def _check_keys(where: str, options: Mapping[str, Any]) -> None:
 class SDRules:
     """Name-pattern rules and defaults that pick the SD layers of a network and their options."""
 
-    def __init__(self, rules: Sequence[Rule] = (), *, max_kernel_size: int = 5, **defaults: Any) -> None:
+    def __init__(self, rules: Sequence[Rule] = (), *, max_kernel_size: int = MAX_KERNEL_SIZE,
+                 **defaults: Any) -> None:
         _check_keys("SDRules defaults", defaults)
         if "skip" in defaults:
             raise ValueError("SDRules defaults: 'skip' belongs in a rule; to keep a model dense, do not pass sd")
@@ -90,6 +98,32 @@ class SDRules:
         for where, rule in [("SDRules defaults", {}), *((f"rule {i} ({p!r})", o) for i, (p, o) in enumerate(self.rules))]:
             self._layer_options(where, rule)
             DecomposeOptions.from_kwargs(where, **self._decompose_kwargs(rule))
+
+    @classmethod
+    def from_config(cls, config: Any) -> "SDRules":
+        """The rules of a config's `sd` section (`rules`, `max_kernel_size` and option defaults); a config
+        without one gives the reference defaults. Unknown keys raise ValueError naming them."""
+        section = config.get("sd") if config is not None else None
+        options = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
+        rules = [tuple(rule) for rule in options.pop("rules", ())]
+        return cls(rules, max_kernel_size=options.pop("max_kernel_size", MAX_KERNEL_SIZE), **options)
+
+    @staticmethod
+    def option_defaults() -> dict[str, Any]:
+        """Every option of an `sd` section and its default, read from `SDOptions` and `DecomposeOptions`,
+        with `max_kernel_size` and empty `rules`: what a config's `sd` section starts from (`kind` is a
+        per-layer option, for rules only)."""
+        layer, decompose = SDOptions(), DecomposeOptions()
+        return dict({key: getattr(layer, key) for key in OPTION_NAMES if key != "kind"},
+                    **{key: getattr(decompose, key) for key in DECOMPOSE_ONLY}, max_kernel_size=MAX_KERNEL_SIZE,
+                    rules=[])
+
+    @staticmethod
+    def option_types() -> dict[str, type]:
+        """The type of each option whose default is None (e.g. activation_bits: int), for config placeholders."""
+        hints = typing.get_type_hints(SDOptions)
+        return {key: next(t for t in typing.get_args(hints[key]) if t is not type(None))
+                for key in OPTION_NAMES if key != "kind" and getattr(SDOptions, key) is None}
 
     def __repr__(self) -> str:
         return f"SDRules({list(self.rules)!r}, max_kernel_size={self.max_kernel_size}, **{self.defaults!r})"
@@ -130,14 +164,19 @@ class SDRules:
                              "drop the kind option from its rule")
         return self._layer_options(layer, rule or {})
 
-    def decompose_options(self, layer: str, kernel_shape: Sequence[int]) -> dict[str, Any] | None:
-        """Keyword options of `decompose_network` for the kernel of `layer`, or None to keep it dense."""
+    def kernel_plan(self, layer: str, kernel_shape: Sequence[int]) -> KernelPlan | None:
+        """(kind, decomposition options) for the kernel of `layer`, or None to keep it dense."""
         dense = len(kernel_shape) == 2
         options = self.select(layer, None if dense else tuple(kernel_shape[:-2]))
         if options is None:
             return None
         kind = "dense" if dense else (options.kind or "conv")
-        return dict(self._decompose_kwargs(self._rule(layer) or {}), kind=kind)
+        return kind, DecomposeOptions.from_kwargs(layer, **self._decompose_kwargs(self._rule(layer) or {}))
+
+    def planner(self) -> Planner:
+        """The plan of `decompose_network`: a kernel path 'stage1_block0/conv1/kernel' is planned by the rules
+        of its layer 'stage1_block0/conv1'."""
+        return lambda path, shape: self.kernel_plan(path.rpartition("/")[0], shape)
 
     def check_matches(self, layers: Iterable[str]) -> None:
         """Raise ValueError if a rule's pattern matches none of `layers`."""

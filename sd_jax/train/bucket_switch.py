@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from sd_jax.core import pow2
+from sd_jax.core.decompose import DecomposeOptions
 
 
 class BucketSwitchState(NamedTuple):
@@ -41,8 +42,8 @@ def bucket_switch(
     weight_decay: float = 5e-4,
     switch_bar: int = 1,
     update_threshold: float = 0.0,
-    threshold: float = 1e-3,
-    max_coeff: float = 32.0,
+    threshold: float = DecomposeOptions.threshold,
+    max_coeff: float = DecomposeOptions.max_coeff,
     smallest: float | None = None,
     reset_every: int = 0,
     mask: Any = None,

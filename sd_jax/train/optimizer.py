@@ -16,6 +16,7 @@ import jax
 import optax
 
 from sd_jax.core import pow2
+from sd_jax.core.decompose import DecomposeOptions
 from sd_jax.train.bucket_switch import bucket_switch
 
 TRAINABLE = ("params", "sd_basis", "sd_coeff")
@@ -54,8 +55,8 @@ def sd_optimizer(
     coeff_update: str = "bucket_switch",
     switch_bar: int = 1,
     update_threshold: float = 0.0,
-    threshold: float = 1e-3,
-    max_coeff: float = 32.0,
+    threshold: float = DecomposeOptions.threshold,
+    max_coeff: float = DecomposeOptions.max_coeff,
     smallest: float | None = None,
     reset_every: int = 0,
 ) -> optax.GradientTransformation:

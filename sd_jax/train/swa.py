@@ -59,11 +59,13 @@ def find_state(opt_state: Any) -> SWAState:
     return found[0]
 
 
-def project_coefficients(average: Any, mask: Any, *, threshold: float, max_coeff: float) -> Any:
-    """Averaged coefficients back to SD form: 0 outside the mask; inside, as the SD layers quantize a
-    latent C: 0 below the smallest magnitude `pow2.min_coeff(threshold)` (the bucket switch's too),
-    else the nearest power of two, clipped to ±max_coeff."""
-    smallest = pow2.min_coeff(threshold)
+def project_coefficients(average: Any, mask: Any, *, smallest: float, max_coeff: float) -> Any:
+    """Averaged coefficients back to SD form: 0 outside the mask; inside, 0 below `smallest` (the run's
+    smallest magnitude, the one its bucket switch keeps, e.g. `pow2.min_coeff(threshold)`), else the
+    nearest power of two, clipped to ±max_coeff."""
+    if not (smallest == 0 or pow2.is_power_of_two(float(smallest))):
+        raise ValueError(f"smallest={smallest!r} is not 0 or a power of two; pass the resolved magnitude, "
+                         "e.g. pow2.min_coeff(threshold)")
     return jax.tree.map(lambda c, m: jnp.where(m, pow2.quantize_pow2(c, smallest, max_coeff), 0.0), average, mask)
 
 

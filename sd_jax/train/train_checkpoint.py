@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sd_jax.train.checkpoint import CheckpointError
+from sd_jax.io import CheckpointError
 from sd_jax.train.step import TrainState
 from sd_jax.train.workdir import as_path
 

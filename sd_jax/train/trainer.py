@@ -65,7 +65,8 @@ from sd_jax.nn import convert
 from sd_jax.nn import report as sd_report
 from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
 from sd_jax.nn.rules import SDRules
-from sd_jax.train import checkpoint, projection, schedules, sharding, swa, workdir as run_files
+from sd_jax import io as sd_io
+from sd_jax.train import projection, schedules, sharding, swa, workdir as run_files
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
 from sd_jax.train.step import TrainState, create_train_state, make_steps
@@ -86,13 +87,6 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
     return train, evaluation
 
 
-def _sd_rules(config: ml_collections.ConfigDict) -> SDRules:
-    """The SD layers and options of the config's `sd` section (the SD model's, or the projection's)."""
-    options = dict(config.sd.to_dict())
-    rules = [tuple(rule) for rule in options.pop("rules")]
-    return SDRules(rules, **options)
-
-
 def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     """The model the config names: SD layers by its rules, or dense; a dense model with
     `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
@@ -104,7 +98,7 @@ def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
                              "sd.mode='pow2' uses C as stored, so the weights would leave the powers of two: set "
                              "sd.mode='latent' (the layer then re-quantizes C every step) or "
                              "optim.coeff_update='bucket_switch'")
-        return models.get(config.model.name, num_classes=num_classes, sd=_sd_rules(config), **options)
+        return models.get(config.model.name, num_classes=num_classes, sd=SDRules.from_config(config), **options)
     if config.sd.activation_bits is None and config.sd.gradient_bits is None:
         return models.get(config.model.name, num_classes=num_classes, **options)
     layers = low_precision_factories(**{key: config.sd[key] for key in QUANTIZER_OPTIONS if key in config.sd})
@@ -114,13 +108,15 @@ def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
 REVIVE_RULES = ("nearest", "ceil")
 
 
-def _revive_magnitude(config: ml_collections.ConfigDict) -> float | None:
-    """The bucket switch's smallest magnitude: None for `pow2.min_coeff(threshold)` (the value the
-    threshold rounds to), or the reference's smallest power of two >= threshold ('ceil')."""
+def _smallest_magnitude(config: ml_collections.ConfigDict) -> float:
+    """The smallest non-zero |C| of the run, resolved once from the threshold and handed to the bucket
+    switch and SWA alike: `pow2.min_coeff(threshold)` (the value the threshold rounds to, as the layers
+    quantize), or the reference's smallest power of two >= threshold (`optim.revive_at='ceil'`)."""
     rule = config.optim.revive_at
     if rule not in REVIVE_RULES:
         raise ValueError(f"optim.revive_at={rule!r}; pass one of {REVIVE_RULES}")
-    return pow2.ceil_pow2(config.sd.threshold) if rule == "ceil" and config.sd.threshold > 0 else None
+    threshold = config.sd.threshold
+    return pow2.ceil_pow2(threshold) if rule == "ceil" and threshold > 0 else pow2.min_coeff(threshold)
 
 
 def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -165,17 +161,17 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool, progre
     fresh = flax.core.unfreeze(jax.jit(lambda k: model.init(k, sample, train=False))(key))
     if not config.init.from_params or not from_checkpoint:
         return fresh
-    loaded = checkpoint.load_variables(config.init.from_params)
+    loaded = sd_io.load_variables(config.init.from_params)
     loaded = {name: tree for name, tree in loaded.items() if name in fresh}
     if config.model.sd and "sd_coeff" not in loaded:
         dense = jax.eval_shape(lambda k: models.get(config.model.name, num_classes=model.num_classes,
                                                     **config.model.options.to_dict()).init(k, sample, train=False), key)
-        loaded = {name: checkpoint.arrange_like(tree, dense[name]) if name in dense else tree
+        loaded = {name: sd_io.arrange_like(tree, dense[name]) if name in dense else tree
                   for name, tree in loaded.items()}
-        loaded = _decompose(loaded, _sd_rules(config), config.init.from_params, progress)
+        loaded = _decompose(loaded, SDRules.from_config(config), config.init.from_params, progress)
     if "sd_quant" in fresh and "sd_quant" not in loaded:  # low-precision ranges start fresh
         loaded["sd_quant"] = fresh["sd_quant"]
-    loaded = {name: checkpoint.arrange_like(tree, fresh[name]) for name, tree in loaded.items()}
+    loaded = {name: sd_io.arrange_like(tree, fresh[name]) for name, tree in loaded.items()}
     if config.init.reset:
         pattern = re.compile(config.init.reset)
         for collection, layers in fresh.items():
@@ -203,7 +199,7 @@ def _check_same_structure(expected: Any, got: Any, source: str) -> None:
     if want != have:
         missing = sorted(set(want) - set(have))[:3]
         wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])[:3]
-        raise checkpoint.CheckpointError(
+        raise sd_io.CheckpointError(
             f"{source}: the checkpoint does not fit the model (missing {missing}, wrong shapes {wrong}); "
             "pass the checkpoint of the same model and number of classes"
         )
@@ -302,7 +298,7 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
                       weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold, max_coeff=config.sd.max_coeff,
-                      smallest=_revive_magnitude(config),
+                      smallest=_smallest_magnitude(config),
                       reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0)
     if config.swa.start_epoch > 0:
         tx = optax.chain(tx, swa.swa(config.swa.start_epoch * train_data.steps_per_epoch,
@@ -335,7 +331,8 @@ def _swa_model(config: ml_collections.ConfigDict, state: TrainState, bn_forward:
         masks = state.frozen["sd_mask"]
         trainable["sd_coeff"] = {
             layer: {"coeff": swa.project_coefficients(leaves["coeff"], masks[layer]["mask"],
-                                                      threshold=config.sd.threshold, max_coeff=config.sd.max_coeff)}
+                                                      smallest=_smallest_magnitude(config),
+                                                      max_coeff=config.sd.max_coeff)}
             for layer, leaves in trainable["sd_coeff"].items()
         }
     state = state.replace(trainable=trainable)
@@ -485,7 +482,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     run, state = _build(config, run_files.as_path(workdir), progress)
     try:
         if run.checkpoints.latest_step() is None:
-            raise checkpoint.CheckpointError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
+            raise sd_io.CheckpointError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
         return _evaluate(run.eval_step, state, run.eval_data, run.mesh, progress)
     finally:
         run.checkpoints.close()
@@ -507,7 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     bn_forward = jax.jit(lambda variables, images: apply_fn(
         variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": bn_key}))
     evaluated = _Evaluated(run.checkpoints.evaluation(first_step) if first_step else {})
-    project_rules = _sd_rules(config) if config.optim.project_every_epoch else None
+    project_rules = SDRules.from_config(config) if config.optim.project_every_epoch else None
     try:
         progress.start("train", run.total_steps, done=first_step, images_per_step=config.input.batch_size)
         for step in range(first_step + 1, run.total_steps + 1):

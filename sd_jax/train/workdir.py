@@ -20,12 +20,13 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from typing import Any
 
 import jax
 import ml_collections
 from etils import epath
+
+from sd_jax.io.files import as_path, atomic_write_text as write_text
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -36,28 +37,9 @@ UNKNOWN_COMMIT = "unknown"
 _SOURCE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """`path` as an epath.Path, made absolute when it is local (a URI such as gs://... already is)."""
-    path = epath.Path(path)
-    return path if path.is_absolute() else path.absolute()
-
-
 def reports() -> bool:
     """Whether this process writes the run's metrics, events and summaries (process 0 does)."""
     return jax.process_index() == 0
-
-
-def write_text(path: epath.Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all: a temporary sibling, then a rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        temporary.write_text(text)
-        temporary.replace(path)
-    except BaseException:
-        if temporary.exists():
-            temporary.unlink()
-        raise
 
 
 def git_commit(directory: str = _SOURCE) -> dict[str, Any]:

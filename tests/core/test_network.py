@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from sd_jax.core.decompose import Decomposition
+from sd_jax.core.decompose import Decomposition, DecomposeOptions
 from sd_jax.core.network import decompose_network
 from sd_jax.core import report
 
@@ -33,15 +33,17 @@ def test_every_kernel_is_decomposed_by_default_except_wide_stems():
         assert r.rel_error < 0.3
 
 
-def test_rules_pick_options_first_match_wins():
-    params = _params()
-    rules = [("conv1", {"threshold": 0.05}), ("block0", {"skip": True}), ("stem", {"kind": "conv"})]
-    result = decompose_network(params, rules, threshold=1e-3)
+def test_a_plan_chooses_kind_and_options_per_kernel():
+    sparse = DecomposeOptions(threshold=0.05)
+    plans = {"block0/conv1/kernel": ("conv", sparse), "stem/conv/kernel": ("conv", DecomposeOptions()),
+             "proj/kernel": ("conv", DecomposeOptions())}
+    result = decompose_network(_params(), lambda path, shape: plans.get(path))
     by_name = {r.name: r for r in result.reports}
-    assert "block0/conv2/kernel" not in by_name
-    assert "stem/conv/kernel" in by_name
+    assert sorted(by_name) == sorted(plans)  # kernels the plan leaves out stay dense
     assert by_name["block0/conv1/kernel"].density < by_name["proj/kernel"].density
     assert result.tree["block0"]["conv1"]["kernel"].options.threshold == 0.05
+    with pytest.raises(ValueError, match="beside a plan"):
+        decompose_network(_params(), lambda path, shape: None, threshold=0.05)
 
 
 def test_network_result_equals_per_tensor_results():
@@ -65,14 +67,12 @@ def test_table_and_json_report():
     assert data["total"]["compression"] > 1
 
 
-@pytest.mark.parametrize(
-    "rules, message",
-    [([("no_such_layer", {})], "match no kernel"), ([("conv1", {"threshold": -1})], "block0/conv1/kernel"),
-     ([("(", {})], "regular expression"), (["conv1"], "pair")],
-)
-def test_bad_rules_raise(rules, message):
-    with pytest.raises(ValueError, match=message):
-        decompose_network(_params(), rules)
+def test_bad_options_raise_naming_the_kernel():
+    with pytest.raises(ValueError, match="block0/conv1/kernel: threshold=-1"):
+        decompose_network(_params(), lambda path, shape: ("conv", DecomposeOptions(threshold=-1)) if "conv1" in path
+                          else None)
+    with pytest.raises(ValueError, match="unknown decomposition option"):
+        decompose_network(_params(), thresh=1e-3)
 
 
 def test_tree_without_kernels_raises():

@@ -175,7 +175,9 @@ def test_network_rules_choose_the_criterion_per_layer():
               "block/project": {"kernel": _weight((1, 1, 12, 8), seed=18) * 0.1},
               "head/dense": {"kernel": _weight((12, 5), seed=19) * 0.1}}
     rule = {"prune_criterion": "population", "prune_fraction": 0.5}
-    result = decompose_network(params, [("conv", rule), ("project", rule), ("dense", rule)], threshold=0.0)
+    options = DecomposeOptions(threshold=0.0, **rule)
+    kinds = {"block/conv/kernel": "conv", "block/project/kernel": "conv", "head/dense/kernel": "dense"}
+    result = decompose_network(params, lambda path, shape: (kinds[path], options))
     conv = result.tree["block/conv"]["kernel"]
     rows = np.asarray(conv.coeff).any(axis=-1)  # (n, m): ceil(0.5 * 12) = 6 of 12 kernel rows remain
     assert rows.sum(axis=-1).tolist() == [6] * 8

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from sd_jax.cost import analysis, commands, hardware
+from sd_jax.cost import analysis, comparison, hardware
 
 
 @pytest.fixture(scope="module")
 def result(network):
-    return commands.analysis_of(network, "resnet20", commands.COST_DEFAULTS)
+    return comparison.analysis_of(network, "resnet20", comparison.COST_DEFAULTS)
 
 
 def test_dense_8_bit_baseline_costs_less_than_float32(network, result):

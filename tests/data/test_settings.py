@@ -130,3 +130,14 @@ def test_sd_jax_rule_is_the_default_and_differs_from_the_reference():
 def test_split_functions_check_the_rule(split):
     with pytest.raises(ValueError, match="unknown split_rule 'numpy'; pick one of sd_jax, reference"):
         split()
+
+
+@pytest.mark.parametrize("setting", ["plain", "adaptation", "finetune"])
+@pytest.mark.parametrize("part", ["source", "target"])
+@pytest.mark.parametrize("split_rule", ["sd_jax", "reference"])
+def test_num_outputs_is_what_select_gives_without_the_labels(setting, part, split_rule):
+    labels = np.arange(100) % 10
+    selection = settings.select(100, num_classes=10, setting=setting, part=part, source_classes=4, labels=labels,
+                                split_rule=split_rule)
+    assert settings.num_outputs(10, setting=setting, part=part, source_classes=4,
+                                split_rule=split_rule) == selection.num_classes

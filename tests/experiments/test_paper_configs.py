@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from experiments.configs import paper
 from sd_jax import data, models
+from sd_jax.nn.rules import SDRules
 from sd_jax.train import trainer
 from sd_jax.train.optimizer import sd_optimizer
 
@@ -206,7 +207,7 @@ def test_reference_transfer_settings_prune_structurally_with_the_authors_fractio
     config = paper.get_config("cifar10,resnet18,finetune,reference")
     assert len(config.sd.rules) == 21  # one per line of resnet18-structure-percentage.txt
     assert all(options["prune_criterion"] == "population" for _, options in config.sd.rules)
-    trainer._sd_rules(config)  # the rules are valid SD rules
+    SDRules.from_config(config)  # the rules are valid SD rules
     with pytest.warns(UserWarning):
         other = paper.get_config("cifar10,resnet20,adaptation,reference")
     assert other.sd.rules == [] and any("no structure file" in note for note in other.departures)

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.configs import decompose as decompose_config
-from launch.main import run_decompose
+from experiments.configs import default
+from sd_jax.commands import decompose
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,16 +22,18 @@ def params_file(tmp_path):
 
 
 def test_decompose_prints_table_and_json(params_file, tmp_path):
-    config = decompose_config.get_config()
-    table = run_decompose(config, params_file, None, as_json=False)
+    config = default.get_config()
+    table = decompose(config, params_file, None, as_json=False)
     assert "stage1/conv/kernel" in table and "total" in table
     config.sd.threshold = 4e-3
-    config.sd.rules = [("head", {"skip": True})]
+    config.sd.rules = [("^head$", {"skip": True})]  # a layer name, as in training
     output = str(tmp_path / "sd.npz")
-    data = json.loads(run_decompose(config, params_file, output, as_json=True))
+    data = json.loads(decompose(config, params_file, output, as_json=True))
     assert [layer["name"] for layer in data["layers"]] == ["stage1/conv/kernel"]
     assert data["total"]["dense_params"] == 90
-    assert os.path.exists(output)
+    with np.load(output) as saved:  # the SD layers' layout
+        assert {"sd_coeff/stage1/conv/coeff", "sd_basis/stage1/conv/basis", "sd_mask/stage1/conv/mask",
+                "params/head/kernel", "__report__"} <= set(saved.files)
 
 
 def _cli(*args):

@@ -33,12 +33,52 @@ def test_latent_layers_quantize_with_the_smallest_coefficient_of_the_threshold()
     assert SDRules(threshold=4e-3, mode="pow2").select("a", None).threshold == 4e-3
 
 
-def test_decompose_options_carry_decomposition_and_shared_options_only():
+def test_kernel_plan_carries_decomposition_and_shared_options_only():
+    from sd_jax.core.decompose import DecomposeOptions
+
     rules = SDRules([("conv", {"prune_fraction": 0.5, "init_scheme": "he"})], threshold=2e-3, iterations=5)
-    assert rules.decompose_options("block/conv", (3, 3, 4, 8)) == dict(
-        threshold=2e-3, iterations=5, prune_fraction=0.5, kind="conv")
-    assert rules.decompose_options("head/dense", (8, 10))["kind"] == "dense"
-    assert SDRules([("conv", {"skip": True})]).decompose_options("block/conv", (3, 3, 4, 8)) is None
+    assert rules.kernel_plan("block/conv", (3, 3, 4, 8)) == (
+        "conv", DecomposeOptions(threshold=2e-3, iterations=5, prune_fraction=0.5))
+    assert rules.kernel_plan("head/dense", (8, 10))[0] == "dense"
+    assert SDRules([("conv", {"skip": True})]).kernel_plan("block/conv", (3, 3, 4, 8)) is None
+
+
+def test_one_rule_engine_for_training_and_decomposition():
+    """A rule on a layer name ('^head/dense$') selects the same layer when building the model and when
+    decomposing its variables (the core matched kernel paths before, so this rule matched nothing)."""
+    import numpy as np
+
+    from sd_jax.core.network import decompose_network
+
+    rules = SDRules([("^head/dense$", {"skip": True}), ("^block/conv$", {"threshold": 0.05})])
+    params = {"block/conv": {"kernel": np.full((3, 3, 4, 8), 0.1, np.float32)},
+              "head/dense": {"kernel": np.full((8, 10), 0.1, np.float32)}}
+    result = decompose_network(params, rules.planner())
+    assert [r.name for r in result.reports] == ["block/conv/kernel"]
+    assert result.tree["block/conv"]["kernel"].options.threshold == 0.05
+    assert type(rules.dense_factory()(features=10, name="head/dense")) is nn.Dense
+
+
+def test_from_config_reads_the_sd_section_and_defaults_live_in_the_dataclasses():
+    import ml_collections
+
+    from sd_jax.core.decompose import DecomposeOptions
+    from sd_jax.nn.layers import SDOptions
+
+    defaults = SDRules.option_defaults()
+    assert defaults["threshold"] == SDOptions.threshold == DecomposeOptions.threshold
+    assert defaults["max_coeff"] == SDOptions.max_coeff == DecomposeOptions.max_coeff
+    assert defaults["rules"] == [] and "kind" not in defaults
+    assert SDRules.option_types() == {"activation_bits": int, "gradient_bits": int}
+    config = ml_collections.ConfigDict({"sd": dict(defaults, threshold=4e-3, max_kernel_size=7,
+                                                   rules=[("^head/", {"skip": True})])})
+    rules = SDRules.from_config(config)
+    assert rules.max_kernel_size == 7 and rules.rules == (("^head/", {"skip": True}),)
+    assert rules.kernel_plan("a", (8, 4))[1].threshold == 4e-3
+    assert SDRules.from_config(ml_collections.ConfigDict()).defaults == {}
+    config.sd.pow2 = True
+    with pytest.raises(ValueError, match="'pow2' is not possible"):
+        SDRules.from_config(config)
 
 
 def test_factories_build_sd_or_dense_layers_by_name():

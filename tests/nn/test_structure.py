@@ -8,6 +8,7 @@ import pytest
 from experiments.configs import paper
 from sd_jax import models
 from sd_jax.models import registry
+from sd_jax.core.decompose import DecomposeOptions
 from sd_jax.nn import SDRules
 from sd_jax.nn.structure import read_fractions, reference_order, structure_rules
 
@@ -159,12 +160,11 @@ def test_value_and_energy_numbers_become_prune_thresholds(tmp_path):
 def test_rules_build_the_sd_model_and_survive_a_config():
     rules = paper.structure_rules("cifar10_jpeg", "resnet18")
     config = ml_collections.ConfigDict({"sd": {"rules": rules, "threshold": 1e-3}})
-    options = config.sd.to_dict()
-    sd_rules = SDRules([tuple(rule) for rule in options.pop("rules")], **options)  # as the trainer reads it
+    sd_rules = SDRules.from_config(config)  # as every mode reads it
     model = models.get("resnet18", num_classes=10, sd=sd_rules)  # every rule matches a layer
     assert registry.layer_names(model) == _layers("resnet18")
-    assert sd_rules.decompose_options("stage2_block0/shortcut_conv", (1, 1, 64, 128)) == dict(
-        threshold=1e-3, prune_criterion="population", prune_fraction=0.1, kind="conv")
+    assert sd_rules.kernel_plan("stage2_block0/shortcut_conv", (1, 1, 64, 128)) == (
+        "conv", DecomposeOptions(threshold=1e-3, prune_criterion="population", prune_fraction=0.1))
 
 
 def test_paper_names_a_file_for_each_of_the_authors_structural_runs():

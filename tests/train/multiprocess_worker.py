@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sd_jax.train import sharding  # noqa: E402
-from sd_jax.train.checkpoint import atomic_savez, flatten  # noqa: E402
+from sd_jax.io import atomic_savez, flatten  # noqa: E402
 from sd_jax.train.optimizer import sd_optimizer  # noqa: E402
 from sd_jax.train.step import create_train_state, make_steps  # noqa: E402
 

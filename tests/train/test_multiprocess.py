@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from sd_jax.train import checkpoint
+from sd_jax import io as sd_io
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
 
@@ -49,6 +49,6 @@ def test_trainer_in_two_processes_equals_one_process(tmp_path):
     lines = [open(os.path.join(d, "metrics.jsonl")).read().splitlines() for d in (single, multi)]
     assert len(lines[0]) == len(lines[1]) and len(os.listdir(os.path.join(multi, "tensorboard"))) == 1
     assert json.loads(open(os.path.join(multi, "run.json")).read())["starts"][0]["processes"] == 2
-    for key, value in checkpoint.flatten(checkpoint.load_variables(os.path.join(single, "checkpoints"))).items():
-        other = checkpoint.flatten(checkpoint.load_variables(os.path.join(multi, "checkpoints")))[key]
+    for key, value in sd_io.flatten(sd_io.load_variables(os.path.join(single, "checkpoints"))).items():
+        other = sd_io.flatten(sd_io.load_variables(os.path.join(multi, "checkpoints")))[key]
         np.testing.assert_allclose(value, other, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from sd_jax.data import builders
 from sd_jax.train import trainer
-from sd_jax.train.checkpoint import load_variables
+from sd_jax.io import load_variables
 from sd_jax.train.train_checkpoint import TrainCheckpoints
 from tests.train.tiny_config import tiny_config
 

@@ -32,10 +32,40 @@ def test_swa_projection_uses_the_smallest_magnitude_of_the_layers():
     assert layer_threshold == pow2.min_coeff(threshold) < threshold  # 2^-8
     coeff = jnp.array([0.3, 0.7, 0.001, 0.00395, -0.00390625, 0.0019, 100.0])
     mask = jnp.array([True, False, True, True, True, True, True])
-    projected = swa.project_coefficients({"c": coeff}, {"c": mask}, threshold=threshold, max_coeff=32.0)
+    projected = swa.project_coefficients({"c": coeff}, {"c": mask}, smallest=layer_threshold, max_coeff=32.0)
     layer = jnp.where(mask, pow2.quantize_pow2(coeff, layer_threshold, 32.0), 0.0)  # the latent layer's q(C)
     np.testing.assert_array_equal(projected["c"], layer)
     np.testing.assert_array_equal(projected["c"], [0.25, 0.0, 0.0, 2**-8, -(2**-8), 0.0, 32.0])
+
+
+def test_swa_projection_refuses_a_raw_threshold():
+    with pytest.raises(ValueError, match="not 0 or a power of two"):
+        swa.project_coefficients({"c": jnp.ones(2)}, {"c": jnp.ones(2, bool)}, smallest=4e-3, max_coeff=32.0)
+
+
+@pytest.mark.parametrize("revive_at", ["nearest", "ceil"])
+def test_trainer_swa_model_projects_with_the_bucket_switch_smallest_magnitude(revive_at):
+    """The SWA average keeps exactly the magnitudes the run's bucket switch keeps: with the reference's
+    revive_at='ceil' (smallest 2^-7 for threshold 4e-3), an average of 1.2 * 2^-8 is 0, not 2^-8."""
+    from sd_jax.core import pow2
+    from sd_jax.train import optimizer, trainer
+    from sd_jax.train.step import create_train_state
+    from tests.train.tiny_config import tiny_config
+
+    config = tiny_config(sd__threshold=4e-3, optim__revive_at=revive_at, swa__start_epoch=1)
+    smallest = trainer._smallest_magnitude(config)
+    assert smallest == (pow2.ceil_pow2(4e-3) if revive_at == "ceil" else pow2.min_coeff(4e-3))
+    average = jnp.array([1.2 * 2**-8, 2**-7, 0.3, -(2**-8)])
+    variables = {"params": {}, "sd_coeff": {"fc": {"coeff": average}}, "sd_mask": {"fc": {"mask": jnp.ones(4, bool)}}}
+    tx = optax.chain(optimizer.sd_optimizer(0.1, threshold=4e-3, smallest=smallest), swa.swa(first_step=1))
+    state = create_train_state(lambda *a, **k: None, variables, tx, jax.random.key(0))
+    state = state.replace(opt_state=jax.tree.map(
+        lambda node: node._replace(average=state.trainable) if isinstance(node, swa.SWAState) else node,
+        state.opt_state, is_leaf=lambda node: isinstance(node, swa.SWAState)))
+    projected = trainer._swa_model(config, state, None, [])
+    kept = np.asarray(projected.trainable["sd_coeff"]["fc"]["coeff"])
+    expected = [2**-8, 2**-7, 0.25, -(2**-8)] if revive_at == "nearest" else [0.0, 2**-7, 0.25, 0.0]
+    np.testing.assert_array_equal(kept, expected)
 
 
 def test_recompute_batch_stats_is_the_exact_mean_of_batch_statistics():

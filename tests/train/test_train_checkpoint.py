@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd_jax.train.checkpoint import CheckpointError
+from sd_jax.io import CheckpointError
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.step import create_train_state, train_step
 from sd_jax.train.train_checkpoint import TrainCheckpoints

@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sd_jax.train import trainer
-from sd_jax.train.checkpoint import CheckpointError
+from sd_jax.io import CheckpointError
 from sd_jax.train.progress import Progress
 from sd_jax.train.workdir import as_path
 from tests.train.tiny_config import tiny_config
@@ -65,7 +65,7 @@ def test_dense_then_sd_finetune_end_to_end(tmp_path):
 def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
     import jax
 
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     config = _config(optim__epochs=2, ckpt__every_steps=3)
     full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
@@ -86,7 +86,7 @@ def test_evaluate_without_checkpoint_and_finetune_from_another_model(tmp_path):
 
 
 def test_finetune_from_an_npz_of_dense_zoo_params(tmp_path):
-    from sd_jax.train.checkpoint import atomic_savez, flatten, load_variables
+    from sd_jax.io import atomic_savez, flatten, load_variables
 
     dense_dir = str(tmp_path / "dense")
     trainer.train_and_evaluate(_config(), dense_dir)
@@ -102,7 +102,7 @@ def test_finetune_from_an_npz_of_dense_zoo_params(tmp_path):
 def test_adaptation_resets_the_classifier(tmp_path):
     import numpy as np
 
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     source = _config(input__setting="adaptation", input__part="source")
     trainer.train_and_evaluate(source, str(tmp_path / "source"))
@@ -120,7 +120,7 @@ def test_adaptation_resets_the_classifier(tmp_path):
 def test_swa_with_batch_norm_resumes_bitwise(tmp_path, monkeypatch):
     import jax
 
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     config = _config(model__name="resnet20", optim__epochs=3, swa__start_epoch=2, ckpt__every_steps=3,
                      ckpt__keep_last=10)
@@ -193,7 +193,7 @@ def test_swa_averages_each_epoch_from_the_start_epoch_and_evaluates_each_average
     import jax
 
     from sd_jax.train import swa
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     config = _config(model__sd=True, optim__coeff_update="latent", sd__mode="latent", sd__threshold=4e-3,
                      optim__epochs=3, swa__start_epoch=2, ckpt__keep_last=10)
@@ -242,7 +242,7 @@ def test_dense_training_projected_onto_sd_form_every_epoch_with_swa(tmp_path, mo
 
     from sd_jax.nn import report
     from sd_jax.train import projection, swa
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     dense_dir = str(tmp_path / "dense")
     trainer.train_and_evaluate(_config(), dense_dir)
@@ -294,7 +294,7 @@ def test_projection_options_that_cannot_work_are_refused(tmp_path):
 def test_projected_run_resumes_bitwise(tmp_path, monkeypatch):
     import jax
 
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     config = _config(optim__epochs=2, optim__project_every_epoch=True, swa__start_epoch=1, ckpt__every_steps=3)
     full = trainer.train_and_evaluate(config, str(tmp_path / "full"))

@@ -1,4 +1,4 @@
-"""Tests for --mode=analyze and --mode=export (sd_jax/cost/commands.py and launch/main.py)."""
+"""Tests for --mode=analyze and --mode=export (sd_jax/commands and launch/main.py)."""
 import json
 import os
 import subprocess
@@ -7,18 +7,20 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.configs import decompose as decompose_config
-from launch.main import run_decompose
+from experiments.configs import default
+from sd_jax import commands
+from sd_jax.commands import inputs
 from sd_jax.core import packing
-from sd_jax.cost import commands
+from sd_jax.cost import comparison
+from sd_jax.models.synthetic import he_normal_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def lenet_params(tmp_path_factory):
-    model, shape = commands.model_input("lenet5")
-    params = commands.he_normal_params(model, shape)
+    target = inputs.target_of(None, "lenet5")
+    params = he_normal_params(target.build(), target.input_shape)
     path = tmp_path_factory.mktemp("ckpt") / "lenet.npz"
     np.savez(path, **{"/".join(k): v for k, v in _flat(params).items()})
     return str(path)
@@ -33,21 +35,21 @@ def _flat(tree, prefix=()):
 
 @pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
 def test_analyze_reports_dense_and_sd_in_every_format(lenet_params, tmp_path):
-    config = decompose_config.get_config()
-    data = json.loads(commands.run_analyze(config, "lenet5", output_format="json", plots_dir=str(tmp_path)))
-    from_npz = json.loads(commands.run_analyze(config, "lenet5", lenet_params, output_format="json"))
+    config = default.get_config()
+    data = json.loads(commands.analyze(config, model_name="lenet5", output_format="json", plots_dir=str(tmp_path)))
+    from_npz = json.loads(commands.analyze(config, lenet_params, model_name="lenet5", output_format="json"))
     assert from_npz["summary"]["sd_layers"] == 5  # the '/'-named zoo layers of an .npz are found
     assert data["summary"]["storage_ratio"] > 1 and len(data["layers"]) == 5
-    assert "dense 8-bit / SD" in commands.run_analyze(config, "lenet5")
-    assert commands.run_analyze(config, "lenet5", output_format="csv").startswith("layer,kind,kernel,macs")
-    assert "| --- |" in commands.run_analyze(config, "lenet5", output_format="markdown")
+    assert "dense 8-bit / SD" in commands.analyze(config, model_name="lenet5")
+    assert commands.analyze(config, model_name="lenet5", output_format="csv").startswith("layer,kind,kernel,macs")
+    assert "| --- |" in commands.analyze(config, model_name="lenet5", output_format="markdown")
     assert sorted(os.listdir(tmp_path)) == ["lenet5_energy.png", "lenet5_storage.png"]
 
 
 @pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
 def test_export_of_a_dense_checkpoint_matches_the_storage_count(lenet_params, tmp_path):
     output = str(tmp_path / "lenet.sdpack")
-    text = commands.run_export(decompose_config.get_config(), "lenet5", lenet_params, output)
+    text = commands.export(default.get_config(), lenet_params, output, model_name="lenet5")
     assert "analyzer storage count" in text
     tensors = packing.load(output)
     assert sum(isinstance(t, packing.SDTensor) for t in tensors.values()) == 5  # two 5x5 convs and three dense kernels
@@ -57,38 +59,40 @@ def test_export_of_a_dense_checkpoint_matches_the_storage_count(lenet_params, tm
 def test_export_keeps_batch_norm_statistics_of_a_training_checkpoint(tmp_path):
     import orbax.checkpoint as ocp
 
-    from sd_jax.train.checkpoint import flatten
+    from sd_jax.io import flatten
 
-    model, shape = commands.model_input("resnet20")
-    params = commands.he_normal_params(model, shape)
+    target = inputs.target_of(None, "resnet20")
+    params = he_normal_params(target.build(), target.input_shape)
     stats = {"stem/bn": {"mean": np.full(16, 0.5, np.float32), "var": np.full(16, 2.0, np.float32)}}
     manager = ocp.CheckpointManager(str(tmp_path / "run"))
     manager.save(1, args=ocp.args.StandardSave({"params": params, "batch_stats": stats}))
     manager.wait_until_finished()
     output = str(tmp_path / "resnet20.sdpack")
-    commands.run_export(decompose_config.get_config(), "resnet20", str(tmp_path / "run"), output)
+    commands.export(default.get_config(), str(tmp_path / "run"), output, model_name="resnet20")
     tensors = packing.load(output)
     np.testing.assert_array_equal(tensors["batch_stats/stem/bn/var"], flatten(stats)["stem/bn/var"])
 
 
 @pytest.mark.slow  # decomposes LeNet-5: about 20-40 s on 2 busy cores
 def test_export_of_an_sd_checkpoint(lenet_params, tmp_path):
-    config = decompose_config.get_config()
+    config = default.get_config()
     sd_path = str(tmp_path / "sd.npz")
-    run_decompose(config, lenet_params, sd_path, as_json=True)
+    config.model.name = "lenet5"
+    config.input.dataset = "cifar10"
+    commands.decompose(config, lenet_params, sd_path, as_json=True)
     output = str(tmp_path / "lenet.sdpack")
-    commands.run_export(config, "lenet5", sd_path, output)
+    commands.export(config, sd_path, output)
     tensors = packing.load(output)
     data = np.load(sd_path)
-    basis = data["sd_basis/classifier/fc1/kernel"]
+    basis = data["sd_basis/classifier/fc1/basis"]
     np.testing.assert_array_equal(tensors["params/classifier/fc1/kernel"].basis, basis)
 
 
 def test_unknown_cost_key_raises():
-    config = decompose_config.get_config()
+    config = default.get_config()
     config.cost = dict(flux=1)
     with pytest.raises(ValueError, match="unknown key"):
-        commands.cost_options(config)
+        comparison.cost_options(config)
 
 
 def _cli(*args):
@@ -107,8 +111,8 @@ def test_cli_analyze_and_export(lenet_params, tmp_path):
     assert summary["inference_energy_ratio"] > summary["inference_energy_ratio_vs_int8"] > 0
     exported = _cli("--mode=export", "--model=lenet5", f"--params={lenet_params}", f"--output={tmp_path / 'x.sdpack'}")
     assert exported.returncode == 0 and "payload" in exported.stdout
-    missing = _cli("--mode=analyze")
-    assert missing.returncode != 0 and "--model" in missing.stderr
+    missing = _cli("--mode=export", "--model=lenet5")
+    assert missing.returncode != 0 and "--params" in missing.stderr
     unknown = _cli("--mode=analyze", "--model=nonet")
     assert unknown.returncode == 2 and "unknown model" in unknown.stderr
 
@@ -117,7 +121,8 @@ def test_cli_analyze_and_export(lenet_params, tmp_path):
 def test_analyze_counts_the_trained_sd_variables_of_a_run(tmp_path, mode):
     import tensorflow_datasets as tfds
 
-    from sd_jax.train import checkpoint, trainer
+    from sd_jax import io as sd_io
+    from sd_jax.train import trainer
     from tests.train.tiny_config import tiny_config
 
     update = "bucket_switch" if mode == "pow2" else "latent"
@@ -125,22 +130,20 @@ def test_analyze_counts_the_trained_sd_variables_of_a_run(tmp_path, mode):
     run = str(tmp_path / "run")
     with tfds.testing.mock_data(num_examples=64):
         summary = trainer.train_and_evaluate(config, run)
-    text = commands.run_analyze(config, "mlp", os.path.join(run, "checkpoints"), output_format="json",
-                                image_size=28, channels=1)
+    text = commands.analyze(config, os.path.join(run, "checkpoints"), output_format="json")
     analyzed = json.loads(text)["summary"]
     # the trainer's summary and the analyzer count the same coefficients the same way
     assert summary["compression_ratio"] == pytest.approx(analyzed["storage_ratio"])
     assert summary["density"] == pytest.approx(analyzed["sd_density"])
     if mode == "pow2":  # stored coefficients are the used ones: count them by hand
         rows = {row["layer"]: row for row in json.loads(text)["layers"]}
-        variables = checkpoint.load_variables(os.path.join(run, "checkpoints"))
+        variables = sd_io.load_variables(os.path.join(run, "checkpoints"))
         for name, coeff in variables["sd_coeff"].items():
             kept = np.asarray(coeff["coeff"])[np.asarray(variables["sd_mask"][name]["mask"])]
             assert rows[name]["density"] == pytest.approx(np.count_nonzero(kept) / coeff["coeff"].size)
     # counted at the run's float32 numerics unless a cost section asks for the 8-bit SD hardware
-    config.cost = dict(commands.COST_DEFAULTS)
-    at_8_bits = json.loads(commands.run_analyze(config, "mlp", os.path.join(run, "checkpoints"), output_format="json",
-                                                image_size=28, channels=1))["summary"]
+    config.cost = dict(comparison.COST_DEFAULTS)
+    at_8_bits = json.loads(commands.analyze(config, os.path.join(run, "checkpoints"), output_format="json"))["summary"]
     assert 1 < analyzed["inference_energy_ratio"] < at_8_bits["inference_energy_ratio"]
     # the dense 8-bit baseline does not depend on the SD side's numerics; an 8-bit SD side beats a float32 one
     assert at_8_bits["dense_int8_inference_energy"] == pytest.approx(analyzed["dense_int8_inference_energy"])

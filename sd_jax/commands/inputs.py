@@ -1,0 +1,112 @@
+"""What every command reads: the model a config describes, and variables from any parameter file.
+
+A config that describes a run (a training config, `experiments/configs/default.py` or an experiment)
+names the model (`model.name`, `model.options`), its dataset and setting (`input`: image size,
+channels and the number of classes, an adaptation part's included) and the SD layers (`sd`, read by
+`SDRules.from_config`). `--model` names another zoo model; that model then takes its zoo input
+(ImageNet forms 224 x 224 and 1000 classes, the others 32 x 32 and 10).
+
+Variables come from `.npz` files or Orbax checkpoints (`sd_jax.io.load_variables`): a bare parameter
+tree, a dense or SD training checkpoint, or the output of `--mode=decompose`. Whether they are SD is
+read from them (an `sd_coeff` collection), not from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sd_jax import io as sd_io
+from sd_jax import models
+from sd_jax.data import registry, settings
+from sd_jax.models.synthetic import he_normal_params
+from sd_jax.nn.layers import SD_COEFF, SD_COLLECTIONS
+from sd_jax.nn.rules import SDRules
+
+
+# Collections a model's variables must bring; the others (batch statistics, activation ranges) may be
+# missing, e.g. from a bare parameter file, and then keep their initial values where they are used.
+REQUIRED = ("params", *SD_COLLECTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A zoo model and the input it takes: name, classes, input shape (1, side, side, channels), options."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build(self, rules: SDRules | None = None) -> Any:
+        """The dense model, or the SD model `rules` describe."""
+        return models.get(self.name, num_classes=self.num_classes, sd=rules or False, **self.options)
+
+    def sample(self) -> jax.Array:
+        return jnp.zeros(self.input_shape, jnp.float32)
+
+
+def target_of(config: Any, model_name: str | None = None) -> Target:
+    """The model `config` describes, or the zoo model `model_name` with its zoo input when it names another."""
+    described = config.model.name if config is not None and "model" in config else None
+    name = model_name or described
+    if not name:
+        raise ValueError("no model to build: pass --model=NAME (a zoo model, e.g. resnet20) or a config with model.name")
+    if name != described or "input" not in config:
+        imagenet = name.endswith("_imagenet")
+        side = 224 if imagenet else 32
+        return Target(name, 1000 if imagenet else 10, (1, side, side, 3))
+    spec = registry.get(config.input.dataset)
+    classes = settings.num_outputs(spec.num_classes, setting=config.input.setting, part=config.input.part,
+                                   source_classes=spec.source_classes, split_rule=config.input.split_rule)
+    options = config.model.options.to_dict() if "options" in config.model else {}
+    return Target(name, classes, (1, spec.image_size, spec.image_size, spec.channels), options)
+
+
+def read_variables(path: str) -> dict[str, Any]:
+    """The variable collections at `path`; a bare parameter tree becomes {"params": tree}."""
+    variables = sd_io.load_variables(path)
+    if isinstance(variables.get("params"), Mapping):
+        return dict(variables)
+    return {"params": variables}
+
+
+def is_sd(variables: Mapping[str, Any]) -> bool:
+    """True for the variables of an SD model (they hold C)."""
+    return SD_COEFF in variables
+
+
+def arranged(variables: Mapping[str, Any], model: Any, target: Target, source: str, *,
+             required: tuple[str, ...] | None = REQUIRED) -> dict[str, Any]:
+    """`variables` in the nesting of `model`'s variables, the collections the model has; raises
+    CheckpointError when they do not fit (another model, or another number of classes) or lack one of
+    the `required` collections (None: every collection of the model)."""
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), target.sample(), train=False))
+    placed = {name: sd_io.arrange_like(variables[name], template[name]) for name in template if name in variables}
+    needed = {name: tree for name, tree in template.items()
+              if name in variables or required is None or name in required}
+    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(needed)[0]}
+    have = {jax.tree_util.keystr(p): tuple(jnp.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(placed)[0]}
+    missing = sorted(set(want) - set(have))
+    wrong = sorted(key for key in set(want) & set(have) if want[key] != have[key])
+    if missing or wrong:
+        raise sd_io.CheckpointError(
+            f"{source}: the variables do not fit model {target.name!r} with {target.num_classes} classes "
+            f"(missing {missing[:3]}, wrong shapes {wrong[:3]}); pass the config the run trained with "
+            "(--config) or the model they belong to (--model)")
+    return placed
+
+
+def dense_params(target: Target, path: str | None) -> dict[str, Any]:
+    """The dense parameters at `path` in the model's nesting, or He-normal random ones without a path."""
+    model = target.build()
+    if path is None:
+        return he_normal_params(model, target.input_shape)
+    variables = read_variables(path)
+    if is_sd(variables):
+        raise ValueError(f"{path}: holds SD variables; this step needs dense parameters")
+    return arranged({"params": variables["params"]}, model, target, path)["params"]
