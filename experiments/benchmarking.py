@@ -1,4 +1,4 @@
-"""What every benchmark reports beside its figures (see ../shared/BENCHMARKING.md)."""
+"""What every benchmark reports beside its figures (see docs/benchmarking.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 It is the speed baseline of `bench_decompose.py` and the independent oracle of
 `tests/core/test_decompose.py`: per block, np.linalg.lstsq for both least-squares steps and an
-early stop when the rounded C repeats (DESIGN.md 1.3). Float32 throughout, like the reference.
+early stop when the rounded C repeats (docs/method.md 1.3). Float32 throughout, like the reference.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --config.input.dataset=fashion_mnist_idx --config.optim.epochs=2
 
 Sections: input, model, init, sd, optim, ckpt, eval, swa. The reference schedule and optimizer
-(DESIGN.md 1.4): SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1.
+(docs/method.md 1.4): SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1.
 """
 
 import ml_collections
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # `rules`); this config changes only the coefficient mode: C as stored, kept powers of two by the
     # bucket switch. The same section serves every mode (train, decompose, analyze, export).
     config.sd = sd_section(mode="pow2")
-    # schedule: "reference" (DESIGN.md 1.4), "cosine" (after warmup_steps) or "step" (lr times step_factor
+    # schedule: "reference" (docs/method.md 1.4), "cosine" (after warmup_steps) or "step" (lr times step_factor
     # every step_epochs epochs, the authors' inference-only schedule).
     config.optim = ml_collections.ConfigDict(dict(
         epochs=200, lr=0.1, schedule="reference", warmup_steps=0, step_epochs=30, step_factor=0.5,
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Evaluation on the eval split every every_steps steps (0 = once an epoch) and at the end; the
     # best checkpoint by eval accuracy is kept (ckpt.keep_best).
     config.eval = ml_collections.ConfigDict(dict(every_steps=0))
-    # Stochastic weight averaging (DESIGN.md 1.6): one average after each epoch from epoch start_epoch
+    # Stochastic weight averaging (docs/method.md 1.6): one average after each epoch from epoch start_epoch
     # on (counted from 1; 0 = off; reference: 161 of 200 at lr 0.05; the reference schedule then
     # reaches swa.lr at 90 % of start_epoch), batch-norm statistics recomputed over bn_batches
     # training batches (0 = a whole epoch, as the reference) and the average evaluated, each epoch.

@@ -60,7 +60,7 @@ AUTHORS_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 LOW_PRECISION_SETTINGS = ("dense_8bit", "sd_8bit")
 SCRATCH_SETTINGS = ("sd_scratch", "sd_8bit", "sd_bucket_switch")
 
-# The authors' defaults (SmartDeal-Training/main.py argparse and code paths; DESIGN.md 1.6).
+# The authors' defaults (SmartDeal-Training/main.py argparse and code paths; docs/method.md 1.6).
 REFERENCE = dict(
     lr=0.1, batch_size=128, epochs=200, momentum=0.9, weight_decay=5e-4, imagenet_weight_decay=1e-4,
     schedule="reference", threshold=4e-3, switch_bar=1, update_threshold=0.0, init_scheme="reference",

@@ -1,4 +1,4 @@
-"""Blocking views: a weight tensor as a batch of (m x k) matrices A_b ~= C_b B_b (DESIGN.md 1.1).
+"""Blocking views: a weight tensor as a batch of (m x k) matrices A_b ~= C_b B_b (docs/method.md 1.1).
 
 Layouts (Flax kernel layouts in, blocks of shape (n, m, k) out):
 - "conv", kernel (kh, kw, cin, cout) with kh * kw > 1: for each output channel and each group of

@@ -1,4 +1,4 @@
-"""SmartDeal decomposition of trained weights by alternating least squares (DESIGN.md 1.3).
+"""SmartDeal decomposition of trained weights by alternating least squares (docs/method.md 1.3).
 
 Every weight is viewed as blocks A_b (m x k) (see `blocking`). For all blocks at once, starting from
 B = I and C = sparsify(A):
@@ -10,7 +10,7 @@ B = I and C = sparsify(A):
 It ends with Cq = round(C) and a last refit of B. Blocks are independent, so tensors whose blocks
 share (m, k) and the static options are decomposed in one jitted call (`decompose_many`).
 
-Structural pruning (DESIGN.md 1.2) runs once, on the host, before the loop: it zeroes the pruned
+Structural pruning (docs/method.md 1.2) runs once, on the host, before the loop: it zeroes the pruned
 entries of A, so the decomposition fits the pruned weight (`structural_keep`, `PRUNE_CRITERIA`).
 """
 

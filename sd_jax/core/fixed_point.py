@@ -1,4 +1,4 @@
-"""Fixed-point quantizers for low-precision SD training (DESIGN.md 1.4).
+"""Fixed-point quantizers for low-precision SD training (docs/method.md 1.4).
 
 Activations: uniform N-bit quantization over a per-sample [min, max] range (a running range is passed
 in at evaluation), straight-through gradient. Gradients: identity forward; the cotangent is quantized

@@ -1,4 +1,4 @@
-"""The packed SD format: one file, bit-packed coefficients, no pickle (DESIGN.md 1.5).
+"""The packed SD format: one file, bit-packed coefficients, no pickle (docs/method.md 1.5).
 
 File layout (little-endian):
     magic b"SDPACK\\0\\0" | format version (uint32) | header length (uint64) | header (UTF-8 JSON)

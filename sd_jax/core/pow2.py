@@ -1,4 +1,4 @@
-"""Power-of-two quantization of SD coefficients (DESIGN.md 1.2).
+"""Power-of-two quantization of SD coefficients (docs/method.md 1.2).
 
 A coefficient is 0 or ±2^e. `quantize_pow2` zeroes magnitudes below `threshold`, clips to
 `max_coeff` and rounds the rest to the nearest power of two in linear distance (between 2^(e-1) and
@@ -66,7 +66,7 @@ def _quantize_pow2_ste_fwd(x, threshold, max_coeff):
 
 def _quantize_pow2_ste_bwd(threshold, max_coeff, residuals, cotangent):
     # Rounding is flat almost everywhere; the STE passes the cotangent through unchanged so the
-    # latent coefficients keep learning (DESIGN.md 1.4).
+    # latent coefficients keep learning (docs/method.md 1.4).
     del threshold, max_coeff, residuals
     return (cotangent,)
 

@@ -1,4 +1,4 @@
-"""Per-tensor decomposition report: error, density, exponents and storage (DESIGN.md 1.3, 1.5).
+"""Per-tensor decomposition report: error, density, exponents and storage (docs/method.md 1.3, 1.5).
 
 Storage follows the reference count: each non-zero of C costs ceil(log2(distinct magnitudes)) + 1
 (sign) bits, C has a 1-bit-per-entry occupancy map (over all entries of its blocks, padding

@@ -1,4 +1,4 @@
-"""Counts and energy per layer, for inference and for a training step (DESIGN.md 1.5).
+"""Counts and energy per layer, for inference and for a training step (docs/method.md 1.5).
 
 `layer_counts(network, sd=...)` turns extracted layers into per-layer arrays; `energy(counts, hw)`
 is a jitted function from counts and one `Hardware` description to per-layer energies (in the
@@ -7,7 +7,7 @@ table's unit) and storage (bits); `sweep_energy` is the same function `vmap`ped 
 Which MACs: the model charges each layer's `effective_macs` (`ENERGY_MACS`), the multiplications
 whose input is not zero padding, not the FLOP-counter `macs` that include them. Padding zeros are
 never stored or moved, and an accelerator that handles borders (Eyeriss gates zero inputs) does not
-multiply them; the reference's model (DESIGN.md 1.5) counts the work done and skips zeros.
+multiply them; the reference's model (docs/method.md 1.5) counts the work done and skips zeros.
 
 Access model (per pass over a batch; Eyeriss-style, a deliberately small one). A pass is a
 matrix product with M effective MACs, an operand A kept in the dataflow's favour (the weights), a
@@ -21,7 +21,7 @@ PEs), once when stationary.
   once per buffer-sized tile of Y.
 - DRAM: A, X and Y each cross once (times the refetch above); layers are not fused.
 - registers: every MAC reads one A and one X element and reads and writes one partial sum.
-- SD (DESIGN.md 1.5): A is stored and moved as C codes, occupancy map and B; every load of A from the
+- SD (docs/method.md 1.5): A is stored and moved as C codes, occupancy map and B; every load of A from the
   buffer rebuilds it with k shift-and-adds per non-zero coefficient (per entry without zero skipping).
 Training step (batch = hw.batch): forward as inference; backward to activations with the same
 weights, X the output gradients, Y the input gradients; backward to weights with A the stored

@@ -3,7 +3,7 @@
 Built from an energy table and bit widths by `hardware(...)`; every field is a float32 array (a
 scalar for one description, shape (n,) for a sweep of n, see `stack` and `sweep`).
 
-Model (DESIGN.md 1.5): three memory levels (DRAM, a global buffer of `buffer_bits`, per-PE register
+Model (docs/method.md 1.5): three memory levels (DRAM, a global buffer of `buffer_bits`, per-PE register
 files) and an array of `pe_count` processing elements. `output_stationary` selects the dataflow: 0
 keeps weights in the PE registers (weight-stationary), 1 keeps partial sums there
 (output-stationary); see `sd_jax.cost.energy` for the access counts each implies. `skip_zeros` (0/1)

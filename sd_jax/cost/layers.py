@@ -49,7 +49,7 @@ class SDStats:
 
     @property
     def storage_bits(self) -> int:
-        """The reference storage count (DESIGN.md 1.5), B at 32 bits."""
+        """The reference storage count (docs/method.md 1.5), B at 32 bits."""
         return report.storage_bits(self.nonzeros, self.distinct_magnitudes, self.coeff_entries, self.basis_entries)
 
     @property

@@ -1,4 +1,4 @@
-"""Unit-energy tables by name: Horowitz 45 nm, Eyeriss-relative, or a user JSON file (DESIGN.md 1.5).
+"""Unit-energy tables by name: Horowitz 45 nm, Eyeriss-relative, or a user JSON file (docs/method.md 1.5).
 
 A table maps entry names to `Entry(value, source, word_bits)`. Memory entries (`dram`, `buffer`,
 `register`) are the energy of one access of a `word_bits`-bit word; arithmetic entries are named

@@ -19,7 +19,7 @@ convolution or matrix product.
 
 Coefficient modes:
 - 'latent': C is a float latent; every forward pass quantizes it (sparsify below `threshold`, clip to
-  `max_coeff`, round to a power of two) with a straight-through gradient (DESIGN.md 1.4, "simpler
+  `max_coeff`, round to a power of two) with a straight-through gradient (docs/method.md 1.4, "simpler
   alternative").
 - 'pow2': C already holds 0 or ±2^e (kept so by the bucket-switch update); it is used as is, and its
   gradient is that of W with respect to C.
@@ -33,7 +33,7 @@ of C, so the variance holds per layer rather than only on average over seeds. `i
 draws as the authors do (C Kaiming fan_out over the (n, m, k) tensor, B ~ N(0, 1/k)). Either way the
 scale lives in C, so C and B train at comparable speed (`init_sd_blocks` says why that matters).
 
-Low precision (DESIGN.md 1.4, the paper's energy experiments; both off by default):
+Low precision (docs/method.md 1.4, the paper's energy experiments; both off by default):
 - `activation_bits=N`: the layer input is quantized (`fixed_point.quantize_activation`, straight-through
   gradient) to 2^N evenly spaced levels. In training the range is each sample's [min, max]
   (`activation_range='batch'`: the batch mean of those, as the authors' QuantMeasure); at

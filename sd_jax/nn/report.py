@@ -2,7 +2,7 @@
 
 Input: a parameter tree whose SD kernels are `Decomposition`s, from a trained SD model
 (`sd_jax.nn.sd_tree(model, variables, x, ...)`) or straight from a decomposition
-(`decompose_network(...).tree`, `to_sd(...)[1].tree`). Storage is the reference count of DESIGN.md
+(`decompose_network(...).tree`, `to_sd(...)[1].tree`). Storage is the reference count of docs/method.md
 1.5 (`sd_jax.core.report.storage_bits`): per non-zero of C, ceil(log2(distinct magnitudes)) + 1 bits,
 a 1-bit occupancy map over C's entries (padding included, as stored), 32 bits per entry of B.
 

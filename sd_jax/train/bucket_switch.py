@@ -1,4 +1,4 @@
-"""The bucket-switch update of SD coefficients as an optax transformation (DESIGN.md 1.4).
+"""The bucket-switch update of SD coefficients as an optax transformation (docs/method.md 1.4).
 
 It keeps every coefficient 0 or ±2^e inside its mask at every step. Per entry it computes the update
 SGD with momentum and weight decay would make, optionally ignores updates with |update| <= a small

@@ -1,4 +1,4 @@
-"""One optimizer over all trainable variable collections, each with its own rule (DESIGN.md 1.4, 2).
+"""One optimizer over all trainable variable collections, each with its own rule (docs/method.md 1.4, 2).
 
 Trainable variables are a dict of collections: `params` (biases, batch-norm scales, dense layers)
 and `sd_basis` (B) take SGD with momentum and weight decay; `sd_coeff` (C) takes the bucket-switch

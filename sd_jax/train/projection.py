@@ -1,4 +1,4 @@
-"""A dense model's kernels projected onto SD form: the authors' inference-only rule (DESIGN.md 1.6).
+"""A dense model's kernels projected onto SD form: the authors' inference-only rule (docs/method.md 1.6).
 
 SmartDeal-Inference/main.py trains a dense network and, after every epoch, replaces each weight the
 method covers, in the model and in its SWA average, by the reconstruction C·B of its decomposition;

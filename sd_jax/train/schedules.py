@@ -1,5 +1,5 @@
 """Learning-rate schedules: the reference SmartDeal schedule, the step schedule of the authors'
-inference-only code, and cosine (DESIGN.md 1.4, 1.6)."""
+inference-only code, and cosine (docs/method.md 1.4, 1.6)."""
 
 from __future__ import annotations
 

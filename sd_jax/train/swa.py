@@ -1,4 +1,4 @@
-"""Stochastic weight averaging for SD training (DESIGN.md 1.4, 1.6), as an optax transformation.
+"""Stochastic weight averaging for SD training (docs/method.md 1.4, 1.6), as an optax transformation.
 
 `swa(first_step, every)` passes updates through unchanged and keeps a running average of the
 parameters the updates lead to, taken after step `first_step` and every `every` steps after it (the

@@ -19,7 +19,7 @@ TensorBoard, and a checkpoint carrying that accuracy is saved, so the best one i
 (`ckpt.keep_best`). The summary holds the final `accuracy` and `loss`, and `best_accuracy` with its
 `best_step`; a resumed run reads the best so far back from its checkpoint.
 
-SWA (`swa.start_epoch` > 0, DESIGN.md 1.6): after each epoch from the start epoch on, the average so
+SWA (`swa.start_epoch` > 0, docs/method.md 1.6): after each epoch from the start epoch on, the average so
 far (one set of weights per epoch) is put in SD form, its batch-norm statistics are recomputed over an
 epoch of training batches (`swa.bn_batches`) and it is evaluated (`swa_eval_loss`,
 `swa_eval_accuracy`; summary `best_swa_accuracy`, `best_swa_step`). The last average is the result
@@ -228,7 +228,7 @@ def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh, p
 
 def _storage(model: Any, state: TrainState, sample: jax.Array,
              decomposition: NetworkDecomposition | None = None) -> dict[str, float]:
-    """Density of C and compression against 32-bit weights (DESIGN.md 1.5) of the coefficients the
+    """Density of C and compression against 32-bit weights (docs/method.md 1.5) of the coefficients the
     SD layers use (latent ones quantized as the layers quantize them) over the real kernel entries;
     other parameters (biases, batch norm, kernels left dense) count 32 bits on both sides, as in the
     analyzer's storage ratio. A dense model whose kernels are C·B of `decomposition` (the last
@@ -325,7 +325,7 @@ def _training_epoch(train_data: data.Pipeline, epoch: int, batches: int) -> Iter
 def _swa_model(config: ml_collections.ConfigDict, state: TrainState, bn_forward: Callable[..., Any],
                images: Iterable[jax.Array]) -> TrainState:
     """`state` with the SWA average in SD form (coefficients projected back to powers of two inside the
-    mask) and, for batch norm, statistics recomputed over `images` by `bn_forward` (DESIGN.md 1.6)."""
+    mask) and, for batch norm, statistics recomputed over `images` by `bn_forward` (docs/method.md 1.6)."""
     trainable = dict(swa.find_state(state.opt_state).average)
     if "sd_coeff" in trainable:
         masks = state.frozen["sd_mask"]
