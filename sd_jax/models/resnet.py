@@ -6,19 +6,84 @@
   itself kuangliu/pytorch-cifar's).
 Shortcuts are 1×1 conv + batch norm where the shape changes, identity elsewhere.
 
-Layer names: `stem/conv`, `stem/bn`, `stage{s}_block{b}/conv{i}`, `.../bn{i}`, `.../shortcut_conv`,
-`.../shortcut_bn`, `head/dense`; stages count from 1, blocks from 0.
+Modules and layers: `stem` (`conv`, `bn`), `stage{s}_block{b}` (`conv{i}`, `bn{i}`, `shortcut_conv`,
+`shortcut_bn`), `head` (`dense`); stages count from 1, blocks from 0. `BasicBlock` also serves the
+CIFAR ResNets of `resnet_cifar` with their parameter-free option-A shortcut.
 """
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sd_jax.models.common import ModuleFactory, batch_norm, check_images, classifier_head, conv
+from sd_jax.models.common import ModuleFactory, Head, Stem, batch_norm, check_images, check_layout, conv
 
 STEMS = ("cifar", "imagenet")
 BLOCKS = ("basic", "bottleneck")
+SHORTCUTS = ("projection", "option_a")
 WIDTHS = (64, 128, 256, 512)
+
+
+def option_a_shortcut(x: jnp.ndarray, features: int, stride: int) -> jnp.ndarray:
+    """Identity shortcut that subsamples by `stride` and zero-pads channels equally on both sides."""
+    if stride != 1:
+        x = x[:, ::stride, ::stride, :]
+    extra = features - x.shape[-1]
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return x
+
+
+def _shortcut(block: nn.Module, x: jnp.ndarray, features: int, *, train: bool) -> jnp.ndarray:
+    """`x` as the block's residual: identity where the shape holds, else the block's `shortcut` kind."""
+    if block.stride == 1 and x.shape[-1] == features:
+        return x
+    if block.shortcut == "option_a":
+        return option_a_shortcut(x, features, block.stride)
+    y = conv(block, x, features=features, kernel=1, stride=block.stride, name="shortcut_conv")
+    return batch_norm(block, y, train=train, name="shortcut_bn")
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs with batch norm (`conv1`, `bn1`, `conv2`, `bn2`) and a residual connection;
+    `shortcut` 'projection' (1×1 conv + batch norm where the shape changes) or 'option_a'."""
+
+    features: int
+    stride: int
+    conv: ModuleFactory
+    dtype: Any
+    shortcut: str = "projection"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        residual = _shortcut(self, x, self.features, train=train)
+        y = conv(self, x, features=self.features, kernel=3, stride=self.stride, name="conv1")
+        y = nn.relu(batch_norm(self, y, train=train, name="bn1"))
+        y = conv(self, y, features=self.features, kernel=3, stride=1, name="conv2")
+        y = batch_norm(self, y, train=train, name="bn2")
+        return nn.relu(y + residual)
+
+
+class Bottleneck(nn.Module):
+    """1×1, 3×3 (with the stride), 1×1 to 4 × `features` convs with batch norm and a projection shortcut."""
+
+    features: int
+    stride: int
+    conv: ModuleFactory
+    dtype: Any
+    shortcut: str = "projection"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        out_features = 4 * self.features
+        residual = _shortcut(self, x, out_features, train=train)
+        y = x
+        for i, (features, kernel, stride) in enumerate(
+                ((self.features, 1, 1), (self.features, 3, self.stride), (out_features, 1, 1)), start=1):
+            if i > 1:
+                y = nn.relu(y)
+            y = conv(self, y, features=features, kernel=kernel, stride=stride, name=f"conv{i}")
+            y = batch_norm(self, y, train=train, name=f"bn{i}")
+        return nn.relu(y + residual)
 
 
 class ResNet(nn.Module):
@@ -39,33 +104,16 @@ class ResNet(nn.Module):
         if self.block not in BLOCKS:
             raise ValueError(f"ResNet: block {self.block!r} is not one of {BLOCKS}")
         check_images(x, "ResNet")
-        bn = lambda y, name: batch_norm(y, train=train, name=name, dtype=self.dtype)
-        convk = lambda y, features, kernel, stride, name: conv(
-            self.conv, y, features=features, kernel=kernel, stride=stride, name=name, dtype=self.dtype)
-        expansion = 4 if self.block == "bottleneck" else 1
-
+        check_layout(self)
         x = jnp.asarray(x, self.dtype)
         if self.stem == "imagenet":
-            x = nn.relu(bn(convk(x, 64, 7, 2, "stem/conv"), "stem/bn"))
+            x = Stem(64, 7, 2, self.conv, self.dtype, name="stem")(x, train=train)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = nn.relu(bn(convk(x, 64, 3, 1, "stem/conv"), "stem/bn"))
-
+            x = Stem(64, 3, 1, self.conv, self.dtype, name="stem")(x, train=train)
+        block = BasicBlock if self.block == "basic" else Bottleneck
         for s, (width, num_blocks) in enumerate(zip(WIDTHS, self.stage_sizes), start=1):
-            out_features = expansion * width
             for b in range(num_blocks):
-                where = f"stage{s}_block{b}"
                 stride = 2 if (s > 1 and b == 0) else 1
-                if stride != 1 or x.shape[-1] != out_features:
-                    shortcut = bn(convk(x, out_features, 1, stride, f"{where}/shortcut_conv"), f"{where}/shortcut_bn")
-                else:
-                    shortcut = x
-                if self.block == "basic":
-                    y = nn.relu(bn(convk(x, width, 3, stride, f"{where}/conv1"), f"{where}/bn1"))
-                    y = bn(convk(y, width, 3, 1, f"{where}/conv2"), f"{where}/bn2")
-                else:
-                    y = nn.relu(bn(convk(x, width, 1, 1, f"{where}/conv1"), f"{where}/bn1"))
-                    y = nn.relu(bn(convk(y, width, 3, stride, f"{where}/conv2"), f"{where}/bn2"))
-                    y = bn(convk(y, out_features, 1, 1, f"{where}/conv3"), f"{where}/bn3")
-                x = nn.relu(y + shortcut)
-        return classifier_head(x, num_classes=self.num_classes, dense=self.dense, dtype=self.dtype)
+                x = block(width, stride, self.conv, self.dtype, name=f"stage{s}_block{b}")(x, train=train)
+        return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)
