@@ -250,7 +250,7 @@ def test_upgrade_layout_nests_flat_layer_names():
     assert traverse_util.flatten_dict(upgraded) == traverse_util.flatten_dict(variables)
     assert traverse_util.flatten_dict(models.upgrade_layout(variables)) == traverse_util.flatten_dict(variables)
     np.testing.assert_array_equal(model.apply(upgraded, x, train=False), model.apply(variables, x, train=False))
-    with pytest.raises(ValueError, match=r"layers named \[.*'stage1_block0/bn1'.*convert them with sd_jax.models.upgrade_layout"):
+    with pytest.raises(ValueError, match=r"named \[.*'stage1_block0/bn1'.*sd_jax.models.upgrade_layout\(variables\)"):
         model.apply(old, x, train=False)
 
 
