@@ -7,7 +7,7 @@
 Shortcuts are 1×1 conv + batch norm where the shape changes, identity elsewhere.
 
 Modules and layers: `stem` (`conv`, `bn`), `stage{s}_block{b}` (`conv{i}`, `bn{i}`, `shortcut_conv`,
-`shortcut_bn`), `head` (`dense`); stages count from 1, blocks from 0. `BasicBlock` also serves the
+`shortcut_bn`), `head` (`dense`); stages count from 1, blocks from 0. `ResidualBlock` also serves the
 CIFAR ResNets of `resnet_cifar` with their parameter-free option-A shortcut.
 """
 from typing import Any, Sequence
@@ -19,7 +19,6 @@ from sd_jax.models.common import ModuleFactory, Head, Stem, batch_norm, check_im
 
 STEMS = ("cifar", "imagenet")
 BLOCKS = ("basic", "bottleneck")
-SHORTCUTS = ("projection", "option_a")
 WIDTHS = (64, 128, 256, 512)
 
 
@@ -33,52 +32,34 @@ def option_a_shortcut(x: jnp.ndarray, features: int, stride: int) -> jnp.ndarray
     return x
 
 
-def _shortcut(block: nn.Module, x: jnp.ndarray, features: int, *, train: bool) -> jnp.ndarray:
-    """`x` as the block's residual: identity where the shape holds, else the block's `shortcut` kind."""
-    if block.stride == 1 and x.shape[-1] == features:
-        return x
-    if block.shortcut == "option_a":
-        return option_a_shortcut(x, features, block.stride)
-    y = conv(block, x, features=features, kernel=1, stride=block.stride, name="shortcut_conv")
-    return batch_norm(block, y, train=train, name="shortcut_bn")
-
-
-class BasicBlock(nn.Module):
-    """Two 3×3 convs with batch norm (`conv1`, `bn1`, `conv2`, `bn2`) and a residual connection;
-    `shortcut` 'projection' (1×1 conv + batch norm where the shape changes) or 'option_a'."""
+class ResidualBlock(nn.Module):
+    """Post-activation residual block of kind 'basic' (3×3 convs `conv1`, `conv2`) or 'bottleneck'
+    (1×1, 3×3, 1×1 to 4 × `features`: `conv1` to `conv3`), the stride on the first 3×3 conv, each conv
+    followed by batch norm `bn{i}`, ReLU between them and after the sum with the shortcut: identity
+    where the shape holds, else `shortcut` 'projection' (`shortcut_conv`, `shortcut_bn`) or 'option_a'."""
 
     features: int
     stride: int
+    kind: str
     conv: ModuleFactory
     dtype: Any
     shortcut: str = "projection"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        residual = _shortcut(self, x, self.features, train=train)
-        y = conv(self, x, features=self.features, kernel=3, stride=self.stride, name="conv1")
-        y = nn.relu(batch_norm(self, y, train=train, name="bn1"))
-        y = conv(self, y, features=self.features, kernel=3, stride=1, name="conv2")
-        y = batch_norm(self, y, train=train, name="bn2")
-        return nn.relu(y + residual)
-
-
-class Bottleneck(nn.Module):
-    """1×1, 3×3 (with the stride), 1×1 to 4 × `features` convs with batch norm and a projection shortcut."""
-
-    features: int
-    stride: int
-    conv: ModuleFactory
-    dtype: Any
-    shortcut: str = "projection"
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        out_features = 4 * self.features
-        residual = _shortcut(self, x, out_features, train=train)
+        f = self.features
+        convs = (((f, 3, self.stride), (f, 3, 1)) if self.kind == "basic"
+                 else ((f, 1, 1), (f, 3, self.stride), (4 * f, 1, 1)))  # (features, kernel, stride)
+        out_features = convs[-1][0]
+        residual = x
+        if self.stride != 1 or x.shape[-1] != out_features:
+            if self.shortcut == "option_a":
+                residual = option_a_shortcut(x, out_features, self.stride)
+            else:
+                residual = conv(self, x, features=out_features, kernel=1, stride=self.stride, name="shortcut_conv")
+                residual = batch_norm(self, residual, train=train, name="shortcut_bn")
         y = x
-        for i, (features, kernel, stride) in enumerate(
-                ((self.features, 1, 1), (self.features, 3, self.stride), (out_features, 1, 1)), start=1):
+        for i, (features, kernel, stride) in enumerate(convs, start=1):
             if i > 1:
                 y = nn.relu(y)
             y = conv(self, y, features=features, kernel=kernel, stride=stride, name=f"conv{i}")
@@ -111,9 +92,9 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = Stem(64, 3, 1, self.conv, self.dtype, name="stem")(x, train=train)
-        block = BasicBlock if self.block == "basic" else Bottleneck
         for s, (width, num_blocks) in enumerate(zip(WIDTHS, self.stage_sizes), start=1):
             for b in range(num_blocks):
                 stride = 2 if (s > 1 and b == 0) else 1
-                x = block(width, stride, self.conv, self.dtype, name=f"stage{s}_block{b}")(x, train=train)
+                x = ResidualBlock(width, stride, self.block, self.conv, self.dtype, name=f"stage{s}_block{b}")(
+                    x, train=train)
         return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)

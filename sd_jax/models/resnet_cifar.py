@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sd_jax.models.common import ModuleFactory, Head, Stem, batch_norm, check_images, check_layout, conv
-from sd_jax.models.resnet import BasicBlock
+from sd_jax.models.resnet import ResidualBlock
 
 WIDTHS = (16, 32, 64)
 
@@ -39,8 +39,8 @@ class CifarResNet(nn.Module):
         for s, width in enumerate(WIDTHS, start=1):
             for b in range((self.depth - 2) // 6):
                 stride = 2 if (s > 1 and b == 0) else 1
-                x = BasicBlock(width, stride, self.conv, self.dtype, shortcut="option_a",
-                               name=f"stage{s}_block{b}")(x, train=train)
+                x = ResidualBlock(width, stride, "basic", self.conv, self.dtype, shortcut="option_a",
+                                  name=f"stage{s}_block{b}")(x, train=train)
         return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)
 
 
