@@ -49,16 +49,16 @@ class InvertedResidual(nn.Module):
         hidden = self.expansion * in_features
         y = x
         if self.expansion != 1 or self.smartdeal_reference:
-            y = self.activation(bn(conv(self, y, features=hidden, kernel=1, stride=1, name="expand_conv"),
-                                   "expand_bn"))
+            y = conv(self, y, features=hidden, kernel=1, stride=1, name="expand_conv")
+            y = self.activation(bn(y, "expand_bn"))
         y = conv(self, y, features=hidden, kernel=3, stride=self.stride, name="depthwise_conv", groups=hidden)
         y = self.activation(bn(y, "depthwise_bn"))
         y = bn(conv(self, y, features=self.features, kernel=1, stride=1, name="project_conv"), "project_bn")
         if self.stride == 1 and in_features == self.features:
             return y + x
         if self.stride == 1 and self.smartdeal_reference:
-            return y + bn(conv(self, x, features=self.features, kernel=1, stride=1, name="shortcut_conv"),
-                          "shortcut_bn")
+            shortcut = conv(self, x, features=self.features, kernel=1, stride=1, name="shortcut_conv")
+            return y + bn(shortcut, "shortcut_bn")
         return y
 
 
