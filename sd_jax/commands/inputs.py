@@ -86,7 +86,8 @@ def arranged(variables: Mapping[str, Any], model: Any, target: Target, source: s
     CheckpointError when they do not fit (another model, or another number of classes) or lack one of
     the `required` collections (None: every collection of the model)."""
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), target.sample(), train=False))
-    placed = {name: sd_io.arrange_like(variables[name], template[name]) for name in template if name in variables}
+    variables = models.upgrade_layout(dict(variables))  # saved before zoo blocks nested
+    placed = {name: variables[name] for name in template if name in variables}
     needed = {name: tree for name, tree in template.items()
               if name in variables or required is None or name in required}
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(needed)[0]}

@@ -72,10 +72,10 @@ def load_variables(path: PathLike) -> dict[str, Any]:
         tree = {**state["trainable"], **state.get("frozen", {})}
     if not jax.tree.leaves(tree):
         raise CheckpointError(f"{path}: the checkpoint holds no arrays")
-    return upgrade_layout(tree, str(path))
+    return upgrade_sd_layout(tree, str(path))
 
 
-def upgrade_layout(tree: Any, source: str) -> Any:
+def upgrade_sd_layout(tree: Any, source: str) -> Any:
     """`tree` with SD collections of the earlier layout (`sd_coeff/<layer>/kernel`) renamed to the layers'
     (`sd_coeff/<layer>/coeff`); raises CheckpointError for a per-row scale, which SD layers cannot hold."""
     if not isinstance(tree, Mapping):
@@ -91,21 +91,6 @@ def upgrade_layout(tree: Any, source: str) -> Any:
                 (key.removesuffix("kernel") + leaf if key.endswith("/kernel") else key): value
                 for key, value in flat.items()})
     return upgraded
-
-
-def arrange_like(tree: Any, template: Any) -> Any:
-    """`tree`'s leaves in `template`'s nesting, matched by '/'-joined path.
-
-    The zoo's layer names contain '/' ('stage1_block0/conv1'), so an .npz of its variables (keys joined
-    by '/') loads nested one level deeper than the model's tree; this undoes that. `tree` comes back
-    unchanged when the joined paths differ, for the caller's structure check to report.
-    """
-    flat = {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [path_name(path) for path, _ in paths]
-    if sorted(names) != sorted(flat):
-        return tree
-    return jax.tree_util.tree_unflatten(treedef, [flat[name] for name in names])
 
 
 def load_params(path: PathLike) -> dict[str, Any]:

@@ -1,17 +1,24 @@
-"""Pieces every model family shares: the layer-factory contract, batch norm, the classifier head.
+"""Pieces every model family shares: the layer-factory contract, batch norm, the stem and the head.
+
+Layout. A model is a tree of Flax modules with stable names: blocks (`stage1_block0`), the `stem`
+and the `head` are modules, and each holds its layers (`conv1`, `bn1`, `dense`, ...). Variable
+paths are therefore nested dicts, `params['stage1_block0']['conv1']['kernel']`, that survive
+`flax.traverse_util.flatten_dict(v, sep='/')`, `.npz` and Orbax alike. A layer's name is its
+module path joined by '/' (`stage1_block0/conv1`, `stem/conv`, `head/dense`), the name SD rules
+match and `sd_jax.nn.swap_layers` uses for any Flax model. Variables saved by sd_jax before the
+modules nested hold those names as single keys at the top of each collection
+(`params['stage1_block0/conv1']`); `upgrade_layout` nests them.
 
 The factory contract. Each model has two fields, `conv` and `dense`, that build its conv and dense
 layers; model code calls them with keyword arguments only:
 
-    conv(features=, kernel_size=, strides=, padding=, use_bias=, feature_group_count=, name=)
-    dense(features=, name=)
+    conv(features=, kernel_size=, strides=, padding=, use_bias=, feature_group_count=, name=, parent=)
+    dense(features=, name=, parent=)
 
-plus `dtype=` when the model's compute dtype is not float32. `name` is the layer's full, stable
-name (`stage1_block0/conv1`, `stem/conv`, `head/dense`), unique within the model, so a factory can
-decide per layer (dense or SD) from the name alone. Layers live at the top level of the model's
-variable dict under exactly that name: `params['stage1_block0/conv1']['kernel']`. Flatten variable
-dicts with tuple keys (`flax.traverse_util.flatten_dict(v)`), not with `sep='/'`, whose inverse
-would split those names.
+plus `dtype=` when the model's compute dtype is not float32. `name` is the layer's name inside its
+block (`conv1`) and `parent` the block module, already bound, so a factory can decide per layer
+(dense or SD) from the full name, `sd_jax.nn.rules.factory_layer_name(kwargs)`. Flax's own
+`nn.Conv` / `nn.Dense` (and any module class) take these keywords as they are.
 """
 from typing import Any, Callable
 
@@ -35,39 +42,35 @@ def padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
+def layer(module: nn.Module, factory: ModuleFactory, name: str, **kwargs: Any) -> nn.Module:
+    """The layer `name` inside `module`, built by `factory` (the contract above) at `module.dtype`."""
+    return factory(**kwargs, name=name, parent=module, **factory_kwargs(module.dtype))
+
+
 def conv(
-    factory: ModuleFactory,
+    module: nn.Module,
     x: jnp.ndarray,
     *,
     features: int,
     kernel: int,
     stride: int,
     name: str,
-    dtype: Any,
     groups: int = 1,
-    use_bias: bool = False,
 ) -> jnp.ndarray:
-    """Build a square conv layer through `factory` (the contract above) and apply it to `x`."""
-    layer = factory(
-        features=features,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding=padding(kernel),
-        use_bias=use_bias,
-        feature_group_count=groups,
-        name=name,
-        **factory_kwargs(dtype),
-    )
-    return layer(x)
+    """The square, bias-free conv layer `name` inside `module` (from its `conv` factory) applied to `x`."""
+    return layer(
+        module, module.conv, name, features=features, kernel_size=(kernel, kernel), strides=(stride, stride),
+        padding=padding(kernel), use_bias=False, feature_group_count=groups,
+    )(x)
 
 
-def batch_norm(x: jnp.ndarray, *, train: bool, name: str, dtype: Any) -> jnp.ndarray:
-    """Batch norm with the statistics conventions of the reference (PyTorch defaults)."""
+def batch_norm(module: nn.Module, x: jnp.ndarray, *, train: bool, name: str) -> jnp.ndarray:
+    """Batch norm `name` inside `module` with the statistics conventions of the reference (PyTorch defaults)."""
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
-        dtype=dtype,
+        dtype=module.dtype,
         name=name,
     )(x)
 
@@ -81,18 +84,81 @@ def check_images(x: jnp.ndarray, model: str) -> None:
         )
 
 
-def classifier_head(
-    x: jnp.ndarray,
-    *,
-    num_classes: int,
-    dense: ModuleFactory,
-    dtype: Any,
-    dropout_rate: float = 0.0,
-    train: bool = False,
-) -> jnp.ndarray:
-    """Global average pool over H, W, optional dropout, then `head/dense`; logits come back as float32."""
-    x = jnp.mean(x, axis=(1, 2))  # (batch, channels)
-    if dropout_rate > 0:
-        x = nn.Dropout(rate=dropout_rate, deterministic=not train, name="head/dropout")(x)
-    x = dense(features=num_classes, name="head/dense", **factory_kwargs(dtype))(x)
-    return jnp.asarray(x, jnp.float32)
+def check_layout(model: nn.Module) -> None:
+    """Raise a ValueError if `model`'s variables are in the flat layout (a '/' in a top-level name)."""
+    flat = sorted({name for collection in model.variables.values() for name in collection if "/" in name})
+    if flat:
+        raise ValueError(
+            f"model '{type(model).__name__}': the variables hold layers named {flat[:3]} at the top level, the "
+            "layout of sd_jax before blocks became nested modules; convert them with "
+            "sd_jax.models.upgrade_layout(variables)"
+        )
+
+
+def upgrade_layout(variables: dict[str, Any]) -> dict[str, Any]:
+    """Variables with flat layer names (`{'params': {'stage1_block0/conv1': {...}}}`) in the nested
+    layout (`{'params': {'stage1_block0': {'conv1': {...}}}}`); nested variables come back equal.
+
+    Raises ValueError when a flat name lands on a name the variables already hold.
+    """
+    upgraded: dict[str, Any] = {}
+    for collection, layers in variables.items():
+        nested: dict[str, Any] = {}
+        for name, value in layers.items():
+            *parents, leaf = name.split("/")
+            node = nested
+            for part in parents:
+                node = node.setdefault(part, {})
+            if leaf in node:
+                raise ValueError(f"upgrade_layout: {collection}/{name} lands on a name the variables already hold; "
+                                 "pass variables in one layout, flat or nested")
+            node[leaf] = value
+        upgraded[collection] = nested
+    return upgraded
+
+
+class Stem(nn.Module):
+    """`stem`: the square conv `conv`, then (when `batch_norm`) batch norm `bn` and `activation`."""
+
+    features: int
+    kernel: int
+    stride: int
+    conv: ModuleFactory
+    dtype: Any
+    batch_norm: bool = True
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        x = conv(self, x, features=self.features, kernel=self.kernel, stride=self.stride, name="conv")
+        if not self.batch_norm:
+            return x
+        return self.activation(batch_norm(self, x, train=train, name="bn"))
+
+
+class Head(nn.Module):
+    """`head`: an optional 1×1 conv `conv` (`conv_features` > 0), batch norm `bn` and `activation`
+    (when `batch_norm`), a global average pool over H, W of feature maps, optional dropout, then
+    `dense`; logits come back as float32."""
+
+    num_classes: int
+    conv: ModuleFactory
+    dense: ModuleFactory
+    dtype: Any
+    conv_features: int = 0
+    batch_norm: bool = False
+    activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        if self.conv_features:
+            x = conv(self, x, features=self.conv_features, kernel=1, stride=1, name="conv")
+        if self.batch_norm:
+            x = self.activation(batch_norm(self, x, train=train, name="bn"))
+        if x.ndim == 4:
+            x = jnp.mean(x, axis=(1, 2))  # (batch, channels)
+        if self.dropout_rate > 0:
+            x = nn.Dropout(rate=self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = layer(self, self.dense, "dense", features=self.num_classes)(x)
+        return jnp.asarray(x, jnp.float32)

@@ -11,22 +11,55 @@
 Dropout before the classifier (torchvision: 0.2) is off unless `dropout_rate` > 0, in which case
 `apply(..., train=True)` needs `rngs={'dropout': key}`.
 
-Layer names: `stem/conv`, `stem/bn`, `stage{s}_block{b}/expand_conv`, `.../depthwise_conv`,
-`.../project_conv`, `.../shortcut_conv` (each with a matching `..._bn`), `head/conv`, `head/bn`,
-`head/dense`; stages (rows of the paper's table 2) count from 1, blocks from 0.
+Modules and layers: `stem` (`conv`, `bn`), `stage{s}_block{b}` (`expand_conv`, `depthwise_conv`,
+`project_conv`, `shortcut_conv`, each with a matching `..._bn`), `head` (`conv`, `bn`, `dense`); stages
+(rows of the paper's table 2) count from 1, blocks from 0.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sd_jax.models.common import ModuleFactory, batch_norm, check_images, classifier_head, conv
+from sd_jax.models.common import ModuleFactory, Head, Stem, batch_norm, check_images, check_layout, conv
 
 STEMS = ("cifar", "imagenet")
 # (expansion t, output channels c, blocks n, stride s of the first block), paper table 2.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 STEM_FEATURES = 32
 HEAD_FEATURES = 1280
+
+
+class InvertedResidual(nn.Module):
+    """1×1 expansion to `expansion` × the input width, 3×3 depthwise conv with the stride, 1×1 linear
+    projection to `features`, each with batch norm; identity shortcut where the shape holds (the
+    reference block also has a 1×1 conv shortcut on stride-1 blocks whose width changes)."""
+
+    expansion: int
+    features: int
+    stride: int
+    smartdeal_reference: bool
+    activation: Callable[[jnp.ndarray], jnp.ndarray]
+    conv: ModuleFactory
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        bn = lambda y, name: batch_norm(self, y, train=train, name=name)
+        in_features = x.shape[-1]
+        hidden = self.expansion * in_features
+        y = x
+        if self.expansion != 1 or self.smartdeal_reference:
+            y = conv(self, y, features=hidden, kernel=1, stride=1, name="expand_conv")
+            y = self.activation(bn(y, "expand_bn"))
+        y = conv(self, y, features=hidden, kernel=3, stride=self.stride, name="depthwise_conv", groups=hidden)
+        y = self.activation(bn(y, "depthwise_bn"))
+        y = bn(conv(self, y, features=self.features, kernel=1, stride=1, name="project_conv"), "project_bn")
+        if self.stride == 1 and in_features == self.features:
+            return y + x
+        if self.stride == 1 and self.smartdeal_reference:
+            shortcut = conv(self, x, features=self.features, kernel=1, stride=1, name="shortcut_conv")
+            return y + bn(shortcut, "shortcut_bn")
+        return y
 
 
 class MobileNetV2(nn.Module):
@@ -45,34 +78,17 @@ class MobileNetV2(nn.Module):
         if self.stem not in STEMS:
             raise ValueError(f"MobileNetV2: stem {self.stem!r} is not one of {STEMS}")
         check_images(x, "MobileNetV2")
+        check_layout(self)
         act = nn.relu if self.smartdeal_reference else nn.relu6
-        bn = lambda y, name: batch_norm(y, train=train, name=name, dtype=self.dtype)
-        convk = lambda y, features, kernel, stride, name, groups=1: conv(
-            self.conv, y, features=features, kernel=kernel, stride=stride, name=name, dtype=self.dtype, groups=groups)
         cifar = self.stem == "cifar"
-
-        x = jnp.asarray(x, self.dtype)
-        x = act(bn(convk(x, STEM_FEATURES, 3, 1 if cifar else 2, "stem/conv"), "stem/bn"))
+        x = Stem(STEM_FEATURES, 3, 1 if cifar else 2, self.conv, self.dtype, activation=act, name="stem")(
+            jnp.asarray(x, self.dtype), train=train)
         for s, (expansion, features, num_blocks, first_stride) in enumerate(STAGES, start=1):
             if cifar and s == 2:
                 first_stride = 1
             for b in range(num_blocks):
-                where = f"stage{s}_block{b}"
-                stride = first_stride if b == 0 else 1
-                in_features = x.shape[-1]
-                hidden = expansion * in_features
-                y = x
-                if expansion != 1 or self.smartdeal_reference:
-                    y = act(bn(convk(y, hidden, 1, 1, f"{where}/expand_conv"), f"{where}/expand_bn"))
-                y = convk(y, hidden, 3, stride, f"{where}/depthwise_conv", groups=hidden)
-                y = act(bn(y, f"{where}/depthwise_bn"))
-                y = bn(convk(y, features, 1, 1, f"{where}/project_conv"), f"{where}/project_bn")
-                if stride == 1 and in_features == features:
-                    x = y + x
-                elif stride == 1 and self.smartdeal_reference:
-                    x = y + bn(convk(x, features, 1, 1, f"{where}/shortcut_conv"), f"{where}/shortcut_bn")
-                else:
-                    x = y
-        x = act(bn(convk(x, HEAD_FEATURES, 1, 1, "head/conv"), "head/bn"))
-        return classifier_head(x, num_classes=self.num_classes, dense=self.dense, dtype=self.dtype,
-                               dropout_rate=self.dropout_rate, train=train)
+                x = InvertedResidual(expansion, features, first_stride if b == 0 else 1, self.smartdeal_reference,
+                                     act, self.conv, self.dtype, name=f"stage{s}_block{b}")(x, train=train)
+        head = Head(self.num_classes, self.conv, self.dense, self.dtype, conv_features=HEAD_FEATURES, batch_norm=True,
+                    activation=act, dropout_rate=self.dropout_rate, name="head")
+        return head(x, train=train)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, vgg
-from sd_jax.nn.rules import SDRules
+from sd_jax.nn.rules import SDRules, factory_layer_name
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     # CIFAR ResNets, widths 16-32-64 (He et al. 2016).
@@ -58,12 +58,13 @@ def names() -> list[str]:
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Names of the conv and dense layers of a zoo model, in build order (traced abstractly)."""
+    """Names of the conv and dense layers of a zoo model (`stage1_block0/conv1`), in build order (traced
+    abstractly)."""
     built: list[str] = []
 
     def recording(factory):
         def build(**kwargs):
-            built.append(kwargs["name"])
+            built.append(factory_layer_name(kwargs))
             return factory(**kwargs)
         return build
 

@@ -6,19 +6,65 @@
   itself kuangliu/pytorch-cifar's).
 Shortcuts are 1×1 conv + batch norm where the shape changes, identity elsewhere.
 
-Layer names: `stem/conv`, `stem/bn`, `stage{s}_block{b}/conv{i}`, `.../bn{i}`, `.../shortcut_conv`,
-`.../shortcut_bn`, `head/dense`; stages count from 1, blocks from 0.
+Modules and layers: `stem` (`conv`, `bn`), `stage{s}_block{b}` (`conv{i}`, `bn{i}`, `shortcut_conv`,
+`shortcut_bn`), `head` (`dense`); stages count from 1, blocks from 0. `ResidualBlock` also serves the
+CIFAR ResNets of `resnet_cifar` with their parameter-free option-A shortcut.
 """
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sd_jax.models.common import ModuleFactory, batch_norm, check_images, classifier_head, conv
+from sd_jax.models.common import ModuleFactory, Head, Stem, batch_norm, check_images, check_layout, conv
 
 STEMS = ("cifar", "imagenet")
 BLOCKS = ("basic", "bottleneck")
 WIDTHS = (64, 128, 256, 512)
+
+
+def option_a_shortcut(x: jnp.ndarray, features: int, stride: int) -> jnp.ndarray:
+    """Identity shortcut that subsamples by `stride` and zero-pads channels equally on both sides."""
+    if stride != 1:
+        x = x[:, ::stride, ::stride, :]
+    extra = features - x.shape[-1]
+    if extra:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return x
+
+
+class ResidualBlock(nn.Module):
+    """Post-activation residual block of kind 'basic' (3×3 convs `conv1`, `conv2`) or 'bottleneck'
+    (1×1, 3×3, 1×1 to 4 × `features`: `conv1` to `conv3`), the stride on the first 3×3 conv, each conv
+    followed by batch norm `bn{i}`, ReLU between them and after the sum with the shortcut: identity
+    where the shape holds, else `shortcut` 'projection' (`shortcut_conv`, `shortcut_bn`) or 'option_a'."""
+
+    features: int
+    stride: int
+    kind: str
+    conv: ModuleFactory
+    dtype: Any
+    shortcut: str = "projection"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        f = self.features
+        convs = (((f, 3, self.stride), (f, 3, 1)) if self.kind == "basic"
+                 else ((f, 1, 1), (f, 3, self.stride), (4 * f, 1, 1)))  # (features, kernel, stride)
+        out_features = convs[-1][0]
+        residual = x
+        if self.stride != 1 or x.shape[-1] != out_features:
+            if self.shortcut == "option_a":
+                residual = option_a_shortcut(x, out_features, self.stride)
+            else:
+                residual = conv(self, x, features=out_features, kernel=1, stride=self.stride, name="shortcut_conv")
+                residual = batch_norm(self, residual, train=train, name="shortcut_bn")
+        y = x
+        for i, (features, kernel, stride) in enumerate(convs, start=1):
+            if i > 1:
+                y = nn.relu(y)
+            y = conv(self, y, features=features, kernel=kernel, stride=stride, name=f"conv{i}")
+            y = batch_norm(self, y, train=train, name=f"bn{i}")
+        return nn.relu(y + residual)
 
 
 class ResNet(nn.Module):
@@ -39,33 +85,16 @@ class ResNet(nn.Module):
         if self.block not in BLOCKS:
             raise ValueError(f"ResNet: block {self.block!r} is not one of {BLOCKS}")
         check_images(x, "ResNet")
-        bn = lambda y, name: batch_norm(y, train=train, name=name, dtype=self.dtype)
-        convk = lambda y, features, kernel, stride, name: conv(
-            self.conv, y, features=features, kernel=kernel, stride=stride, name=name, dtype=self.dtype)
-        expansion = 4 if self.block == "bottleneck" else 1
-
+        check_layout(self)
         x = jnp.asarray(x, self.dtype)
         if self.stem == "imagenet":
-            x = nn.relu(bn(convk(x, 64, 7, 2, "stem/conv"), "stem/bn"))
+            x = Stem(64, 7, 2, self.conv, self.dtype, name="stem")(x, train=train)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = nn.relu(bn(convk(x, 64, 3, 1, "stem/conv"), "stem/bn"))
-
+            x = Stem(64, 3, 1, self.conv, self.dtype, name="stem")(x, train=train)
         for s, (width, num_blocks) in enumerate(zip(WIDTHS, self.stage_sizes), start=1):
-            out_features = expansion * width
             for b in range(num_blocks):
-                where = f"stage{s}_block{b}"
                 stride = 2 if (s > 1 and b == 0) else 1
-                if stride != 1 or x.shape[-1] != out_features:
-                    shortcut = bn(convk(x, out_features, 1, stride, f"{where}/shortcut_conv"), f"{where}/shortcut_bn")
-                else:
-                    shortcut = x
-                if self.block == "basic":
-                    y = nn.relu(bn(convk(x, width, 3, stride, f"{where}/conv1"), f"{where}/bn1"))
-                    y = bn(convk(y, width, 3, 1, f"{where}/conv2"), f"{where}/bn2")
-                else:
-                    y = nn.relu(bn(convk(x, width, 1, 1, f"{where}/conv1"), f"{where}/bn1"))
-                    y = nn.relu(bn(convk(y, width, 3, stride, f"{where}/conv2"), f"{where}/bn2"))
-                    y = bn(convk(y, out_features, 1, 1, f"{where}/conv3"), f"{where}/bn3")
-                x = nn.relu(y + shortcut)
-        return classifier_head(x, num_classes=self.num_classes, dense=self.dense, dtype=self.dtype)
+                x = ResidualBlock(width, stride, self.block, self.conv, self.dtype, name=f"stage{s}_block{b}")(
+                    x, train=train)
+        return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)

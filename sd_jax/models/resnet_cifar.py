@@ -6,27 +6,18 @@
 - `CifarPreActResNet`: depth 9n + 2 (ResNet-164), pre-activation bottleneck blocks (expansion 4,
   1×1 projection shortcut where the shape changes), 1.7 M parameters.
 
-Layer names: `stem/conv`, `stem/bn`, `stage{s}_block{b}/conv{i}`, `.../bn{i}`, `.../shortcut_conv`,
-`head/bn` (pre-activation only), `head/dense`; stages count from 1, blocks from 0.
+Modules and layers: `stem` (`conv`, and `bn` in post-activation), `stage{s}_block{b}` (`conv{i}`,
+`bn{i}`, `shortcut_conv`), `head` (`bn` in pre-activation, `dense`); stages count from 1, blocks from 0.
 """
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sd_jax.models.common import ModuleFactory, batch_norm, check_images, classifier_head, conv
+from sd_jax.models.common import ModuleFactory, Head, Stem, batch_norm, check_images, check_layout, conv
+from sd_jax.models.resnet import ResidualBlock
 
 WIDTHS = (16, 32, 64)
-
-
-def _option_a_shortcut(x: jnp.ndarray, features: int, stride: int) -> jnp.ndarray:
-    """Identity shortcut that subsamples by `stride` and zero-pads channels equally on both sides."""
-    if stride != 1:
-        x = x[:, ::stride, ::stride, :]
-    extra = features - x.shape[-1]
-    if extra:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return x
 
 
 class CifarResNet(nn.Module):
@@ -43,21 +34,37 @@ class CifarResNet(nn.Module):
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"CifarResNet: depth {self.depth} is not 6n + 2 with n >= 1; use 20, 32, 44, 56 or 110")
         check_images(x, f"resnet{self.depth}")
-        blocks_per_stage = (self.depth - 2) // 6
-        bn = lambda y, name: batch_norm(y, train=train, name=name, dtype=self.dtype)
-        conv3x3 = lambda y, features, stride, name: conv(
-            self.conv, y, features=features, kernel=3, stride=stride, name=name, dtype=self.dtype)
-
-        x = jnp.asarray(x, self.dtype)
-        x = nn.relu(bn(conv3x3(x, WIDTHS[0], 1, "stem/conv"), "stem/bn"))
+        check_layout(self)
+        x = Stem(WIDTHS[0], 3, 1, self.conv, self.dtype, name="stem")(jnp.asarray(x, self.dtype), train=train)
         for s, width in enumerate(WIDTHS, start=1):
-            for b in range(blocks_per_stage):
-                where = f"stage{s}_block{b}"
+            for b in range((self.depth - 2) // 6):
                 stride = 2 if (s > 1 and b == 0) else 1
-                y = nn.relu(bn(conv3x3(x, width, stride, f"{where}/conv1"), f"{where}/bn1"))
-                y = bn(conv3x3(y, width, 1, f"{where}/conv2"), f"{where}/bn2")
-                x = nn.relu(y + _option_a_shortcut(x, width, stride))
-        return classifier_head(x, num_classes=self.num_classes, dense=self.dense, dtype=self.dtype)
+                x = ResidualBlock(width, stride, "basic", self.conv, self.dtype, shortcut="option_a",
+                                  name=f"stage{s}_block{b}")(x, train=train)
+        return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck: batch norm and ReLU before each of the 1×1, 3×3 (with the stride)
+    and 1×1 to 4 × `features` convs; a 1×1 conv shortcut from the first activation where the shape changes."""
+
+    features: int
+    stride: int
+    conv: ModuleFactory
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        out_features = 4 * self.features
+        y = nn.relu(batch_norm(self, x, train=train, name="bn1"))
+        if self.stride != 1 or x.shape[-1] != out_features:
+            x = conv(self, y, features=out_features, kernel=1, stride=self.stride, name="shortcut_conv")
+        for i, (features, kernel, stride) in enumerate(
+                ((self.features, 1, 1), (self.features, 3, self.stride), (out_features, 1, 1)), start=1):
+            if i > 1:
+                y = nn.relu(batch_norm(self, y, train=train, name=f"bn{i}"))
+            y = conv(self, y, features=features, kernel=kernel, stride=stride, name=f"conv{i}")
+        return y + x
 
 
 class CifarPreActResNet(nn.Module):
@@ -74,26 +81,12 @@ class CifarPreActResNet(nn.Module):
         if (self.depth - 2) % 9 or self.depth < 11:
             raise ValueError(f"CifarPreActResNet: depth {self.depth} is not 9n + 2 with n >= 1; use e.g. 164")
         check_images(x, f"resnet{self.depth}")
-        blocks_per_stage = (self.depth - 2) // 9
-        bn = lambda y, name: batch_norm(y, train=train, name=name, dtype=self.dtype)
-        convk = lambda y, features, kernel, stride, name: conv(
-            self.conv, y, features=features, kernel=kernel, stride=stride, name=name, dtype=self.dtype)
-
-        x = jnp.asarray(x, self.dtype)
-        x = convk(x, WIDTHS[0], 3, 1, "stem/conv")
+        check_layout(self)
+        x = Stem(WIDTHS[0], 3, 1, self.conv, self.dtype, batch_norm=False, name="stem")(
+            jnp.asarray(x, self.dtype), train=train)
         for s, width in enumerate(WIDTHS, start=1):
-            out_features = 4 * width
-            for b in range(blocks_per_stage):
-                where = f"stage{s}_block{b}"
+            for b in range((self.depth - 2) // 9):
                 stride = 2 if (s > 1 and b == 0) else 1
-                pre = nn.relu(bn(x, f"{where}/bn1"))
-                if stride != 1 or x.shape[-1] != out_features:
-                    shortcut = convk(pre, out_features, 1, stride, f"{where}/shortcut_conv")
-                else:
-                    shortcut = x
-                y = convk(pre, width, 1, 1, f"{where}/conv1")
-                y = convk(nn.relu(bn(y, f"{where}/bn2")), width, 3, stride, f"{where}/conv2")
-                y = convk(nn.relu(bn(y, f"{where}/bn3")), out_features, 1, 1, f"{where}/conv3")
-                x = y + shortcut
-        x = nn.relu(bn(x, "head/bn"))
-        return classifier_head(x, num_classes=self.num_classes, dense=self.dense, dtype=self.dtype)
+                x = PreActBottleneck(width, stride, self.conv, self.dtype, name=f"stage{s}_block{b}")(x, train=train)
+        return Head(self.num_classes, self.conv, self.dense, self.dtype, batch_norm=True, name="head")(
+            x, train=train)

@@ -4,15 +4,15 @@ The CIFAR form used across the pruning literature: 3×3 convs (no bias; batch no
 max-pools, then global average pooling (1×1 after five pools on 32×32) and one dense classifier.
 Inputs must be at least 32×32.
 
-Layer names: `stage{s}/conv{i}`, `stage{s}/bn{i}` (a stage ends at each max-pool; both count from 1),
-`head/dense`.
+Modules and layers: `stage{s}` (`conv{i}`, `bn{i}`; a stage ends at each max-pool; both count from 1),
+`head` (`dense`).
 """
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sd_jax.models.common import ModuleFactory, batch_norm, check_images, classifier_head, conv
+from sd_jax.models.common import ModuleFactory, Head, batch_norm, check_images, check_layout, conv
 
 # Output widths of the convs, one tuple per stage; each stage ends with a 2×2 max-pool.
 CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -20,6 +20,21 @@ CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
     16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     19: ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
 }
+
+
+class VGGStage(nn.Module):
+    """3×3 convs of `widths` (`conv{i}`), each with batch norm (`bn{i}`) and ReLU, then a 2×2 max-pool."""
+
+    widths: Sequence[int]
+    conv: ModuleFactory
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        for i, width in enumerate(self.widths, start=1):
+            x = conv(self, x, features=width, kernel=3, stride=1, name=f"conv{i}")
+            x = nn.relu(batch_norm(self, x, train=train, name=f"bn{i}"))
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
 class VGG(nn.Module):
@@ -39,10 +54,8 @@ class VGG(nn.Module):
         if min(x.shape[1:3]) < 32:
             raise ValueError(f"vgg{self.depth}: input {x.shape[1]}×{x.shape[2]} is smaller than 32×32; "
                              "five 2×2 max-pools need at least 32×32 images")
+        check_layout(self)
         x = jnp.asarray(x, self.dtype)
         for s, widths in enumerate(CONFIGS[self.depth], start=1):
-            for i, width in enumerate(widths, start=1):
-                x = conv(self.conv, x, features=width, kernel=3, stride=1, name=f"stage{s}/conv{i}", dtype=self.dtype)
-                x = nn.relu(batch_norm(x, train=train, name=f"stage{s}/bn{i}", dtype=self.dtype))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        return classifier_head(x, num_classes=self.num_classes, dense=self.dense, dtype=self.dtype)
+            x = VGGStage(widths, self.conv, self.dtype, name=f"stage{s}")(x, train=train)
+        return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)

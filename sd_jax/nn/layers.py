@@ -414,6 +414,11 @@ def sd_dense_forward(
     return _quantize_output_gradient(module, y if bias is None else y + bias, layer, options)
 
 
+def _layer_name(module: nn.Module) -> str:
+    """The module's path joined by '/' (`stage1_block0/conv1`), or its own name for a root module."""
+    return "/".join(module.path) or module.name
+
+
 def _options_of(module: nn.Module) -> SDOptions:
     return SDOptions(**{name: getattr(module, name, None) for name in OPTION_NAMES})
 
@@ -453,7 +458,7 @@ class SDConv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         return sd_conv_forward(
-            self, x, layer=self.name, options=_options_of(self), features=self.features,
+            self, x, layer=_layer_name(self), options=_options_of(self), features=self.features,
             kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
             kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
             use_bias=self.use_bias, dtype=self.dtype,
@@ -483,14 +488,15 @@ class SDDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return sd_dense_forward(self, x, layer=self.name, options=_options_of(self), features=self.features,
+        return sd_dense_forward(self, x, layer=_layer_name(self), options=_options_of(self), features=self.features,
                                 use_bias=self.use_bias, dtype=self.dtype)
 
 
 def _low_precision_call(module: nn.Module, dense_call: Callable[[Array], Array], inputs: Array) -> Array:
-    options = module.quantizer.check(module.name)
-    y = dense_call(_quantize_input(module, inputs, module.name, options))
-    return _quantize_output_gradient(module, y, module.name, options)
+    layer = _layer_name(module)
+    options = module.quantizer.check(layer)
+    y = dense_call(_quantize_input(module, inputs, layer, options))
+    return _quantize_output_gradient(module, y, layer, options)
 
 
 class LowPrecisionConv(nn.Conv):

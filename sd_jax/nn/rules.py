@@ -60,8 +60,15 @@ UNSUPPORTED = {"pow2": "SD layers hold power-of-two coefficients; drop pow2",
 
 
 def layer_name(path: Sequence[str]) -> str:
-    """The name rules match: a module path joined by '/' (zoo layers are one path entry already)."""
+    """The name rules match: a module path joined by '/' (`stage1_block0/conv1`)."""
     return "/".join(path)
+
+
+def factory_layer_name(kwargs: Mapping[str, Any]) -> str:
+    """The name of the layer a zoo factory is asked to build: its `parent`'s module path and its `name`
+    (`name` alone when no parent is given)."""
+    parent = kwargs.get("parent")
+    return kwargs["name"] if parent is None else layer_name((*parent.path, kwargs["name"]))
 
 
 def _check_keys(where: str, options: Mapping[str, Any]) -> None:
@@ -186,16 +193,16 @@ class SDRules:
             raise ValueError(f"rule pattern(s) {unused} match no layer; the layers are {layers}")
 
     def conv_factory(self) -> ModuleFactory:
-        """A zoo `conv` factory: SDConv where the rules select the layer (by its `name`), else nn.Conv."""
+        """A zoo `conv` factory: SDConv where the rules select the layer (by its full name), else nn.Conv."""
         def build(**kwargs: Any) -> nn.Module:
-            options = self.select(kwargs["name"], tuple(kwargs["kernel_size"]))
+            options = self.select(factory_layer_name(kwargs), tuple(kwargs["kernel_size"]))
             return nn.Conv(**kwargs) if options is None else SDConv(**kwargs, **dataclasses.asdict(options))
         return build
 
     def dense_factory(self) -> ModuleFactory:
         """A zoo `dense` factory: SDDense where the rules select the layer, else nn.Dense."""
         def build(**kwargs: Any) -> nn.Module:
-            options = self.select(kwargs["name"], None)
+            options = self.select(factory_layer_name(kwargs), None)
             if options is None:
                 return nn.Dense(**kwargs)
             return SDDense(**kwargs, **{k: v for k, v in dataclasses.asdict(options).items() if k != "kind"})

@@ -161,23 +161,14 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool, progre
     fresh = flax.core.unfreeze(jax.jit(lambda k: model.init(k, sample, train=False))(key))
     if not config.init.from_params or not from_checkpoint:
         return fresh
-    loaded = sd_io.load_variables(config.init.from_params)
+    loaded = models.upgrade_layout(sd_io.load_variables(config.init.from_params))
     loaded = {name: tree for name, tree in loaded.items() if name in fresh}
     if config.model.sd and "sd_coeff" not in loaded:
-        dense = jax.eval_shape(lambda k: models.get(config.model.name, num_classes=model.num_classes,
-                                                    **config.model.options.to_dict()).init(k, sample, train=False), key)
-        loaded = {name: sd_io.arrange_like(tree, dense[name]) if name in dense else tree
-                  for name, tree in loaded.items()}
         loaded = _decompose(loaded, SDRules.from_config(config), config.init.from_params, progress)
     if "sd_quant" in fresh and "sd_quant" not in loaded:  # low-precision ranges start fresh
         loaded["sd_quant"] = fresh["sd_quant"]
-    loaded = {name: sd_io.arrange_like(tree, fresh[name]) for name, tree in loaded.items()}
     if config.init.reset:
-        pattern = re.compile(config.init.reset)
-        for collection, layers in fresh.items():
-            for layer in layers:
-                if pattern.search(layer) and collection in loaded:
-                    loaded[collection][layer] = layers[layer]
+        loaded = _reset_layers(fresh, loaded, re.compile(config.init.reset))
     _check_same_structure(fresh, loaded, config.init.from_params)
     return loaded
 
@@ -191,6 +182,16 @@ def _decompose(variables: dict[str, Any], rules: SDRules, source: str, progress:
     progress.report(f"decompose: {totals['decomposed_tensors']} kernels in {duration(time.perf_counter() - start)}, "
                     f"density of C {totals['density']:.3f}, compression {totals['compression']:.2f}x")
     return variables
+
+
+def _reset_layers(fresh: dict[str, Any], loaded: dict[str, Any], pattern: re.Pattern) -> dict[str, Any]:
+    """`loaded` with the variables of every layer whose name (`head/dense`) `pattern` matches taken from
+    `fresh`, in the collections `loaded` has."""
+    matches = lambda path: pattern.search("/".join(path[1:-1])) is not None
+    flat = {path: leaf for path, leaf in flax.traverse_util.flatten_dict(loaded).items() if not matches(path)}
+    flat.update({path: leaf for path, leaf in flax.traverse_util.flatten_dict(fresh).items()
+                 if path[0] in loaded and matches(path)})
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def _check_same_structure(expected: Any, got: Any, source: str) -> None:
@@ -328,13 +329,12 @@ def _swa_model(config: ml_collections.ConfigDict, state: TrainState, bn_forward:
     mask) and, for batch norm, statistics recomputed over `images` by `bn_forward` (docs/method.md 1.6)."""
     trainable = dict(swa.find_state(state.opt_state).average)
     if "sd_coeff" in trainable:
-        masks = state.frozen["sd_mask"]
-        trainable["sd_coeff"] = {
-            layer: {"coeff": swa.project_coefficients(leaves["coeff"], masks[layer]["mask"],
-                                                      smallest=_smallest_magnitude(config),
-                                                      max_coeff=config.sd.max_coeff)}
-            for layer, leaves in trainable["sd_coeff"].items()
-        }
+        masks = flax.traverse_util.flatten_dict(state.frozen["sd_mask"])  # {(*layer, "mask"): mask}
+        trainable["sd_coeff"] = flax.traverse_util.unflatten_dict({
+            path: swa.project_coefficients(coeff, masks[(*path[:-1], "mask")],
+                                           smallest=_smallest_magnitude(config), max_coeff=config.sd.max_coeff)
+            for path, coeff in flax.traverse_util.flatten_dict(trainable["sd_coeff"]).items()
+        })
     state = state.replace(trainable=trainable)
     if "batch_stats" in state.frozen:
         stats = swa.recompute_batch_stats(bn_forward, state.variables, images, momentum=BN_MOMENTUM)

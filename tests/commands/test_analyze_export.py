@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import numpy as np
 import pytest
 
@@ -138,9 +139,11 @@ def test_analyze_counts_the_trained_sd_variables_of_a_run(tmp_path, mode):
     if mode == "pow2":  # stored coefficients are the used ones: count them by hand
         rows = {row["layer"]: row for row in json.loads(text)["layers"]}
         variables = sd_io.load_variables(os.path.join(run, "checkpoints"))
-        for name, coeff in variables["sd_coeff"].items():
-            kept = np.asarray(coeff["coeff"])[np.asarray(variables["sd_mask"][name]["mask"])]
-            assert rows[name]["density"] == pytest.approx(np.count_nonzero(kept) / coeff["coeff"].size)
+        masks = flax.traverse_util.flatten_dict(variables["sd_mask"], sep="/")
+        for path, coeff in flax.traverse_util.flatten_dict(variables["sd_coeff"], sep="/").items():
+            name = path.removesuffix("/coeff")
+            kept = np.asarray(coeff)[np.asarray(masks[f"{name}/mask"])]
+            assert rows[name]["density"] == pytest.approx(np.count_nonzero(kept) / coeff.size)
     # counted at the run's float32 numerics unless a cost section asks for the 8-bit SD hardware
     config.cost = dict(comparison.COST_DEFAULTS)
     at_8_bits = json.loads(commands.analyze(config, os.path.join(run, "checkpoints"), output_format="json"))["summary"]

@@ -78,7 +78,7 @@ def test_packed_sd_model_computes_the_same_outputs():
                        dense=functools.partial(SDDense, mode="pow2"))
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
-    flat = traverse_util.flatten_dict(variables)  # tuple keys: layer names contain '/'
+    flat = traverse_util.flatten_dict(variables)
     tensors, arrays = {}, {}
     for (collection, *path), value in flat.items():
         if collection == "sd_coeff":

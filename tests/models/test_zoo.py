@@ -8,6 +8,7 @@ every initialiser, which on CPU compiles per shape.
 import re
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
+from sd_jax.nn.rules import factory_layer_name
 
 # name -> (published figure, source). Counts are all leaves of the `params` collection (conv and
 # dense kernels, dense biases, batch-norm scales and offsets; running statistics are in
@@ -84,7 +86,7 @@ SLOW_FORWARD = {"resnet110", "resnet164", "resnet34", "resnet50", "resnet34_imag
 INIT_FAST = ["lenet5", "mlp"]
 
 FACTORY_KWARGS = {"features", "kernel_size", "strides", "padding", "use_bias", "feature_group_count",
-                  "kernel_dilation", "name"}
+                  "kernel_dilation", "name", "parent"}
 
 
 def _num_classes(name):
@@ -195,32 +197,79 @@ def test_layers_are_built_through_the_factories_with_unique_names(name):
                        conv=_recording(nn.Conv, convs), dense=_recording(nn.Dense, denses))
     params = _abstract_variables(model, INPUTS[name][0])["params"]
 
-    built = [kwargs["name"] for kwargs in convs + denses]
+    built = [factory_layer_name(kwargs) for kwargs in convs + denses]
     assert len(built) == len(set(built)), "a layer name was built twice"
-    kernels = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0] if path[-1].key == "kernel"]
+    kernels = [name for name in traverse_util.flatten_dict(params, sep="/") if name.endswith("/kernel")]
     assert len(built) == len(kernels)
-    assert set(built) == {path[0].key for path in kernels}
+    assert set(built) == {name.removesuffix("/kernel") for name in kernels}
     for kwargs in convs + denses:
         assert set(kwargs) <= FACTORY_KWARGS, f"{kwargs['name']}: unexpected {set(kwargs) - FACTORY_KWARGS}"
-    assert all(set(kwargs) == {"features", "name"} for kwargs in denses)
+    assert all(set(kwargs) == {"features", "name", "parent"} for kwargs in denses)
     assert "head/dense" in built
 
 
-def test_layer_names_are_readable_paths():
+def _layers(collection):
+    return {name.rsplit("/", 1)[0] for name in traverse_util.flatten_dict(collection, sep="/")}
+
+
+def test_blocks_are_modules_holding_their_layers():
     model = models.get("resnet20", num_classes=10)
     params = _abstract_variables(model, (1, 32, 32, 3))["params"]
-    assert {"stem/conv", "stem/bn", "stage1_block0/conv1", "stage3_block2/bn2", "head/dense"} <= set(params)
+    assert {"stem", "stage1_block0", "stage3_block2", "head"} <= set(params)
+    assert set(params["stage1_block0"]) == {"conv1", "bn1", "conv2", "bn2"}
+    assert {"stem/conv", "stem/bn", "stage1_block0/conv1", "stage3_block2/bn2", "head/dense"} <= _layers(params)
+    assert all("/" not in key for path in traverse_util.flatten_dict(params) for key in path)
+
+
+ROUND_TRIP = [("resnet20", False), ("resnet20", True), ("resnet18_imagenet", False), ("resnet164", False),
+              ("mobilenet_v2", True), ("vgg11", False), ("lenet5", True), ("mlp", False)]
+
+
+@pytest.mark.parametrize("name,sd", ROUND_TRIP)
+def test_variables_round_trip_through_slash_joined_npz(name, sd, tmp_path):
+    model = models.get(name, num_classes=_num_classes(name), sd=sd)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    variables = synthetic_variables(model, x)
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    np.savez(tmp_path / "variables.npz", **{key: np.asarray(value) for key, value in flat.items()})
+    with np.load(tmp_path / "variables.npz") as stored:
+        loaded = traverse_util.unflatten_dict({key: stored[key] for key in stored.files}, sep="/")
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(variables)
+    np.testing.assert_array_equal(model.apply(loaded, x, train=False), model.apply(variables, x, train=False))
+
+
+def test_upgrade_layout_nests_flat_layer_names():
+    model = models.get("resnet20", num_classes=10, sd=True)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = synthetic_variables(model, x)
+    old = {collection: {} for collection in variables}
+    for (collection, *layer, leaf), value in traverse_util.flatten_dict(variables).items():
+        old[collection].setdefault("/".join(layer), {})[leaf] = value
+    assert "stage1_block0/conv1" in old["sd_coeff"] and "stem/bn" in old["batch_stats"]
+    upgraded = models.upgrade_layout(old)
+    assert traverse_util.flatten_dict(upgraded) == traverse_util.flatten_dict(variables)
+    assert traverse_util.flatten_dict(models.upgrade_layout(variables)) == traverse_util.flatten_dict(variables)
+    np.testing.assert_array_equal(model.apply(upgraded, x, train=False), model.apply(variables, x, train=False))
+    with pytest.raises(ValueError, match=r"named \[.*'stage1_block0/bn1'.*sd_jax.models.upgrade_layout\(variables\)"):
+        model.apply(old, x, train=False)
+
+
+def test_upgrade_layout_refuses_a_name_held_in_both_layouts():
+    variables = {"params": {"stem": {"conv": {"kernel": np.zeros(1)}}, "stem/conv": {"kernel": np.ones(1)}}}
+    with pytest.raises(ValueError, match="params/stem/conv lands on a name the variables already hold"):
+        models.upgrade_layout(variables)
 
 
 def test_depthwise_convs_use_one_group_per_channel():
     convs = []
     model = models.get("mobilenet_v2", num_classes=10, conv=_recording(nn.Conv, convs))
     params = _abstract_variables(model, (1, 32, 32, 3))["params"]
-    depthwise = [kwargs for kwargs in convs if kwargs["name"].endswith("/depthwise_conv")]
+    depthwise = [kwargs for kwargs in convs if kwargs["name"] == "depthwise_conv"]
     assert len(depthwise) == 17
     for kwargs in depthwise:
         assert kwargs["feature_group_count"] == kwargs["features"]
-        assert params[kwargs["name"]]["kernel"].shape == (3, 3, 1, kwargs["features"])
+        block = kwargs["parent"].name
+        assert params[block]["depthwise_conv"]["kernel"].shape == (3, 3, 1, kwargs["features"])
 
 
 def test_mobilenet_v2_smartdeal_reference_variant():
@@ -230,7 +279,7 @@ def test_mobilenet_v2_smartdeal_reference_variant():
     model = models.get("mobilenet_v2", num_classes=10, smartdeal_reference=True)
     params = _abstract_variables(model, (1, 32, 32, 3))["params"]
     assert _count(params) == 2_296_922
-    assert "stage1_block0/expand_conv" in params and "stage7_block0/shortcut_conv" in params
+    assert "expand_conv" in params["stage1_block0"] and "shortcut_conv" in params["stage7_block0"]
 
 
 def test_compute_dtype_keeps_parameters_float32():
@@ -250,8 +299,8 @@ def test_resnet_stems_differ_in_resolution():
         model = models.get("resnet18", num_classes=10, stem=stem)
         _, state = jax.eval_shape(
             lambda: model.init_with_output(jax.random.key(0), x, train=False,
-                                           capture_intermediates=lambda m, _: m.name == "stage1_block0/bn1"))
-        (out,) = state["intermediates"]["stage1_block0/bn1"]["__call__"]
+                                           capture_intermediates=lambda m, _: m.path == ("stage1_block0", "bn1")))
+        (out,) = state["intermediates"]["stage1_block0"]["bn1"]["__call__"]
         assert out.shape[1:3] == (size, size)
 
 
@@ -275,15 +324,16 @@ def test_unknown_stem_raises_value_error(name, option, value):
 
 
 def test_an_sd_style_factory_can_choose_layers_by_name():
-    # A factory that decides per layer from the name alone, as an SD swap will.
+    # A factory that decides per layer from the full name, as SDRules.conv_factory does.
     zero_stem = []
 
     def conv(**kwargs):
-        if kwargs["name"] == "stem/conv":
-            zero_stem.append(kwargs["name"])
+        if factory_layer_name(kwargs) == "stem/conv":
+            zero_stem.append(factory_layer_name(kwargs))
             return nn.Conv(kernel_init=nn.initializers.zeros, **kwargs)
         return nn.Conv(**kwargs)
 
     model = models.get("resnet20", num_classes=10, conv=conv)
-    params = _abstract_variables(model, (1, 8, 8, 3))["params"]
-    assert zero_stem == ["stem/conv"] and "stem/conv" in params
+    params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(jnp.ones((1, 8, 8, 3)))["params"]
+    assert zero_stem == ["stem/conv"]
+    assert not np.any(params["stem"]["conv"]["kernel"]) and np.any(params["stage1_block0"]["conv1"]["kernel"])

@@ -2,6 +2,7 @@
 import functools
 
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -88,9 +89,10 @@ def test_to_sd_round_trip_keeps_masks_exponents_and_logits(mlp_dense, mode):
     back = sd_variables(sd_tree(model, variables, x, train=False))
     for collection in SD_COLLECTIONS:
         jax.tree.map(np.testing.assert_array_equal, back[collection], variables[collection])
-    for layer in ("hidden1/dense", "head/dense"):
-        coeff = np.asarray(decomposition.tree[layer]["kernel"].coeff)
-        assert np.asarray(decomposition.tree[layer]["kernel"].mask).sum() == (coeff != 0).sum() > 0
+    for layer in ("hidden1", "head"):
+        kernel = decomposition.tree[layer]["dense"]["kernel"]
+        coeff = np.asarray(kernel.coeff)
+        assert np.asarray(kernel.mask).sum() == (coeff != 0).sum() > 0
         assert 2.0**-8 <= np.abs(coeff[coeff != 0]).min()
     # SD -> dense: the kernels are the decomposition's C·B, and the logits agree.
     rebuilt = dense_variables(model, variables, x, train=False)
@@ -105,8 +107,9 @@ def test_to_sd_follows_rules_and_passes_other_collections_through(mlp_dense):
     dense = {**dense, "batch_stats": {"bn": {"mean": jnp.arange(3.0)}}}
     variables, decomposition = to_sd(dense, SDRules([("^head/dense$", {"skip": True}),
                                                      ("hidden", {"prune_fraction": 0.5})]))
-    assert set(variables["sd_coeff"]) == {"hidden1/dense"}
-    np.testing.assert_array_equal(variables["params"]["head/dense"]["kernel"], dense["params"]["head/dense"]["kernel"])
+    assert traverse_util.flatten_dict(variables["sd_coeff"], sep="/").keys() == {"hidden1/dense/coeff"}
+    np.testing.assert_array_equal(variables["params"]["head"]["dense"]["kernel"],
+                                  dense["params"]["head"]["dense"]["kernel"])
     assert variables["batch_stats"] is dense["batch_stats"]
     (report,) = decomposition.reports
     assert report.density <= 0.5  # half the rows pruned before the decomposition
@@ -131,13 +134,16 @@ def test_gradients_reach_basis_and_coefficients_and_never_cross_the_mask(mlp_den
         return grads, trainable
 
     grads, trained = steps(trainable)
-    for layer, mask in variables["sd_mask"].items():
-        mask = np.asarray(mask["mask"])
-        assert np.abs(np.asarray(grads["sd_basis"][layer]["basis"])).sum() > 0
-        coeff_grad = np.asarray(grads["sd_coeff"][layer]["coeff"])
+    masks = traverse_util.flatten_dict(variables["sd_mask"])
+    assert len(masks) == 2
+    for (*layer, _), mask in masks.items():
+        mask = np.asarray(mask)
+        at = lambda tree: functools.reduce(lambda node, key: node[key], layer, tree)
+        assert np.abs(np.asarray(at(grads["sd_basis"])["basis"])).sum() > 0
+        coeff_grad = np.asarray(at(grads["sd_coeff"])["coeff"])
         assert np.abs(coeff_grad[mask]).sum() > 0 and (coeff_grad[~mask] == 0).all()
         # Entries outside the mask stay 0 through SGD with momentum and weight decay.
-        assert (np.asarray(trained["sd_coeff"][layer]["coeff"])[~mask] == 0).all()
+        assert (np.asarray(at(trained["sd_coeff"])["coeff"])[~mask] == 0).all()
 
 
 def test_sd_variables_of_another_shape_raise_value_error_naming_the_layer(mlp_dense):

@@ -2,6 +2,7 @@
 import functools
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,11 +196,12 @@ def test_sd_layers_drop_into_the_model_zoo_factories():
     variables = jax.jit(lambda key, x: model.init(key, x, train=False))(jax.random.key(0), x)
     dense_model = models.get("resnet20", num_classes=10)
     dense_params = jax.eval_shape(lambda: dense_model.init(jax.random.key(0), x, train=False))["params"]
-    kernels = {name for name, layer in dense_params.items() if "kernel" in layer}
+    layers = lambda tree: {path[:-1] for path in traverse_util.flatten_dict(tree)}
+    kernels = {path[:-1] for path in traverse_util.flatten_dict(dense_params) if path[-1] == "kernel"}
     for collection in SD_COLLECTIONS:
-        assert set(variables[collection]) == kernels
-    assert not any("kernel" in layer for layer in variables["params"].values())
-    assert set(variables["params"]["head/dense"]) == {"bias"}
+        assert layers(variables[collection]) == kernels
+    assert all(path[-1] != "kernel" for path in traverse_util.flatten_dict(variables["params"]))
+    assert set(variables["params"]["head"]["dense"]) == {"bias"}
 
     @jax.jit
     def train_and_eval(variables, x):

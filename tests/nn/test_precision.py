@@ -189,14 +189,17 @@ def test_sd_model_trains_with_8_bit_activations_and_gradients():
     batch = {"image": images, "label": jnp.arange(16) % 10}
     state = _tiny_state(model, images)
     assert sorted(state.frozen) == ["sd_mask", SD_QUANT]
-    assert sorted(state.frozen[SD_QUANT]) == ["head/dense", "hidden1/dense"]
+    quant = flax.traverse_util.flatten_dict(state.frozen[SD_QUANT], sep="/")
+    assert sorted(quant) == [f"{layer}/{leaf}" for layer in ("head/dense", "hidden1/dense")
+                             for leaf in ("count", "high", "low")]
     step, evaluate = jax.jit(train_step), jax.jit(eval_step)
     first = float(evaluate(state, batch)["loss_sum"])
     for _ in range(6):
         state, metrics = step(state, batch)
         assert np.isfinite(float(metrics["loss"]))
     assert float(evaluate(state, batch)["loss_sum"]) < 0.5 * first
-    for quant in state.frozen[SD_QUANT].values():
+    for layer in state.frozen[SD_QUANT].values():
+        quant = layer["dense"]
         assert int(quant["count"]) == 6 and float(quant["low"]) < float(quant["high"])
 
 
@@ -210,9 +213,9 @@ def test_bfloat16_zoo_model_computes_in_bf16_with_float32_variables(dtype):
     logits, intermediates = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False, capture_intermediates=True), variables, images)
     assert logits.dtype == jnp.float32
-    outputs = {path[0]: value[0].dtype for path, value in
+    outputs = {"/".join(path[:2]): value[0].dtype for path, value in
                flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates["intermediates"])).items()
-               if len(path) == 2}
+               if len(path) == 3}  # the layers' outputs, not the blocks' (block/layer/__call__)
     assert sorted(outputs) == ["classifier/fc1", "classifier/fc2", "features/conv1", "features/conv2", "head/dense"]
     assert all(dtype == jnp.bfloat16 for dtype in outputs.values()), outputs
 
@@ -246,11 +249,13 @@ def test_low_precision_dense_layers_quantize_like_sd_layers():
     model = models.get("resnet20", num_classes=10, **low_precision_factories(activation_bits=8, gradient_bits=8))
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
     variables = model.init(jax.random.key(1), x, train=False)
-    assert "sd_coeff" not in variables and "kernel" in variables["params"]["stem/conv"]
-    assert set(variables["sd_quant"]) == {name for name, layer in variables["params"].items() if "kernel" in layer}
+    assert "sd_coeff" not in variables and "kernel" in variables["params"]["stem"]["conv"]
+    holding = lambda tree, leaf: {name.removesuffix(f"/{leaf}") for name in
+                                  flax.traverse_util.flatten_dict(tree, sep="/") if name.endswith(f"/{leaf}")}
+    assert holding(variables["sd_quant"], "count") == holding(variables["params"], "kernel")
     _, updated = model.apply(variables, x, train=True, mutable=["batch_stats", "sd_quant"],
                              rngs={"quant": jax.random.key(2), "dropout": jax.random.key(3)})
-    assert int(updated["sd_quant"]["stem/conv"]["count"]) == 1
+    assert int(updated["sd_quant"]["stem"]["conv"]["count"]) == 1
     exact = models.get("resnet20", num_classes=10).apply({k: v for k, v in variables.items() if k != "sd_quant"}, x,
                                                          train=False)
     quantized = model.apply(variables, x, train=False)  # count 0: evaluation leaves the input as is

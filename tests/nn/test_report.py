@@ -61,10 +61,10 @@ def test_report_of_a_latent_sd_model_counts_the_quantized_coefficients():
     model = models.get("mlp", num_classes=5, hidden=(12,), sd=SDRules(threshold=0.1))
     x = jnp.zeros((1, 4, 4, 1))
     variables = synthetic_variables(model, x)
-    variables["sd_coeff"]["head/dense"]["coeff"] *= 0.7  # no longer powers of two; the layer rounds them
+    variables["sd_coeff"]["head"]["dense"]["coeff"] *= 0.7  # no longer powers of two; the layer rounds them
     report = model_report(sd_tree(model, variables, x, train=False))
     assert [layer.name for layer in report.layers] == ["head/dense", "hidden1/dense"]  # sorted by name
-    mask = np.asarray(variables["sd_mask"]["head/dense"]["mask"])
+    mask = np.asarray(variables["sd_mask"]["head"]["dense"]["mask"])
     assert report.layers[0].nonzeros == mask.sum()  # 0.7 * 2^e >= 2^-3 = min_coeff(0.1): none vanish
 
 

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 import numpy as np
 import pytest
 
@@ -25,9 +26,10 @@ def _torch_shapes(name, layers, **options):
     """PyTorch weight shapes (cout, cin / groups, kh, kw) or (out, in) of the zoo model's `layers`."""
     model = models.get(name, num_classes=10, **options)
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+    kernels = traverse_util.flatten_dict(params, sep="/")
     shapes = []
     for layer in layers:
-        shape = params[layer]["kernel"].shape
+        shape = kernels[f"{layer}/kernel"].shape
         shapes.append((shape[1], shape[0]) if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1]))
     return shapes
 

@@ -91,11 +91,32 @@ def test_finetune_from_an_npz_of_dense_zoo_params(tmp_path):
     dense_dir = str(tmp_path / "dense")
     trainer.train_and_evaluate(_config(), dense_dir)
     params = load_variables(os.path.join(dense_dir, "checkpoints"))["params"]
-    assert any("/" in layer for layer in params)  # zoo names: the npz nests them one level deeper
+    assert set(params["hidden1"]) == {"dense"}  # blocks are modules: slash-joined keys nest back as they were
     npz = str(tmp_path / "dense.npz")
     atomic_savez(npz, {f"params/{key}": value for key, value in flatten(params).items()})
     summary = trainer.train_and_evaluate(_config(model__sd=True, init__from_params=npz), str(tmp_path / "sd"))
     assert summary["sd"] and 0 < summary["density"] <= 1
+
+
+def test_finetune_from_a_checkpoint_with_the_old_flat_layer_names(tmp_path):
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    from sd_jax.train.checkpoint import load_variables
+
+    dense_dir = str(tmp_path / "dense")
+    trainer.train_and_evaluate(_config(), dense_dir)
+    params = load_variables(os.path.join(dense_dir, "checkpoints"))["params"]
+    flat = {}  # {'hidden1/dense': {'kernel': ...}}: the layout before blocks were modules
+    for (*layer, leaf), value in traverse_util.flatten_dict(params).items():
+        flat.setdefault("/".join(layer), {})[leaf] = np.asarray(value)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(str(tmp_path / "flat"), {"params": flat})
+    checkpointer.wait_until_finished()
+    trainer.train_and_evaluate(_config(init__from_params=str(tmp_path / "flat"), optim__lr=1e-9),
+                               str(tmp_path / "finetuned"))
+    finetuned = load_variables(str(tmp_path / "finetuned" / "checkpoints"))["params"]
+    np.testing.assert_allclose(finetuned["hidden1"]["dense"]["kernel"], flat["hidden1/dense"]["kernel"], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -111,9 +132,9 @@ def test_adaptation_resets_the_classifier(tmp_path):
     trainer.train_and_evaluate(target, str(tmp_path / "target"))
     before = load_variables(str(tmp_path / "source" / "checkpoints"))["params"]
     after = load_variables(str(tmp_path / "target" / "checkpoints"))["params"]
-    hidden = [name for name in before if not name.startswith("head/")][0]
-    np.testing.assert_allclose(before[hidden]["kernel"], after[hidden]["kernel"], atol=1e-6)  # kept
-    assert not np.allclose(before["head/dense"]["kernel"], after["head/dense"]["kernel"], atol=1e-3)  # reset
+    np.testing.assert_allclose(before["hidden1"]["dense"]["kernel"], after["hidden1"]["dense"]["kernel"],
+                               atol=1e-6)  # kept
+    assert not np.allclose(before["head"]["dense"]["kernel"], after["head"]["dense"]["kernel"], atol=1e-3)  # reset
 
 
 @pytest.mark.slow
