@@ -102,7 +102,7 @@ def test_finetune_from_a_checkpoint_with_the_old_flat_layer_names(tmp_path):
     import orbax.checkpoint as ocp
     from flax import traverse_util
 
-    from sd_jax.train.checkpoint import load_variables
+    from sd_jax.io import load_variables
 
     dense_dir = str(tmp_path / "dense")
     trainer.train_and_evaluate(_config(), dense_dir)
