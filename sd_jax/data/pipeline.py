@@ -20,7 +20,8 @@ Multi-host: `batch_size` is the global batch. Every process computes the same gl
 takes rows [process_index * b, (process_index + 1) * b) of it, b = batch_size / process_count.
 
 Batches are {"image": float32 (b, h, w, c), "label": int32 (b,)}; evaluation batches add
-"mask": bool (b,), False on the rows that pad the last batch to the fixed size.
+"mask": bool (b,), False on the rows that pad the last batch to the fixed size. On the device path
+they are global `jax.Array`s of the whole batch, split over the mesh's data axis.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class Pipeline:
 
     Build it with `input_pipeline`. `get_state()` returns a dict of three ints to store in a
     checkpoint; `set_state(state)` on a pipeline built with the same arguments continues at the
-    exact next batch (the process count may differ; the global batch is the same).
+    exact next batch (the process count may differ; the global batch is the same). Batches are
+    numpy arrays of this process's rows, or global `jax.Array`s when the split is on the devices.
     """
 
     def __init__(
@@ -127,10 +129,10 @@ class Pipeline:
         """Examples in one epoch (of all processes together), before dropping the remainder."""
         return self._num_examples
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, Any]:
         position = (self._epoch, self._step)
         if not self._within(position):
             raise StopIteration
@@ -164,7 +166,15 @@ class Pipeline:
                 break
             wanted.append(position)
             position = self._after(position)
-        self._ahead = {at: self._ahead.get(at) or self._maker.submit(self._batch, *at) for at in wanted}
+        kept = self._forget(keep=wanted)
+        self._ahead = {at: kept.get(at) or self._maker.submit(self._batch, *at) for at in wanted}
+
+    def _forget(self, keep: Sequence[tuple[int, int]] = ()) -> dict[tuple[int, int], concurrent.futures.Future]:
+        """Cancel the batches made ahead at positions other than `keep` (those not started); return the kept."""
+        for position, made in self._ahead.items():
+            if position not in keep:
+                made.cancel()
+        return {position: made for position, made in self._ahead.items() if position in keep}
 
     def get_state(self) -> dict[str, int]:
         """The position of the next batch, as plain ints (JSON- and Orbax-friendly)."""
@@ -190,7 +200,7 @@ class Pipeline:
                 f"{self.steps_per_epoch}); the state is corrupt"
             )
         self._epoch, self._step = epoch, step
-        self._ahead = {}
+        self._ahead = self._forget()
 
     def _records(self, epoch: int, step: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Split positions of rows first..first+count-1 of global batch (epoch, step), and which of
@@ -427,6 +437,6 @@ def input_pipeline(
         spec=spec, source=source, selection=selection, batch_size=batch_size, seed=seed,
         training=training, num_epochs=1 if num_epochs is None and not training else num_epochs,
         process_index=process_index, process_count=process_count, image_size=image_size,
-        num_threads=num_threads, prefetch=0 if on_device else prefetch, fingerprint=fingerprint, memory=memory,
-        on_device=on_device,
+        num_threads=num_threads, prefetch=0 if on_device else prefetch, fingerprint=fingerprint,
+        memory=None if on_device else memory, on_device=on_device,
     )
