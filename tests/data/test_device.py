@@ -115,3 +115,16 @@ def test_bad_arguments(mock, kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         data.input_pipeline(arguments.pop("name"), "train", **arguments)
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_batches_of_one(tmp_path):
+    from tests.train.test_multiprocess import _run
+
+    single, multi = str(tmp_path / "single.npz"), str(tmp_path / "multi.npz")
+    _run("device_data", single, multi)  # 1 process with 4 devices, then 2 processes with 2 each
+    with np.load(single) as one, np.load(multi) as two:
+        assert int(one["devices"]) == int(two["devices"]) == int(two["holders"]) == 4
+        assert set(one.files) == set(two.files)
+        for key in one.files:
+            np.testing.assert_array_equal(one[key], two[key], err_msg=key)
