@@ -55,14 +55,21 @@ def assemble(images: jax.Array, labels: jax.Array, label_map: jax.Array, records
             "label": jnp.where(valid, label_map[labels[records]], 0).astype(jnp.int32)}
 
 
-def default_mesh() -> Mesh:
-    """A one-axis mesh "data" over all devices (the trainer's `sharding.data_mesh()` is the same)."""
-    return Mesh(np.array(jax.devices()), ("data",))
-
-
-def fits(images: np.ndarray, mesh: Mesh, axis: str, device_bytes: int) -> bool:
-    """Whether each device's share of `images` (split over `axis`) takes at most `device_bytes`."""
-    return images.nbytes / mesh.shape[axis] <= device_bytes
+def place(images: np.ndarray, labels: np.ndarray, label_map: np.ndarray, *, placement: str, mesh: Mesh | None,
+          axis: str, device_bytes: int, batch_size: int, **options) -> DeviceSplit | None:
+    """The split on the devices of `mesh` (default: all, one axis `axis`) when `placement` is "device",
+    or "auto" and each device's share of `images` takes at most `device_bytes`; else None (host).
+    `options` go to `DeviceSplit`."""
+    if placement == "host":
+        return None
+    mesh = Mesh(np.array(jax.devices()), (axis,)) if mesh is None else mesh
+    devices = mesh.shape[axis]
+    if placement == "auto" and images.nbytes / devices > device_bytes:
+        return None
+    if batch_size % devices:
+        raise ValueError(f"batch_size={batch_size} does not divide over the {devices} devices that hold the "
+                         f"data; pass a multiple of {devices}")
+    return DeviceSplit(images, labels, label_map, mesh=mesh, axis=axis, **options)
 
 
 class DeviceSplit:
@@ -75,7 +82,6 @@ class DeviceSplit:
         padding = -len(images) % devices  # rows that make the split divide over the devices; never read
         self._split = NamedSharding(mesh, PartitionSpec(axis))
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self.devices = devices
         self.images = _put(np.concatenate([images, np.zeros((padding,) + images.shape[1:], np.uint8)]), self._split)
         self.labels = _put(np.concatenate([labels, np.zeros(padding, labels.dtype)]).astype(np.int32), self._split)
         self.label_map = _put(np.asarray(label_map, np.int32), self._replicated)
@@ -86,9 +92,6 @@ class DeviceSplit:
     def batch(self, records: np.ndarray, valid: np.ndarray, epoch: int, step: int) -> dict[str, jax.Array]:
         """The global batch of split rows `records` (b,), b a multiple of the device count, made for
         position (epoch, step), with "mask" = `valid` (False on rows that pad an evaluation batch)."""
-        if len(records) % self.devices:
-            raise ValueError(f"batch size {len(records)} does not divide over {self.devices} devices; "
-                             f"pass a multiple of {self.devices}")
         valid_on_device = _put(valid, self._split)
         out = self._assemble(self.images, self.labels, self.label_map, _put(records.astype(np.int32), self._split),
                              valid_on_device, _put(np.array([epoch, step], np.int32), self._replicated))

@@ -421,17 +421,12 @@ def input_pipeline(
                 image_size, len(source), zlib.crc32(selection.indices.astype(np.int64).tobytes())]
     if split_rule != "sd_jax":  # appended only then, so that states saved before split_rule still resume
         identity.append(split_rule)
-    on_device = None
-    if memory is not None and placement != "host":
-        mesh = device.default_mesh() if mesh is None else mesh
-        if placement == "device" or device.fits(memory[0], mesh, data_axis, device_bytes):
-            if batch_size % mesh.shape[data_axis]:
-                raise ValueError(f"batch_size={batch_size} does not divide over the {mesh.shape[data_axis]} devices "
-                                 f"that hold {name!r}; pass a multiple of {mesh.shape[data_axis]}")
-            on_device = device.DeviceSplit(
-                *memory, selection.label_map, mesh=mesh, axis=data_axis, seed=seed,
-                augmented=training and spec.augmentation == "cifar", mean=spec.mean, std=spec.std)
-            identity.append("device")  # other augmentation draws: a host state does not resume here
+    on_device = None if memory is None else device.place(
+        *memory, selection.label_map, placement=placement, mesh=mesh, axis=data_axis, device_bytes=device_bytes,
+        batch_size=batch_size, seed=seed, augmented=training and spec.augmentation == "cifar", mean=spec.mean,
+        std=spec.std)
+    if on_device is not None:
+        identity.append("device")  # other augmentation draws: a host state does not resume here
     fingerprint = zlib.crc32(json.dumps(identity).encode())
     return Pipeline(
         spec=spec, source=source, selection=selection, batch_size=batch_size, seed=seed,
