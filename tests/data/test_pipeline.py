@@ -202,6 +202,7 @@ def test_reference_finetune_halves_and_state_are_their_own(mock):
     (dict(image_size=64), ValueError, "drop image_size=64"),
     (dict(name="imagenet2012", setting="adaptation"), ValueError, "meant for CIFAR-sized data"),
     (dict(num_epochs=0), ValueError, "num_epochs=0"),
+    (dict(prefetch=-1), ValueError, "prefetch=-1 must be 0"),
     (dict(split_rule="authors"), ValueError, "unknown split_rule 'authors'; pick one of sd_jax, reference"),
 ])
 def test_bad_arguments(mock, kwargs, error, message):
