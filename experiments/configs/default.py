@@ -9,6 +9,7 @@ Sections: input, model, init, sd, optim, ckpt, eval, swa. The reference schedule
 
 import ml_collections
 
+from sd_jax.data.pipeline import DEVICE_BYTES
 from sd_jax.nn.rules import SDRules
 
 
@@ -39,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # split_rule: how the adaptation/finetune parts are drawn: "sd_jax" (own seeded split, adaptation
         # labels renumbered 0..n-1) or "reference" (the authors' np.random.seed split, labels kept).
         setting="plain", part="source", split_seed=0, split_rule="sd_jax",
+        # placement: "host" (numpy batches), "device" (MNIST/CIFAR held as uint8 on the devices, batches made
+        # there: same order, other augmentation draws) or "auto" (device when a device's share of the split is
+        # at most device_bytes); decode_threads: ImageNet-style decoding threads (0: in the prefetch thread).
+        placement="host", device_bytes=DEVICE_BYTES, decode_threads=8,
     ))
     config.model = ml_collections.ConfigDict(dict(
         name="resnet20", sd=False,

@@ -97,8 +97,15 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out.reshape(height, width, channels)
 
 
-def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8 (..., c) -> float32 (x / 255 - mean) / std per channel."""
+def normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift) per channel such that x * scale - shift = (x / 255 - mean) / std; the
+    host and the device paths normalise with the same two constants."""
     scale = np.float32(1 / 255) / np.asarray(std, np.float32)
     shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    return scale, shift
+
+
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 (..., c) -> float32 (x / 255 - mean) / std per channel."""
+    scale, shift = normalization(mean, std)
     return images.astype(np.float32) * scale - shift

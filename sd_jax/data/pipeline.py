@@ -5,17 +5,23 @@ an epoch is two integers (epoch, step) plus the seed, so it goes into any checkp
 pipeline continues at the exact batch; the order (a seeded permutation per epoch) and the
 augmentation draws (one generator per global batch, keyed by (seed, epoch, step)) are functions of
 the batch position alone, so batches are bitwise the same for any number of processes or threads;
-and it adds no dependency. The cost is throughput at ImageNet scale: decoding runs in the calling
-process (in `num_threads` threads; PIL releases the GIL) instead of in grain's worker processes.
+and it adds no dependency (grain is not installed here).
+Since a batch is a pure function of its position, the next `prefetch` batches are made ahead in one
+background thread while the caller trains on the current one, and ImageNet-style decoding runs in
+one persistent pool of `num_threads` threads (PIL releases the GIL); both live as long as the
+pipeline (and its copies), so no pool is made per batch.
 The fixed-size datasets (MNIST, Fashion-MNIST, CIFAR) are decoded once and kept in memory as uint8
 (CIFAR-10: 150 MB), so on the 2-core CPU an epoch costs only the vectorised crop, flip and
-normalisation.
+normalisation. With `placement="device"` (or "auto" when the split fits `device_bytes` per device)
+they are held on the devices instead and batches are made there (`sd_jax.data.device`): the same
+examples in the same order, other augmentation draws (jax.random), global `jax.Array` batches.
 
 Multi-host: `batch_size` is the global batch. Every process computes the same global batch and
 takes rows [process_index * b, (process_index + 1) * b) of it, b = batch_size / process_count.
 
 Batches are {"image": float32 (b, h, w, c), "label": int32 (b,)}; evaluation batches add
-"mask": bool (b,), False on the rows that pad the last batch to the fixed size.
+"mask": bool (b,), False on the rows that pad the last batch to the fixed size. On the device path
+they are global `jax.Array`s of the whole batch, split over the mesh's data axis.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.sharding import Mesh
 
-from sd_jax.data import augment, builders, registry, settings
+from sd_jax.data import augment, builders, device, registry, settings
 
 STATE_KEYS = ("epoch", "step", "fingerprint")
+DEVICE_BYTES = 1 << 30  # placement="auto": the largest share of a split one device holds
 _READ_CHUNK = 4096
 
 
@@ -60,7 +68,8 @@ class Pipeline:
 
     Build it with `input_pipeline`. `get_state()` returns a dict of three ints to store in a
     checkpoint; `set_state(state)` on a pipeline built with the same arguments continues at the
-    exact next batch (the process count may differ; the global batch is the same).
+    exact next batch (the process count may differ; the global batch is the same). Batches are
+    numpy arrays of this process's rows, or global `jax.Array`s when the split is on the devices.
     """
 
     def __init__(
@@ -77,10 +86,13 @@ class Pipeline:
         process_count: int,
         image_size: int,
         num_threads: int,
+        prefetch: int,
         fingerprint: int,
         memory: tuple[np.ndarray, np.ndarray] | None,
+        on_device: device.DeviceSplit | None = None,
     ):
-        """See `input_pipeline`; `memory` holds the decoded split unless images are streamed."""
+        """See `input_pipeline`; `memory` holds the decoded split unless images are streamed;
+        `on_device` holds it on the devices when batches are made there."""
         self.spec = spec
         self.selection = selection
         self.batch_size = batch_size
@@ -92,7 +104,11 @@ class Pipeline:
         self._seed = seed
         self._num_epochs = num_epochs
         self._process_index = process_index
-        self._num_threads = num_threads
+        self._on_device = on_device
+        self._prefetch = prefetch
+        self._decoder = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 0 else None
+        self._maker = concurrent.futures.ThreadPoolExecutor(1) if prefetch > 0 else None
+        self._ahead: dict[tuple[int, int], concurrent.futures.Future] = {}
         self._fingerprint = fingerprint
         self._num_examples = len(selection.indices)
         if training:
@@ -113,17 +129,52 @@ class Pipeline:
         """Examples in one epoch (of all processes together), before dropping the remainder."""
         return self._num_examples
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._num_epochs is not None and self._epoch >= self._num_epochs:
+    def __next__(self) -> dict[str, Any]:
+        position = (self._epoch, self._step)
+        if not self._within(position):
             raise StopIteration
-        batch = self._batch(self._epoch, self._step)
-        self._step += 1
-        if self._step == self.steps_per_epoch:
-            self._epoch, self._step = self._epoch + 1, 0
+        made = self._ahead.pop(position, None)
+        batch = self._batch(*position) if made is None else made.result()
+        self._epoch, self._step = self._after(position)
+        self._make_ahead()
         return batch
+
+    def __copy__(self) -> Pipeline:
+        """A second cursor over the same data and worker threads, with its own batches made ahead."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin._ahead = {}
+        return twin
+
+    def _after(self, position: tuple[int, int]) -> tuple[int, int]:
+        epoch, step = position
+        return (epoch + 1, 0) if step + 1 == self.steps_per_epoch else (epoch, step + 1)
+
+    def _within(self, position: tuple[int, int]) -> bool:
+        return self._num_epochs is None or position[0] < self._num_epochs
+
+    def _make_ahead(self) -> None:
+        """Start making the next `prefetch` batches in the background; forget any others."""
+        if self._maker is None:
+            return
+        wanted, position = [], (self._epoch, self._step)
+        for _ in range(self._prefetch):
+            if not self._within(position):
+                break
+            wanted.append(position)
+            position = self._after(position)
+        kept = self._forget(keep=wanted)
+        self._ahead = {at: kept.get(at) or self._maker.submit(self._batch, *at) for at in wanted}
+
+    def _forget(self, keep: Sequence[tuple[int, int]] = ()) -> dict[tuple[int, int], concurrent.futures.Future]:
+        """Cancel the batches made ahead at positions other than `keep` (those not started); return the kept."""
+        for position, made in self._ahead.items():
+            if position not in keep:
+                made.cancel()
+        return {position: made for position, made in self._ahead.items() if position in keep}
 
     def get_state(self) -> dict[str, int]:
         """The position of the next batch, as plain ints (JSON- and Orbax-friendly)."""
@@ -149,16 +200,22 @@ class Pipeline:
                 f"{self.steps_per_epoch}); the state is corrupt"
             )
         self._epoch, self._step = epoch, step
+        self._ahead = self._forget()
 
-    def _batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        local = self.local_batch_size
-        start = step * self.batch_size + self._process_index * local
-        positions = np.arange(start, start + local)  # positions in this epoch's order
+    def _records(self, epoch: int, step: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Split positions of rows first..first+count-1 of global batch (epoch, step), and which of
+        those rows hold an example (False where an evaluation batch is padded)."""
+        positions = np.arange(step * self.batch_size + first, step * self.batch_size + first + count)
         valid = positions < self._num_examples
-        order = self._epoch_order(epoch)
-        records = self.selection.indices[order[positions[valid]]]
-        rng = np.random.default_rng((self._seed, epoch, step))
+        return self.selection.indices[self._epoch_order(epoch)[positions[valid]]], valid
+
+    def _batch(self, epoch: int, step: int) -> dict[str, Any]:
+        if self._on_device is not None:
+            return self._device_batch(epoch, step)
+        local = self.local_batch_size
         first = self._process_index * local
+        records, valid = self._records(epoch, step, first, local)
+        rng = np.random.default_rng((self._seed, epoch, step))
         if self.spec.augmentation == "imagenet":
             draws = augment.draw_resized_crop(rng, self.batch_size)[first:first + local][valid]
             images, labels = self._load_and_crop(records, draws)
@@ -176,15 +233,26 @@ class Pipeline:
             batch["mask"] = valid
         return batch
 
+    def _device_batch(self, epoch: int, step: int) -> dict[str, Any]:
+        """The whole global batch, made on the devices from the same records as the host path's."""
+        records, valid = self._records(epoch, step, 0, self.batch_size)
+        padded = np.zeros(self.batch_size, np.int64)
+        padded[valid] = records
+        batch = self._on_device.batch(padded, valid, epoch, step)
+        if self.training:
+            del batch["mask"]
+        return batch
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         """Positions 0..n-1 in this epoch's order (a seeded permutation when training)."""
-        if self._order is None or self._order[0] != epoch:
+        cached = self._order  # read once: the background thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
             if self.training:
                 order = np.random.default_rng((self._seed, epoch)).permutation(self._num_examples)
             else:
                 order = np.arange(self._num_examples)
-            self._order = (epoch, order)
-        return self._order[1]
+            cached = self._order = (epoch, order)
+        return cached[1]
 
     def _load(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (n, h, w, c) and original labels (n,) of split positions `records`."""
@@ -210,9 +278,8 @@ class Pipeline:
         return np.stack([r[0] for r in results]), np.asarray([r[1] for r in results], np.int64)
 
     def _map(self, function: Any, items: Sequence[Any]) -> list[Any]:
-        if self._num_threads > 0 and len(items) > 1:
-            with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool:
-                return list(pool.map(function, items))
+        if self._decoder is not None and len(items) > 1:
+            return list(self._decoder.map(function, items))
         return [function(item) for item in items]
 
 
@@ -262,6 +329,11 @@ def input_pipeline(
     data_dir: str | None = None,
     image_size: int | None = None,
     num_threads: int = 0,
+    prefetch: int = 2,
+    placement: str = "host",
+    device_bytes: int = DEVICE_BYTES,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
 ) -> Pipeline:
     """A resumable batch iterator over `split` ("train", "test", "validation" or "eval", the
     dataset's evaluation split) of dataset `name` (see `registry.names()`).
@@ -273,6 +345,11 @@ def input_pipeline(
     drawn ("sd_jax" or "reference", the authors' splits; `sd_jax.data.settings`).
     `image_size` applies to ImageNet-style crops only. `data_dir`: prepared data (default
     `SD_JAX_DATA_DIR`, else TFDS's default folder).
+    num_threads: ImageNet-style decoding threads (0: in the thread that makes the batch);
+    prefetch: batches made ahead in a background thread (0: made when asked for).
+    placement: "host" (numpy batches, each process its rows), "device" (a fixed-size split held on
+    the devices of `mesh`, default all devices, split along `data_axis`; global `jax.Array`
+    batches) or "auto" (device when each device's share of the split is at most `device_bytes`).
     """
     spec = registry.get(name)
     split = spec.eval_split if split == "eval" else split
@@ -300,8 +377,13 @@ def input_pipeline(
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs} must be at least 1 (or None to repeat forever)")
     settings.check(setting, part, split_rule)
-    if num_threads < 0:
-        raise ValueError(f"num_threads={num_threads} must be 0 (decode inline) or more")
+    if num_threads < 0 or prefetch < 0:
+        raise ValueError(f"num_threads={num_threads} and prefetch={prefetch} must be 0 (off) or more")
+    if placement not in device.PLACEMENTS:
+        raise ValueError(f"placement={placement!r}; pick one of {', '.join(device.PLACEMENTS)}")
+    if placement == "device" and spec.augmentation == "imagenet":
+        raise ValueError(f"dataset {name!r} has images of any size, decoded batch by batch, so it cannot be held "
+                         "on the devices; use placement='host' (or 'auto')")
     if image_size is None:
         image_size = spec.image_size
     elif spec.augmentation != "imagenet" and image_size != spec.image_size:
@@ -339,10 +421,17 @@ def input_pipeline(
                 image_size, len(source), zlib.crc32(selection.indices.astype(np.int64).tobytes())]
     if split_rule != "sd_jax":  # appended only then, so that states saved before split_rule still resume
         identity.append(split_rule)
+    on_device = None if memory is None else device.place(
+        *memory, selection.label_map, placement=placement, mesh=mesh, axis=data_axis, device_bytes=device_bytes,
+        batch_size=batch_size, seed=seed, augmented=training and spec.augmentation == "cifar", mean=spec.mean,
+        std=spec.std)
+    if on_device is not None:
+        identity.append("device")  # other augmentation draws: a host state does not resume here
     fingerprint = zlib.crc32(json.dumps(identity).encode())
     return Pipeline(
         spec=spec, source=source, selection=selection, batch_size=batch_size, seed=seed,
         training=training, num_epochs=1 if num_epochs is None and not training else num_epochs,
         process_index=process_index, process_count=process_count, image_size=image_size,
-        num_threads=num_threads, fingerprint=fingerprint, memory=memory,
+        num_threads=num_threads, prefetch=0 if on_device else prefetch, fingerprint=fingerprint,
+        memory=None if on_device else memory, on_device=on_device,
     )

@@ -78,8 +78,12 @@ class TrainingError(RuntimeError):
 
 
 def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.Pipeline]:
+    """Training and evaluation pipelines; with `input.placement` "device" (or "auto" and the split fits
+    `input.device_bytes` per device) a fixed-size split is held on the devices of the run's mesh."""
     common = dict(setting=config.input.setting, part=config.input.part, split_seed=config.input.split_seed,
-                  split_rule=config.input.split_rule, data_dir=config.input.data_dir or None)
+                  split_rule=config.input.split_rule, data_dir=config.input.data_dir or None,
+                  num_threads=config.input.decode_threads, placement=config.input.placement,
+                  device_bytes=config.input.device_bytes, mesh=sharding.data_mesh(), data_axis=sharding.DATA)
     train = data.input_pipeline(config.input.dataset, "train", batch_size=config.input.batch_size,
                                 seed=config.seed, **common)
     evaluation = data.input_pipeline(config.input.dataset, "eval", batch_size=config.input.eval_batch_size,
@@ -206,9 +210,11 @@ def _check_same_structure(expected: Any, got: Any, source: str) -> None:
         )
 
 
-def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def _global_batch(batch: dict[str, Any], mesh) -> dict[str, jax.Array]:
+    """A batch as global arrays split over the mesh: host rows put there, device-made batches as they are."""
     target = sharding.batch_sharding(mesh)
-    return {key: jax.make_array_from_process_local_data(target, value) for key, value in batch.items()}
+    return {key: value if isinstance(value, jax.Array) else jax.make_array_from_process_local_data(target, value)
+            for key, value in batch.items()}
 
 
 def _fetch(tree: Any) -> Any:

@@ -202,6 +202,7 @@ def test_reference_finetune_halves_and_state_are_their_own(mock):
     (dict(image_size=64), ValueError, "drop image_size=64"),
     (dict(name="imagenet2012", setting="adaptation"), ValueError, "meant for CIFAR-sized data"),
     (dict(num_epochs=0), ValueError, "num_epochs=0"),
+    (dict(prefetch=-1), ValueError, "prefetch=-1 must be 0"),
     (dict(split_rule="authors"), ValueError, "unknown split_rule 'authors'; pick one of sd_jax, reference"),
 ])
 def test_bad_arguments(mock, kwargs, error, message):
@@ -225,3 +226,27 @@ def test_state_from_another_pipeline_is_refused(mock):
 def test_unprepared_dataset_names_the_command(tmp_path):
     with pytest.raises(data.DatasetNotFoundError, match="python -m sd_jax.data.prepare cifar10 --data_dir"):
         data.input_pipeline("cifar10", "train", batch_size=8, seed=0, data_dir=str(tmp_path), **SINGLE)
+
+
+def test_background_workers_give_the_same_batches_with_one_persistent_pool(mock):
+    import threading
+
+    kwargs = dict(batch_size=16, seed=2, image_size=16, **SINGLE)
+    inline = _take(data.input_pipeline("imagenet2012", "train", prefetch=0, **kwargs), 14)
+    workers = data.input_pipeline("imagenet2012", "train", prefetch=3, num_threads=2, **kwargs)
+    _assert_same(_take(workers, 3), inline[:3])
+    threads = threading.active_count()
+    _assert_same(_take(workers, 11), inline[3:])  # crosses the epoch boundary (12 steps an epoch)
+    assert threading.active_count() <= threads  # no new threads per batch: 1 maker + 2 decoders at most
+
+
+def test_a_copy_is_a_second_cursor(mock):
+    import copy
+
+    train = data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE)
+    expected = _take(data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE), 7)
+    _take(train, 2)
+    cursor = copy.copy(train)
+    cursor.set_state(dict(train.get_state(), epoch=1, step=0))
+    _assert_same(_take(cursor, 2), expected[5:7])
+    _assert_same(_take(train, 3), expected[2:5])

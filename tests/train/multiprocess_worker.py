@@ -2,10 +2,12 @@
 
     python tests/train/multiprocess_worker.py step OUT.npz [COORDINATOR NUM_PROCESSES PROCESS_ID]
     python tests/train/multiprocess_worker.py trainer WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python tests/train/multiprocess_worker.py device_data OUT.npz [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 Each process simulates 2 CPU devices (4 when it runs alone). `step`: train a few steps on a global
 "data" mesh, each process feeding its slice of the global batch, and save the variables. `trainer`:
 the whole trainer (tiny SD config, mock MNIST): process-sharded input, Orbax checkpoints, metrics.
+`device_data`: the first global batches of mock CIFAR-10 held on the devices (`placement="device"`).
 """
 
 import os
@@ -78,4 +80,22 @@ def train_with_trainer() -> None:
         trainer.train_and_evaluate(config, OUT)
 
 
-{"step": train_steps, "trainer": train_with_trainer}[KIND]()
+def device_batches() -> None:
+    """The first three global batches of mock CIFAR-10 with the split on the devices; process 0
+    saves them to OUT with the device count and the number of devices that hold the split."""
+    import tensorflow_datasets as tfds
+    from jax.experimental import multihost_utils
+
+    from sd_jax import data
+
+    with tfds.testing.mock_data(num_examples=200):
+        pipeline = data.input_pipeline("cifar10", "train", batch_size=32, seed=5, placement="device")
+        batches = [next(pipeline) for _ in range(3)]
+    saved = {f"{key}{step}": np.asarray(multihost_utils.process_allgather(value, tiled=True))
+             for step, batch in enumerate(batches) for key, value in batch.items()}
+    if jax.process_index() == 0:
+        holders = len(pipeline._on_device.images.sharding.device_set)
+        atomic_savez(OUT, dict(saved, devices=np.array(len(jax.devices())), holders=np.array(holders)))
+
+
+{"step": train_steps, "trainer": train_with_trainer, "device_data": device_batches}[KIND]()

@@ -62,12 +62,13 @@ def test_dense_then_sd_finetune_end_to_end(tmp_path):
     assert evaluated["accuracy"] == pytest.approx(sd_summary["accuracy"])
 
 
-def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch, placement):
     import jax
 
     from sd_jax.io import load_variables
 
-    config = _config(optim__epochs=2, ckpt__every_steps=3)
+    config = _config(optim__epochs=2, ckpt__every_steps=3, input__placement=placement)
     full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
     resumed = _preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch, at_call=6)
     assert resumed["loss"] == full["loss"] and resumed["accuracy"] == full["accuracy"]
