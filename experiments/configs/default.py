@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # placement: "host" (numpy batches), "device" (MNIST/CIFAR held as uint8 on the devices, batches made
         # there: same order, other augmentation draws) or "auto" (device when a device's share of the split is
         # at most device_bytes); decode_threads: ImageNet-style decoding threads (0: in the prefetch thread).
-        placement="host", device_bytes=DEVICE_BYTES, decode_threads=8,
+        placement="auto", device_bytes=DEVICE_BYTES, decode_threads=8,
     ))
     config.model = ml_collections.ConfigDict(dict(
         name="resnet20", sd=False,

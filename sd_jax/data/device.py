@@ -58,13 +58,14 @@ def assemble(images: jax.Array, labels: jax.Array, label_map: jax.Array, records
 def place(images: np.ndarray, labels: np.ndarray, label_map: np.ndarray, *, placement: str, mesh: Mesh | None,
           axis: str, device_bytes: int, batch_size: int, **options) -> DeviceSplit | None:
     """The split on the devices of `mesh` (default: all, one axis `axis`) when `placement` is "device",
-    or "auto" and each device's share of `images` takes at most `device_bytes`; else None (host).
+    or "auto" and each device's share of `images` takes at most `device_bytes` and the batch divides over
+    the devices; else None (host).
     `options` go to `DeviceSplit`."""
     if placement == "host":
         return None
     mesh = Mesh(np.array(jax.devices()), (axis,)) if mesh is None else mesh
     devices = mesh.shape[axis]
-    if placement == "auto" and images.nbytes / devices > device_bytes:
+    if placement == "auto" and (images.nbytes / devices > device_bytes or batch_size % devices):
         return None
     if batch_size % devices:
         raise ValueError(f"batch_size={batch_size} does not divide over the {devices} devices that hold the "

@@ -95,11 +95,13 @@ def test_pad_crop_flip_takes_a_crop_of_the_padded_image_and_is_keyed():
     assert not np.array_equal(out, np.asarray(device.pad_crop_flip(images, jax.random.key(8))))
 
 
-def test_auto_placement_follows_the_byte_budget(mock):
+def test_auto_placement_follows_the_byte_budget_and_the_device_count(mock):
     small = data.input_pipeline("cifar10", "train", batch_size=16, seed=0, placement="auto", **SINGLE)
     assert isinstance(next(small)["image"], jax.Array)
     over = data.input_pipeline("cifar10", "train", batch_size=16, seed=0, placement="auto", device_bytes=1000, **SINGLE)
     assert isinstance(next(over)["image"], np.ndarray)
+    uneven = data.input_pipeline("cifar10", "train", batch_size=4, seed=0, placement="auto")  # 8 devices
+    assert isinstance(next(uneven)["image"], np.ndarray)
     streamed = data.input_pipeline("imagenet2012", "train", batch_size=16, seed=0, placement="auto", image_size=16,
                                    **SINGLE)
     assert isinstance(next(streamed)["image"], np.ndarray)
