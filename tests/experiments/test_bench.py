@@ -120,3 +120,14 @@ def test_gpu_run_stops_before_any_work_without_a_gpu(tmp_path):
     assert "== machine" in result.stdout
     assert not (tmp_path / "out" / "gpu_run.json").exists()  # nothing ran past the check
     assert (tmp_path / "out" / "gpu_run.log").read_text().count("JAX sees no GPU") == 1
+
+
+@pytest.mark.slow
+def test_bench_model_reports_the_xla_defaults_side_and_skips_torch_without_a_port(capsys):
+    result = bench_train_step.bench_model("lenet5", batch_size=4, repeats=1, lr=0.01, breakdown=False,
+                                          baseline="torch", xla_defaults=True)
+    assert set(result["all_seconds"]) == {"dense", "sd", "sd_latent", "sd_latent_xla_defaults"}
+    assert result["sd_latent_over_xla_defaults"] > 0 and "torch_seconds" not in result
+    assert all(np.isfinite(loss) for loss in result["final_loss"].values())
+    if torch_baseline.available():
+        assert "no PyTorch port" in capsys.readouterr().out
