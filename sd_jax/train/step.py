@@ -10,6 +10,7 @@ processes. On CPU it compiles them with `CPU_COMPILER_OPTIONS` (see there why).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -98,10 +99,22 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
 
 
+@functools.cache
+def _cpu_options_known() -> bool:
+    """Whether this jaxlib's XLA:CPU takes CPU_COMPILER_OPTIONS (another version may name them otherwise)."""
+    try:
+        one = jax.device_put(1.0, jax.local_devices(backend="cpu")[0])
+        jax.jit(lambda x: x + 1).lower(one).compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
 def default_compiler_options(mesh: Mesh) -> dict[str, Any]:
-    """The XLA options `make_steps` compiles with on `mesh`'s platform: CPU_COMPILER_OPTIONS on CPU,
-    none elsewhere."""
-    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else {}
+    """The XLA options `make_steps` compiles with on `mesh`'s platform: CPU_COMPILER_OPTIONS on CPU
+    (where this jaxlib knows them), none elsewhere."""
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    return dict(CPU_COMPILER_OPTIONS) if on_cpu and _cpu_options_known() else {}
 
 
 def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,

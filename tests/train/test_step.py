@@ -90,3 +90,17 @@ def test_cpu_steps_leave_convolutions_to_xla():
     assert _conv_fusions(evaluate.lower(state, batch).compile().as_text()) == []
     xla_defaults, _, state = make_steps(sharding.data_mesh(jax.devices()[:1]), state, compiler_options={})
     assert _conv_fusions(xla_defaults.lower(state, batch).compile().as_text())
+
+
+def test_cpu_options_are_dropped_where_xla_does_not_know_them(monkeypatch):
+    """Another jaxlib may not know the option: the steps then compile with XLA's defaults."""
+    from sd_jax.train import step
+
+    monkeypatch.setattr(step, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    step._cpu_options_known.cache_clear()
+    try:
+        assert step.default_compiler_options(sharding.data_mesh(jax.devices()[:1])) == {}
+        train, _, state, batch = _setup(jax.devices()[:1])
+        assert np.isfinite(float(train(state, batch)[1]["loss"]))
+    finally:
+        step._cpu_options_known.cache_clear()
