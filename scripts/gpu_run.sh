@@ -54,6 +54,7 @@ phase() {  # phase NAME COMMAND...: run it, record its seconds in gpu_run.json's
   rc=0
   "$@" || rc=$?
   PHASES="$PHASES\"$name\": {\"seconds\": $(( $(date +%s) - t0 )), \"exit_code\": $rc}, "
+  echo "== $name: $(( $(date +%s) - t0 )) s, exit code $rc; $(( $(date +%s) - START )) s since the start"
   [ "$rc" -eq 0 ] || fail "$rc" "phase $name failed (exit code $rc); its output is above"
 }
 
@@ -106,6 +107,13 @@ if jax.default_backend() != "gpu":
     sys.exit(3)
 EOF
 
+summary() {  # gpu_run.json: the phases run so far (also after a failed one) and the total
+  cat > "$RESULTS/gpu_run.json" <<EOF
+{"phases": {${PHASES%, }}, "total_seconds": $(( $(date +%s) - START )), "epochs": $EPOCHS, "paper_epochs": 200,
+ "schedule": "reference schedule scaled to $EPOCHS epochs", "python": "$PY", "archive": "$ARCHIVE"}
+EOF
+}
+trap summary EXIT
 export PYTHONUNBUFFERED=1
 bench() {  # bench DTYPE: the train-step benchmark's JSON line into bench_DTYPE.json
   "$PY" -m experiments.bench_train_step --models=resnet20,resnet18 --repeats=10 --dtype="$1" --json \
@@ -126,9 +134,4 @@ train() {  # train NAME CONFIG_ARGUMENT: a from-scratch run; its summary and met
 phase train_dense train dense cifar10_jpeg,resnet20,dense
 phase train_sd train sd cifar10_jpeg,resnet20,sd_scratch,tuned
 
-TOTAL=$(( $(date +%s) - START ))
-cat > "$RESULTS/gpu_run.json" <<EOF
-{"phases": {${PHASES%, }}, "total_seconds": $TOTAL, "epochs": $EPOCHS, "paper_epochs": 200,
- "schedule": "reference schedule scaled to $EPOCHS epochs", "python": "$PY", "archive": "$ARCHIVE"}
-EOF
-echo "== done in $TOTAL s; results in $RESULTS"
+echo "== done in $(( $(date +%s) - START )) s; results in $RESULTS"

@@ -1,5 +1,6 @@
 """Tests for the train-step benchmark's PyTorch baseline (experiments/torch_baseline.py), its skip
 messages in experiments/bench_train_step.py, and scripts/gpu_run.sh's checks before any GPU work."""
+import json
 import os
 import subprocess
 import sys
@@ -96,8 +97,8 @@ def test_torch_step_trains():
 
 def _gpu_run(tmp_path, *args, **env):
     environment = {name: value for name, value in os.environ.items() if name != "SD_JAX_CIFAR10_JPEG"}
-    environment.update(SD_JAX_PYTHON=sys.executable, OUT=str(tmp_path / "out"), SD_JAX_GPU_WORK=str(tmp_path / "work"),
-                       **env)
+    environment.update({"SD_JAX_PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+                        "SD_JAX_GPU_WORK": str(tmp_path / "work"), **env})
     return subprocess.run(["bash", GPU_RUN, *args], capture_output=True, text=True, env=environment, timeout=120)
 
 
@@ -131,3 +132,43 @@ def test_bench_model_reports_the_xla_defaults_side_and_skips_torch_without_a_por
     assert all(np.isfinite(loss) for loss in result["final_loss"].values())
     if torch_baseline.available():
         assert "no PyTorch port" in capsys.readouterr().out
+
+
+STAND_IN_PYTHON = """#!/usr/bin/env bash
+# Stands in for a GPU machine's Python: records each call, passes the GPU check, fakes each phase.
+echo "$*" >> "$CALLS"
+case "$*" in
+  "-") cat > /dev/null; echo "jax 0.0, backend gpu" ;;
+  --version) echo "Python 3.12.0" ;;
+  *experiments.bench_train_step*) echo "{\\"resnet20\\": {\\"sd_over_dense\\": 1.0}}" ;;
+  *sd_jax.data.prepare*) echo prepared ;;
+  *launch.main*)
+    workdir=$(printf '%s\\n' "$@" | sed -n 's/^--workdir=//p')
+    mkdir -p "$workdir" && echo '{"accuracy": 0.5}' > "$workdir/summary.json" && echo '{}' > "$workdir/metrics.jsonl" ;;
+esac
+"""
+
+
+def test_gpu_run_runs_every_phase_and_gathers_the_outputs(tmp_path):
+    """With a stand-in for the GPU machine's Python: the commands each phase runs, and the output folder."""
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(0o755)
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"")
+    result = _gpu_run(tmp_path, str(archive), SD_JAX_PYTHON=str(python), SD_JAX_GPU_EPOCHS="3",
+                      CALLS=str(tmp_path / "calls"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert any("bench_train_step" in c and "--dtype=float32" in c for c in calls)
+    assert any("bench_train_step" in c and "--dtype=bfloat16" in c for c in calls)
+    assert any("paper.py:cifar10_jpeg,resnet20,dense" in c and "--config.optim.epochs=3" in c for c in calls)
+    assert any("paper.py:cifar10_jpeg,resnet20,sd_scratch,tuned" in c for c in calls)
+    out = tmp_path / "out"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "bench_bfloat16.json", "bench_float32.json", "dense/metrics.jsonl", "dense/summary.json",
+        "gpu_run.json", "gpu_run.log", "sd/metrics.jsonl", "sd/summary.json"]
+    summary = json.loads((out / "gpu_run.json").read_text())
+    assert set(summary["phases"]) == {"bench_float32", "bench_bfloat16", "prepare", "train_dense", "train_sd"}
+    assert summary["epochs"] == 3 and all(p["exit_code"] == 0 for p in summary["phases"].values())
+    assert json.loads((out / "bench_float32.json").read_text()) == {"resnet20": {"sd_over_dense": 1.0}}
