@@ -210,9 +210,9 @@ def bench_model(name: str, batch_size: int, repeats: int, lr: float, breakdown: 
         )
         result["final_loss"]["torch"] = torch_step.loss
     if breakdown:
-        sides.setdefault("sd_latent", Side(name, batch, latent, "latent", lr, dtype))
+        latent_update = Side(name, batch, pow2, "latent", lr, dtype)
         functions = {"step_dense": sides["dense"].step, "step_sd": sides["sd"].step,
-                     "step_sd_latent": sides["sd_latent"].step}
+                     "step_sd_latent": latent_update.step}
         for side in ("dense", "sd"):
             functions.update({f"{part}_{side}": fn for part, fn in sides[side].parts().items()})
         parts = _alternate(functions, repeats, result, first_call="breakdown_{}_first_call_seconds")
