@@ -5,11 +5,12 @@ optimizer; `frozen` (batch_stats and sd_quant, the running activation ranges of 
 layers, updated by the forward pass, and sd_mask, never changed) does not.
 `make_steps` jits both steps with `NamedSharding` on a "data" mesh: the batch is split over the
 devices, the state is replicated and donated, so one program serves 1 device, 8 devices or several
-processes.
+processes. On CPU it compiles them with `CPU_COMPILER_OPTIONS` (see there why).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,12 @@ from sd_jax.train import sharding
 from sd_jax.train.optimizer import TRAINABLE
 
 Batch = dict[str, jax.Array]
+
+# XLA:CPU (jaxlib 0.10) hands convolutions, dot products, reductions and elementwise fusions to
+# YNNPACK by default. Its convolutions, the kernel gradient above all, are slower than XLA's own
+# (Eigen) ones on the CIFAR shapes: in one process, alternating, the SD ResNet-18 train step ran
+# about 10 % faster with YNNPACK kept for dot products only (BENCHMARKS.md, "Full train step").
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @flax.struct.dataclass
@@ -92,10 +99,33 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
 
 
-def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0) -> tuple[Callable, Callable, TrainState]:
+@functools.cache
+def _cpu_options_known() -> bool:
+    """Whether this jaxlib's XLA:CPU takes CPU_COMPILER_OPTIONS (another version may name them otherwise)."""
+    try:
+        one = jax.device_put(1.0, jax.local_devices(backend="cpu")[0])
+        jax.jit(lambda x: x + 1).lower(one).compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
+def default_compiler_options(mesh: Mesh) -> dict[str, Any]:
+    """The XLA options `make_steps` compiles with on `mesh`'s platform: CPU_COMPILER_OPTIONS on CPU
+    (where this jaxlib knows them), none elsewhere."""
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    return dict(CPU_COMPILER_OPTIONS) if on_cpu and _cpu_options_known() else {}
+
+
+def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
+               compiler_options: dict[str, Any] | None = None) -> tuple[Callable, Callable, TrainState]:
     """Jitted train and eval steps for `mesh`, and `state` placed on it: replicated, except that
     with `shard_min_size` > 0 arrays of at least that many entries (large kernels and their
-    optimizer buffers) are split over "data" along their last axis (`sharding.shard_large`)."""
+    optimizer buffers) are split over "data" along their last axis (`sharding.shard_large`).
+    `compiler_options`: XLA options of both steps; None: `default_compiler_options(mesh)`, {}: XLA's
+    own defaults."""
+    if compiler_options is None:
+        compiler_options = default_compiler_options(mesh)
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
     if shard_min_size > 0:
@@ -107,6 +137,7 @@ def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0) -> tuple[
     host = jax.device_get(state.replace(key=jax.random.key_data(state.key)))
     state = jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)), out_shardings=state_sharding)(host)
     train = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
-                    donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated)
+                    donate_argnums=0, compiler_options=compiler_options or None)
+    evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated,
+                       compiler_options=compiler_options or None)
     return train, evaluate, state

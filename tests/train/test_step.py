@@ -72,3 +72,35 @@ def test_shard_large_splits_only_big_divisible_kernels():
     shardings = sharding.shard_large({"big": np.zeros((64, 1024)), "small": np.zeros(10)}, mesh, min_size=1000)
     assert shardings["big"].spec == jax.sharding.PartitionSpec(None, "data")
     assert shardings["small"].spec == jax.sharding.PartitionSpec()
+
+
+def _conv_fusions(text):
+    """The library fusions (YNNPACK etc.) of compiled HLO text that hold a convolution."""
+    return [line for line in text.splitlines() if "_fusion\"" in line and "conv_general_dilated" in line]
+
+
+def test_cpu_steps_leave_convolutions_to_xla():
+    """On CPU the steps compile with CPU_COMPILER_OPTIONS: no convolution goes to YNNPACK, while
+    compiling with XLA's own defaults ({}) hands them over."""
+    from sd_jax.train.step import CPU_COMPILER_OPTIONS, default_compiler_options
+
+    train, evaluate, state, batch = _setup(jax.devices()[:1])
+    assert default_compiler_options(sharding.data_mesh(jax.devices()[:1])) == CPU_COMPILER_OPTIONS
+    assert _conv_fusions(train.lower(state, batch).compile().as_text()) == []
+    assert _conv_fusions(evaluate.lower(state, batch).compile().as_text()) == []
+    xla_defaults, _, state = make_steps(sharding.data_mesh(jax.devices()[:1]), state, compiler_options={})
+    assert _conv_fusions(xla_defaults.lower(state, batch).compile().as_text())
+
+
+def test_cpu_options_are_dropped_where_xla_does_not_know_them(monkeypatch):
+    """Another jaxlib may not know the option: the steps then compile with XLA's defaults."""
+    from sd_jax.train import step
+
+    monkeypatch.setattr(step, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    step._cpu_options_known.cache_clear()
+    try:
+        assert step.default_compiler_options(sharding.data_mesh(jax.devices()[:1])) == {}
+        train, _, state, batch = _setup(jax.devices()[:1])
+        assert np.isfinite(float(train(state, batch)[1]["loss"]))
+    finally:
+        step._cpu_options_known.cache_clear()
