@@ -9,8 +9,8 @@
 #    bfloat16 (JSON: bench_float32.json, bench_bfloat16.json);
 # 3. prepares CIFAR-10 from the JPEG archive and trains ResNet-20 from scratch, dense
 #    (paper.py:cifar10_jpeg,resnet20,dense) then SD (paper.py:cifar10_jpeg,resnet20,sd_scratch,tuned),
-#    each for SD_JAX_GPU_EPOCHS epochs (default 15; the paper has 200: the reference schedule scaled
-#    to the epochs run, as `optim.epochs` scales it), writing <run>/summary.json and
+#    each for the first SD_JAX_GPU_EPOCHS epochs (default 15) of the paper's 200-epoch schedule
+#    (`optim.stop_epoch`: the learning rate follows the 200-epoch schedule), writing <run>/summary.json and
 #    <run>/metrics.jsonl.
 # Everything lands in one folder, $OUT when set (the device tool's), else SD_JAX_GPU_OUT, else
 # runs/gpu_run_<UTC time>: gpu_run.log (this script's output), gpu_run.json (phases and seconds),
@@ -110,7 +110,7 @@ EOF
 summary() {  # gpu_run.json: the phases run so far (also after a failed one) and the total
   cat > "$RESULTS/gpu_run.json" <<EOF
 {"phases": {${PHASES%, }}, "total_seconds": $(( $(date +%s) - START )), "epochs": $EPOCHS, "paper_epochs": 200,
- "schedule": "reference schedule scaled to $EPOCHS epochs", "python": "$PY", "archive": "$ARCHIVE"}
+ "schedule": "the first $EPOCHS epochs of the 200-epoch reference schedule", "python": "$PY", "archive": "$ARCHIVE"}
 EOF
 }
 trap summary EXIT
@@ -127,7 +127,7 @@ phase prepare "$PY" -m sd_jax.data.prepare cifar10_jpeg --source "$ARCHIVE" --da
 train() {  # train NAME CONFIG_ARGUMENT: a from-scratch run; its summary and metrics into RESULTS/NAME
   rm -rf "${WORK:?}/$1"
   "$PY" -m launch.main --mode=train --config="experiments/configs/paper.py:$2" --workdir="$WORK/$1" \
-    --config.data_dir="$WORK/data" --config.optim.epochs="$EPOCHS" || return $?
+    --config.data_dir="$WORK/data" --config.optim.stop_epoch="$EPOCHS" || return $?
   mkdir -p "$RESULTS/$1" || return $?
   cp "$WORK/$1/summary.json" "$WORK/$1/metrics.jsonl" "$RESULTS/$1/"
 }

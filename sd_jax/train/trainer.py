@@ -290,7 +290,10 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
     train_data, eval_data = _pipelines(config)
     mesh = sharding.data_mesh()
     sharding.check_batch(config.input.batch_size, mesh)
-    total_steps = config.optim.epochs * train_data.steps_per_epoch
+    if not 0 <= config.optim.stop_epoch <= config.optim.epochs:
+        raise ValueError(f"optim.stop_epoch={config.optim.stop_epoch} is outside 0..optim.epochs={config.optim.epochs}; "
+                         "pass 0 to train every epoch of the schedule, or the epoch to stop after")
+    total_steps = (config.optim.stop_epoch or config.optim.epochs) * train_data.steps_per_epoch
     if total_steps < 1:
         raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
     model = _model(config, train_data.num_classes)
@@ -478,6 +481,7 @@ def _summary(run: _Run, state: TrainState, evaluated: _Evaluated, seconds: float
                 dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                 setting=config.setting or config.input.setting, recipe=config.recipe or None,
                 part=config.input.part, epochs=config.optim.epochs,
+                epochs_run=run.total_steps / run.train_data.steps_per_epoch,
                 backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),
                 date=time.strftime("%Y-%m-%d"))
 

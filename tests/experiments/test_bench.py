@@ -162,7 +162,7 @@ def test_gpu_run_runs_every_phase_and_gathers_the_outputs(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert any("bench_train_step" in c and "--dtype=float32" in c for c in calls)
     assert any("bench_train_step" in c and "--dtype=bfloat16" in c for c in calls)
-    assert any("paper.py:cifar10_jpeg,resnet20,dense" in c and "--config.optim.epochs=3" in c for c in calls)
+    assert any("paper.py:cifar10_jpeg,resnet20,dense" in c and "--config.optim.stop_epoch=3" in c for c in calls)
     assert any("paper.py:cifar10_jpeg,resnet20,sd_scratch,tuned" in c for c in calls)
     out = tmp_path / "out"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [

@@ -328,3 +328,15 @@ def test_projected_run_resumes_bitwise(tmp_path, monkeypatch):
                  load_variables(str(tmp_path / "resumed" / "checkpoints")))
     again = trainer.train_and_evaluate(config, str(tmp_path / "full"))  # finished: a decomposition of the result
     assert again["accuracy"] == full["accuracy"] and again["density"] == pytest.approx(full["density"], rel=0.1)
+
+
+def test_stop_epoch_trains_the_first_epochs_of_the_longer_schedule(tmp_path):
+    config = _config(optim__epochs=4, optim__stop_epoch=1, optim__schedule="cosine")
+    summary = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["steps"] == 4 and summary["epochs"] == 4 and summary["epochs_run"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [line["learning_rate"] for line in lines if "learning_rate" in line]
+    # the rate of a 16-step cosine schedule at step 3, not the end of a 4-step one (0 there)
+    assert rates[-1] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 3 / 16)), rel=1e-5)
+    with pytest.raises(ValueError, match="stop_epoch=5 is outside 0..optim.epochs=4"):
+        trainer.train_and_evaluate(_config(optim__epochs=4, optim__stop_epoch=5), str(tmp_path / "bad"))
