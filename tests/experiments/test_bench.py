@@ -77,7 +77,7 @@ def test_torch_resnet18_has_the_blocks_of_the_sd_jax_model():
     pytest.importorskip("torch")
     model = models.get("resnet18", num_classes=10, sd=SDRules(mode="latent"))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False))
-    jax_shapes = sorted(tuple(v["coeff"].shape) for v in abstract["sd_coeff"].values())
+    jax_shapes = sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(abstract["sd_coeff"]))
     torch_model = torch_baseline.build("resnet18", 10)
     torch_shapes = sorted(tuple(p.shape) for name, p in torch_model.named_parameters() if name.endswith(".C"))
     assert torch_shapes == jax_shapes
