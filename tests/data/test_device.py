@@ -4,31 +4,13 @@ import json
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
 from sd_jax import data
 from sd_jax.data import device
+from tests.data.batches import assert_same, take
 
 SINGLE = dict(process_index=0, process_count=1)
-
-
-@pytest.fixture
-def mock():
-    with tfds.testing.mock_data(num_examples=200):
-        yield
-
-
-def _take(pipeline, n):
-    return [{key: np.asarray(value) for key, value in next(pipeline).items()} for _ in range(n)]
-
-
-def _assert_same(first, second):
-    assert len(first) == len(second)
-    for a, b in zip(first, second):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_visits_the_host_paths_examples_in_its_order(mock):
@@ -36,12 +18,12 @@ def test_visits_the_host_paths_examples_in_its_order(mock):
     on_device = data.input_pipeline("mnist", "train", batch_size=48, seed=4, placement="device", **SINGLE)
     batch = next(on_device)
     assert isinstance(batch["image"], jax.Array) and len(batch["image"].sharding.device_set) == jax.device_count()
-    expected, got = _take(host, 9), [batch] + _take(on_device, 8)  # crosses the epoch boundary (4 steps)
+    expected, got = take(host, 9), [batch] + take(on_device, 8)  # crosses the epoch boundary (4 steps)
     for a, b in zip(expected, got):  # MNIST is not augmented: the same images, bit for bit up to rounding
         np.testing.assert_array_equal(a["label"], np.asarray(b["label"]))
         np.testing.assert_allclose(a["image"], np.asarray(b["image"]), atol=1e-6)
-    cifar_host = _take(data.input_pipeline("cifar10", "train", batch_size=48, seed=4, **SINGLE), 9)
-    cifar_device = _take(data.input_pipeline("cifar10", "train", batch_size=48, seed=4, placement="device",
+    cifar_host = take(data.input_pipeline("cifar10", "train", batch_size=48, seed=4, **SINGLE), 9)
+    cifar_device = take(data.input_pipeline("cifar10", "train", batch_size=48, seed=4, placement="device",
                                              **SINGLE), 9)
     for a, b in zip(cifar_host, cifar_device):  # augmented: the same labels, other crops
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -61,13 +43,13 @@ def test_evaluation_batches_equal_the_host_paths_with_the_padding_mask(mock):
 
 def test_resume_gives_identical_next_batches(mock):
     kwargs = dict(batch_size=24, seed=3, placement="device", **SINGLE)
-    expected = _take(data.input_pipeline("cifar10", "train", **kwargs), 12)  # 8 steps an epoch
+    expected = take(data.input_pipeline("cifar10", "train", **kwargs), 12)  # 8 steps an epoch
     interrupted = data.input_pipeline("cifar10", "train", **kwargs)
-    _take(interrupted, 5)
+    take(interrupted, 5)
     saved = json.loads(json.dumps(interrupted.get_state()))
     resumed = data.input_pipeline("cifar10", "train", **kwargs)
     resumed.set_state({key: np.asarray(value) for key, value in saved.items()})
-    _assert_same(_take(resumed, 7), expected[5:])
+    assert_same(take(resumed, 7), expected[5:])
     host = data.input_pipeline("cifar10", "train", batch_size=24, seed=3, **SINGLE)
     with pytest.raises(ValueError, match="saved by a pipeline with other arguments"):
         resumed.set_state(host.get_state())  # other augmentation draws: no silent switch of path
@@ -80,7 +62,7 @@ def test_batches_do_not_depend_on_the_device_or_process_count(mock):
     assert [shard.data.shape for shard in split.images.addressable_shards] == [(25, 32, 32, 3)] * 8
     one = data.input_pipeline("cifar10", "train", batch_size=32, seed=1, placement="device",
                               mesh=Mesh(np.array(jax.devices()[:1]), ("data",)), process_index=1, process_count=2)
-    _assert_same(_take(eight, 3), _take(one, 3))
+    assert_same(take(eight, 3), take(one, 3))
 
 
 def test_pad_crop_flip_takes_a_crop_of_the_padded_image_and_is_keyed():

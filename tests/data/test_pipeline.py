@@ -3,29 +3,11 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from sd_jax import data
+from tests.data.batches import assert_same, take
 
 SINGLE = dict(process_index=0, process_count=1)
-
-
-@pytest.fixture
-def mock():
-    with tfds.testing.mock_data(num_examples=200):
-        yield
-
-
-def _take(pipeline, n):
-    return [next(pipeline) for _ in range(n)]
-
-
-def _assert_same(first, second):
-    assert len(first) == len(second)
-    for a, b in zip(first, second):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
 
 
 @pytest.mark.parametrize("name, shape, classes", [
@@ -56,16 +38,16 @@ def test_cifar_normalised_roughly_zero_mean(mock):
 
 
 def test_deterministic_for_a_seed(mock):
-    first = _take(data.input_pipeline("cifar10", "train", batch_size=32, seed=7, **SINGLE), 8)
-    second = _take(data.input_pipeline("cifar10", "train", batch_size=32, seed=7, **SINGLE), 8)
-    _assert_same(first, second)
-    other = _take(data.input_pipeline("cifar10", "train", batch_size=32, seed=8, **SINGLE), 1)
+    first = take(data.input_pipeline("cifar10", "train", batch_size=32, seed=7, **SINGLE), 8)
+    second = take(data.input_pipeline("cifar10", "train", batch_size=32, seed=7, **SINGLE), 8)
+    assert_same(first, second)
+    other = take(data.input_pipeline("cifar10", "train", batch_size=32, seed=8, **SINGLE), 1)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
 def test_epochs_shuffle_differently_and_cover_the_data_once(mock):
     train = data.input_pipeline("mnist", "train", batch_size=50, seed=0, **SINGLE)
-    epochs = [np.concatenate([b["image"] for b in _take(train, 4)]) for _ in range(2)]
+    epochs = [np.concatenate([b["image"] for b in take(train, 4)]) for _ in range(2)]
     assert not np.array_equal(epochs[0], epochs[1])
     in_order = data.input_pipeline("mnist", "train", batch_size=200, seed=0, training=False, **SINGLE)
     evaluation = np.concatenate([b["image"] for b in in_order])
@@ -77,36 +59,36 @@ def test_epochs_shuffle_differently_and_cover_the_data_once(mock):
 def test_resume_gives_identical_next_batches(mock, name):
     kwargs = dict(batch_size=24, seed=3, image_size=16 if name == "imagenet2012" else None, **SINGLE)
     uninterrupted = data.input_pipeline(name, "train", **kwargs)
-    expected = _take(uninterrupted, 12)  # crosses the epoch boundary (8 steps per epoch)
+    expected = take(uninterrupted, 12)  # crosses the epoch boundary (8 steps per epoch)
     interrupted = data.input_pipeline(name, "train", **kwargs)
-    _take(interrupted, 5)
+    take(interrupted, 5)
     saved = json.loads(json.dumps(interrupted.get_state()))
     resumed = data.input_pipeline(name, "train", **kwargs)
     resumed.set_state({key: np.asarray(value) for key, value in saved.items()})  # as restored arrays
-    _assert_same(_take(resumed, 7), expected[5:])
+    assert_same(take(resumed, 7), expected[5:])
 
 
 def test_state_survives_an_orbax_checkpoint(mock, tmp_path):
     import orbax.checkpoint as ocp
 
     train = data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE)
-    expected = _take(data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE), 3)
-    _take(train, 2)
+    expected = take(data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE), 3)
+    take(train, 2)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "ckpt", {"data": train.get_state()})
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(tmp_path / "ckpt")
     resumed = data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE)
     resumed.set_state(restored["data"])
-    _assert_same([next(resumed)], expected[2:])
+    assert_same([next(resumed)], expected[2:])
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_process_shards_make_up_the_single_process_batch(mock, training):
     split = "train" if training else "test"
-    whole = _take(data.input_pipeline("cifar10", split, batch_size=48, seed=5, training=training, **SINGLE), 4)
+    whole = take(data.input_pipeline("cifar10", split, batch_size=48, seed=5, training=training, **SINGLE), 4)
     shards = [
-        _take(data.input_pipeline("cifar10", split, batch_size=48, seed=5, training=training,
+        take(data.input_pipeline("cifar10", split, batch_size=48, seed=5, training=training,
                                   process_index=index, process_count=4), 4)
         for index in range(4)
     ]
@@ -116,9 +98,9 @@ def test_process_shards_make_up_the_single_process_batch(mock, training):
 
 
 def test_resume_with_another_process_count(mock):
-    expected = _take(data.input_pipeline("cifar10", "train", batch_size=32, seed=2, **SINGLE), 4)
+    expected = take(data.input_pipeline("cifar10", "train", batch_size=32, seed=2, **SINGLE), 4)
     first = data.input_pipeline("cifar10", "train", batch_size=32, seed=2, **SINGLE)
-    _take(first, 3)
+    take(first, 3)
     shard = data.input_pipeline("cifar10", "train", batch_size=32, seed=2, process_index=1, process_count=2)
     shard.set_state(first.get_state())
     np.testing.assert_array_equal(next(shard)["image"], expected[3]["image"][16:])
@@ -232,11 +214,11 @@ def test_background_workers_give_the_same_batches_with_one_persistent_pool(mock)
     import threading
 
     kwargs = dict(batch_size=16, seed=2, image_size=16, **SINGLE)
-    inline = _take(data.input_pipeline("imagenet2012", "train", prefetch=0, **kwargs), 14)
+    inline = take(data.input_pipeline("imagenet2012", "train", prefetch=0, **kwargs), 14)
     workers = data.input_pipeline("imagenet2012", "train", prefetch=3, num_threads=2, **kwargs)
-    _assert_same(_take(workers, 3), inline[:3])
+    assert_same(take(workers, 3), inline[:3])
     threads = threading.active_count()
-    _assert_same(_take(workers, 11), inline[3:])  # crosses the epoch boundary (12 steps an epoch)
+    assert_same(take(workers, 11), inline[3:])  # crosses the epoch boundary (12 steps an epoch)
     assert threading.active_count() <= threads  # no new threads per batch: 1 maker + 2 decoders at most
 
 
@@ -244,9 +226,9 @@ def test_a_copy_is_a_second_cursor(mock):
     import copy
 
     train = data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE)
-    expected = _take(data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE), 7)
-    _take(train, 2)
+    expected = take(data.input_pipeline("cifar10", "train", batch_size=40, seed=1, **SINGLE), 7)
+    take(train, 2)
     cursor = copy.copy(train)
     cursor.set_state(dict(train.get_state(), epoch=1, step=0))
-    _assert_same(_take(cursor, 2), expected[5:7])
-    _assert_same(_take(train, 3), expected[2:5])
+    assert_same(take(cursor, 2), expected[5:7])
+    assert_same(take(train, 3), expected[2:5])
