@@ -38,6 +38,7 @@ def test_two_processes_with_two_devices_equal_one_process_with_four(tmp_path):
             np.testing.assert_allclose(one[key], two[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 24 s; test_workdir checks process-0-only outputs fast, the bare step test two processes
 def test_trainer_in_two_processes_equals_one_process(tmp_path):
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     _run("trainer", single, multi)
