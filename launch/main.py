@@ -20,6 +20,7 @@ analyze (energy and storage, dense and SD side by side); export (checkpoint -> p
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -56,6 +57,24 @@ def _print_result(result: dict) -> None:
                     for key, value in result.items()))
 
 
+def _exit_with(error: Exception, path: str | None = None) -> None:
+    """Print `error` as one `error: ...` line (a filesystem failure names its path and the fix); exit 2."""
+    if isinstance(error, OSError) and error.errno is not None:
+        where = error.filename or path or "the file system"
+        fixes = {
+            errno.ENOSPC: "no space left on the device; free space or pass a path on another disk",
+            errno.EACCES: "permission denied; pass a path you can write to, or change its permissions",
+            errno.EPERM: "permission denied; pass a path you can write to, or change its permissions",
+            errno.EROFS: "the file system is read-only; pass a path on a writable one",
+            errno.EEXIST: "a file is in the way where a directory is needed; pass a directory path",
+            errno.ENOTDIR: "a file is in the way where a directory is needed; pass a directory path",
+            errno.ENOENT: "no such file or directory; check the path, or create its parent folder",
+        }
+        error = f"{where}: {fixes.get(error.errno, error.strerror or error)}"
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _run_training(mode: str, config, workdir: str | None) -> None:
     """train (dense, or SD from scratch with model.sd), finetune (init.from_params: decompose a
     dense checkpoint, then train in SD form) or evaluate the latest checkpoint in `workdir`."""
@@ -79,9 +98,8 @@ def _run_training(mode: str, config, workdir: str | None) -> None:
             result = trainer.evaluate(config, workdir)
         else:
             result = trainer.train_and_evaluate(config, workdir)
-    except (ValueError, FileNotFoundError, trainer.TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError, trainer.TrainingError) as error:
+        _exit_with(error, workdir)
     _print_result(result)
 
 
@@ -91,6 +109,8 @@ def _run_command(mode: str, config) -> None:
     from sd_jax import io as sd_io
 
     try:
+        if _OUTPUT.value:  # a report or file into a folder not made yet: make it
+            sd_io.as_path(_OUTPUT.value).parent.mkdir(parents=True, exist_ok=True)
         if mode == "decompose":
             text = commands.decompose(config, _PARAMS.value, _OUTPUT.value, as_json=_JSON.value)
         elif mode == "analyze":
@@ -101,13 +121,12 @@ def _run_command(mode: str, config) -> None:
         else:
             _print_result(commands.evaluate(config, _PARAMS.value))
             return
-    except ValueError as error:  # bad input: say what and how to fix it, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    if mode == "analyze" and _OUTPUT.value:
-        sd_io.atomic_write_text(_OUTPUT.value, text + "\n")
-    else:
-        print(text)
+        if mode == "analyze" and _OUTPUT.value:
+            sd_io.atomic_write_text(_OUTPUT.value, text + "\n")
+            return
+    except (ValueError, OSError) as error:  # bad input or a filesystem failure: what and how to fix it, no traceback
+        _exit_with(error, _OUTPUT.value)
+    print(text)
 
 
 def main(argv: list[str]) -> None:

@@ -108,26 +108,44 @@ class TrainCheckpoints:
         return dict(restored["evaluation"] or {})
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]] | None:
-        """The state and data position at `step` (default: latest), or None when there is none.
+        """The state and data position at `step` (default: the newest good one), or None when there is none.
 
-        `template` is a state of the same model and optimizer (e.g. freshly initialised); a
-        checkpoint of another model raises CheckpointError.
+        `template` is a state of the same model and optimizer (e.g. freshly initialised). Without
+        `step`, a damaged newest checkpoint (a file missing or truncated) is deleted with a warning
+        naming it and the older step restored instead, so that training redoes its steps; when no
+        checkpoint restores (another model, or all damaged), CheckpointError names the newest.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        except Exception as error:  # Orbax raises many types for a mismatched or damaged checkpoint
+        steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+        for tried, candidate in enumerate(steps):
+            restored = self._restore_step(template, candidate)
+            if restored is not None:
+                break
+            if tried + 1 < len(steps):
+                logging.warning("%s: checkpoint of step %d does not restore (damaged); deleting it and "
+                                "falling back to step %d", self.directory, candidate, steps[tried + 1])
+        else:
+            if not steps:
+                return None
             raise CheckpointError(
-                f"{self.directory}: cannot restore step {step} ({type(error).__name__}: {error}); the checkpoint "
-                "is damaged or comes from a different model or optimizer: use a fresh --workdir or the matching config"
-            ) from None
+                f"{self.directory}: cannot restore step {steps[0]}: the checkpoint is damaged or comes from a "
+                "different model or optimizer; use a fresh --workdir or the config that wrote it"
+            )
+        for damaged in steps[:tried]:
+            self.delete(damaged)
         state = restored["state"]
         state = state.replace(key=jax.random.wrap_key_data(np.asarray(state.key)))
         return state, dict(restored["data"] or {})
+
+    def _restore_step(self, template: TrainState, step: int) -> Any:
+        """Orbax's restore of `step`, or None where it fails (its errors, TensorStore's among them, go to
+        the debug log, not to the user)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except Exception as error:  # Orbax raises many types for a mismatched or damaged checkpoint
+            logging.debug("%s: restore of step %d failed: %r", self.directory, step, error)
+            return None
 
     def delete(self, step: int) -> None:
         """Remove the checkpoint of `step` (one found bad after it was written)."""

@@ -506,8 +506,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if reports:
         run_files.describe_run(workdir, config)
     run, state = _build(config, workdir, progress)
-    writer = run_files.MetricsWriter(workdir, enabled=reports)
     first_step, steps_per_epoch = int(state.step), run.train_data.steps_per_epoch
+    finished = run_files.read_json(workdir / run_files.SUMMARY_FILE) if first_step == run.total_steps else {}
+    if finished:
+        run.checkpoints.close()
+        progress.report(f"{workdir} is complete (step {first_step} of {run.total_steps}); its summary from "
+                        f"{run_files.SUMMARY_FILE} follows (a fresh --workdir trains anew)")
+        progress.close()
+        return finished
+    writer = run_files.MetricsWriter(workdir, enabled=reports, resume_step=first_step)
     eval_every = config.eval.every_steps or steps_per_epoch
     # Read before the steps donate `state`; the train steps fold in their step number, not 2^32 - 1.
     apply_fn, bn_key = state.apply_fn, jax.random.fold_in(state.key, 2**32 - 1)

@@ -90,28 +90,45 @@ class _EpathRecordFiles:
 
 class MetricsWriter:
     """TensorBoard events plus one JSON line per logged step; writes nothing where `enabled` is False
-    (the processes that do not report)."""
+    (the processes that do not report).
 
-    def __init__(self, workdir: epath.Path, *, enabled: bool = True) -> None:
+    A run resumed at `resume_step` keeps the lines of steps up to it and drops the rest (the steps it
+    redoes), and replaces the events files of earlier starts by one file holding the kept lines, so
+    that neither repeats a step and the run keeps one events file.
+    """
+
+    def __init__(self, workdir: epath.Path, *, enabled: bool = True, resume_step: int = 0) -> None:
         self._enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter, record_writer  # no TensorFlow needed
 
-        events = str(workdir / EVENTS_DIR)
-        if "://" in events:
-            record_writer.register_writer_factory(events.split("://")[0], _EpathRecordFiles())
-        self._events = SummaryWriter(events)
+        events = workdir / EVENTS_DIR
+        if "://" in str(events):
+            record_writer.register_writer_factory(str(events).split("://")[0], _EpathRecordFiles())
+        for earlier in events.glob("events.out.tfevents.*"):
+            earlier.unlink()
+        self._events = SummaryWriter(str(events))
         self._path = workdir / METRICS_FILE
-        self._lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+        lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+        self._lines = [line for line in lines if json.loads(line)["step"] <= resume_step]
+        for line in self._lines:
+            self._add_events(json.loads(line))
+        if len(self._lines) < len(lines):
+            write_text(self._path, "".join(self._lines))
+
+    def _add_events(self, record: dict[str, float]) -> None:
+        for name, value in record.items():
+            if name != "step":
+                self._events.add_scalar(name, value, record["step"])
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Log `metrics` of `step` to both."""
         if not self._enabled:
             return
-        for name, value in metrics.items():
-            self._events.add_scalar(name, value, step)
-        self._lines.append(json.dumps(dict(step=step, **metrics)) + "\n")
+        record = dict(step=step, **metrics)
+        self._lines.append(json.dumps(record) + "\n")
+        self._add_events(record)
         write_text(self._path, "".join(self._lines))
 
     def close(self) -> None:

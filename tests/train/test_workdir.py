@@ -49,7 +49,7 @@ def test_metrics_writer_keeps_earlier_lines_and_a_silent_one_writes_nothing(tmp_
     writer = workdir.MetricsWriter(run)
     writer.write(1, {"loss": 2.0})
     writer.close()
-    writer = workdir.MetricsWriter(run)  # a resumed run
+    writer = workdir.MetricsWriter(run, resume_step=1)  # a run resumed at step 1
     writer.write(2, {"loss": 1.0, "learning_rate": 0.1})
     writer.close()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
