@@ -109,8 +109,6 @@ def _run_command(mode: str, config) -> None:
     from sd_jax import io as sd_io
 
     try:
-        if _OUTPUT.value:  # a report or file into a folder not made yet: make it
-            sd_io.as_path(_OUTPUT.value).parent.mkdir(parents=True, exist_ok=True)
         if mode == "decompose":
             text = commands.decompose(config, _PARAMS.value, _OUTPUT.value, as_json=_JSON.value)
         elif mode == "analyze":

@@ -3,7 +3,8 @@
 `train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD with
 `model.sd`) from scratch or from `init.from_params` (a dense checkpoint is decomposed on the way in
 when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from
-the latest checkpoint in `workdir` when there is one. `workdir` is any path `etils.epath` reaches (a
+the latest good checkpoint in `workdir` when there is one (a finished run with its `summary.json` says
+so and returns that summary). `workdir` is any path `etils.epath` reaches (a
 local folder, gs://...). The run describes itself there (`config.json`, and the command line and the
 commit in `run.json`), writes TensorBoard events and `metrics.jsonl` (loss, accuracy, learning rate;
 at each evaluation its figures and, for SD and projected models, the density of C), prints progress

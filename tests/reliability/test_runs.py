@@ -57,6 +57,7 @@ def test_a_finished_run_rerun_says_it_is_complete_and_returns_its_summary(finish
     assert (workdir / "metrics.jsonl").read_text() == metrics  # nothing was redone
 
 
+@pytest.mark.slow
 def test_a_finished_quickstart_rerun_keeps_its_summary(tmp_path, capfd):
     from experiments import quickstart
 
