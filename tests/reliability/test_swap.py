@@ -62,6 +62,7 @@ def test_a_hand_written_kernel_the_defaults_select_raises():
         swap_layers(HandWritten()).init(jax.random.key(0), jnp.ones((1, 3)))
 
 
+@pytest.mark.slow  # three to_sd decompositions: about 45 s on 2 busy cores
 @pytest.mark.parametrize("kernel_size, shape", [((3,), (1, 6, 3)), ((3, 3, 3), (1, 4, 4, 4, 3)),
                                                  ((3, 3), (1, 4, 4, 3))])
 def test_a_conv_is_sd_in_the_swap_exactly_where_to_sd_decomposes_it(kernel_size, shape):
@@ -89,7 +90,9 @@ def test_variables_to_sd_decomposed_for_a_layer_the_swap_cannot_run_are_refused_
         swap_layers(Net()).apply(converted, X)
 
 
+@pytest.mark.slow  # a to_sd decomposition: about 15 s on 2 busy cores
 def test_skipped_layers_stay_dense_in_the_swap_and_in_to_sd():
+    """A skip rule for them matched no layer: the swap never saw them."""
     model = swap_layers(Net(), SKIP)
     initial = model.init(jax.random.key(0), X)
     converted, _ = to_sd(Net().init(jax.random.key(0), X), SKIP)
