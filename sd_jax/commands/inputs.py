@@ -68,8 +68,9 @@ def target_of(config: Any, model_name: str | None = None) -> Target:
 
 
 def read_variables(path: str) -> dict[str, Any]:
-    """The variable collections at `path`; a bare parameter tree becomes {"params": tree}."""
-    variables = sd_io.load_variables(path)
+    """The variable collections at `path`, every value finite (else CheckpointError); a bare parameter tree
+    becomes {"params": tree}."""
+    variables = sd_io.check_finite(sd_io.load_variables(path), path)
     if isinstance(variables.get("params"), Mapping):
         return dict(variables)
     return {"params": variables}
@@ -93,11 +94,13 @@ def arranged(variables: Mapping[str, Any], model: Any, target: Target, source: s
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(needed)[0]}
     have = {jax.tree_util.keystr(p): tuple(jnp.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(placed)[0]}
     missing = sorted(set(want) - set(have))
+    unknown = sorted(set(have) - set(want))  # e.g. the extra blocks of a deeper ResNet
     wrong = sorted(key for key in set(want) & set(have) if want[key] != have[key])
-    if missing or wrong:
+    if missing or unknown or wrong:
         raise sd_io.CheckpointError(
             f"{source}: the variables do not fit model {target.name!r} with {target.num_classes} classes "
-            f"(missing {missing[:3]}, wrong shapes {wrong[:3]}); pass the config the run trained with "
+            f"(missing {missing[:3]}, not in the model {unknown[:3]}, wrong shapes {wrong[:3]}); "
+            "pass the config the run trained with "
             "(--config) or the model they belong to (--model)")
     return placed
 

@@ -3,7 +3,9 @@
 - `to_sd(variables, rules)`: a dense model's variables (`params`, `batch_stats`, ...) -> the variables
   of the same model built in SD form with the same `SDRules` (`models.get(name, sd=rules)` or
   `swap_layers(model, rules)`), through one batched `sd_jax.core.network.decompose_network` call;
-  also returns the decomposition (per-layer reports of the fit).
+  also returns the decomposition (per-layer reports of the fit). It sees kernels, not layer types:
+  `swap_layers` refuses a layer it cannot run as SD (e.g. `nn.ConvTranspose`) whose kernel the rules
+  select, so a skip rule for it keeps it dense in both and the variables fit the swapped model.
 - `sd_variables(tree)`: a parameter tree whose decomposed kernels are `Decomposition`s (what
   `decompose_network(...).tree` returns) -> variables of the SD model: B, C and the mask go to
   `sd_basis`, `sd_coeff`, `sd_mask` under the layer's name, everything else stays in `params`.

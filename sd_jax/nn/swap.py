@@ -14,7 +14,11 @@ Two mechanisms put SD layers into a network:
 The swap covers what SD layers support: 2-D `nn.Conv` on NHWC inputs (any stride, padding 'SAME',
 'VALID' or explicit pairs, kernel dilation, feature groups) and `nn.Dense`; a selected layer with
 input dilation, a weight mask, 'CIRCULAR'/'CAUSAL' padding or a non-2-D kernel raises ValueError
-naming it. Custom `precision`, `dot_general` or `param_dtype` of a swapped layer are not used.
+naming it. Any other layer with a `params` kernel (`nn.ConvTranspose`, `nn.DenseGeneral`,
+`nn.ConvLocal`, a hand-written layer) stays dense only where `to_sd` keeps its kernel dense too: a
+rule that selects it, or no rule where the defaults select its kernel by shape (`SDRules.kernel_plan`),
+raises ValueError naming it, at `init` and at `apply` of variables `to_sd` converted, so the model and
+its variables agree on what is SD. Custom `precision`, `dot_general` or `param_dtype` of a swapped layer are not used.
 Only layers called while the wrapper's `init` / `apply` runs are swapped: call the wrapper, not the
 wrapped model, inside `jax.jit`.
 """
@@ -24,7 +28,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from sd_jax.nn.layers import sd_conv_forward, sd_dense_forward
+from sd_jax.nn.layers import SD_COEFF, sd_conv_forward, sd_dense_forward
 from sd_jax.nn.rules import SDRules, layer_name
 
 
@@ -51,7 +55,17 @@ class SwappedModel:
 
         def interceptor(next_fun, call_args, call_kwargs, context):
             module = context.module
-            if context.method_name != "__call__" or not isinstance(module, (nn.Conv, nn.Dense)):
+            if not isinstance(module, (nn.Conv, nn.Dense)):  # stays dense: check that nothing makes it SD
+                layer = layer_name(module.scope.path)
+                if module.has_variable(SD_COEFF, "coeff"):
+                    raise ValueError(f"layer '{layer}': the variables hold C for this {type(module).__name__} "
+                                     f"(to_sd decomposed its kernel); {_keep_dense(layer)}")
+                result = next_fun(*call_args, **call_kwargs)
+                if module.has_variable("params", "kernel"):
+                    seen.append(layer)
+                    _check_not_selected(layer, module, self.rules)
+                return result
+            if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
             layer = layer_name(module.scope.path)
             seen.append(layer)
@@ -88,6 +102,24 @@ class SwappedModel:
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """`model.apply` with the selected layers swapped."""
         return self._run(self.model.apply, *args, **kwargs)
+
+
+def _keep_dense(layer: str) -> str:
+    return (f"SD layers take nn.Dense and 2-D nn.Conv: keep it dense with a rule ('^{layer}$', {{'skip': True}}) "
+            "first in the rules, and convert the dense variables again with the same rules")
+
+
+def _check_not_selected(layer: str, module: nn.Module, rules: SDRules) -> None:
+    """Raise ValueError when the rules select the kernel of `module`, a layer the swap cannot run as SD:
+    `to_sd` with the same rules would decompose it."""
+    shape = tuple(module.get_variable("params", "kernel").shape)
+    try:
+        selected = rules.kernel_plan(layer, shape) is not None
+    except ValueError:  # a rule selects it, but its kernel is no kernel of a layer the rules know
+        selected = True
+    if selected:
+        raise ValueError(f"layer '{layer}': the rules select this {type(module).__name__} (kernel {shape}), "
+                         f"which cannot become SD; {_keep_dense(layer)}")
 
 
 def _check_conv(layer: str, module: nn.Conv) -> None:

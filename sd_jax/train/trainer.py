@@ -167,6 +167,7 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool, progre
     if not config.init.from_params or not from_checkpoint:
         return fresh
     loaded = models.upgrade_layout(sd_io.load_variables(config.init.from_params))
+    sd_io.check_finite(loaded, config.init.from_params)
     loaded = {name: tree for name, tree in loaded.items() if name in fresh}
     if config.model.sd and "sd_coeff" not in loaded:
         loaded = _decompose(loaded, SDRules.from_config(config), config.init.from_params, progress)
