@@ -362,6 +362,10 @@ def decompose_blocks(
     padded = -(-n // groups) * groups  # zero blocks pad the last group; they finish in two rounds
     pad = lambda x: jnp.pad(jnp.asarray(x), [(0, padded - n)] + [(0, 0)] * (jnp.ndim(x) - 1))
     a = jnp.where(jnp.swapaxes(pad(keep), 1, 2), jnp.swapaxes(pad(blocks), 1, 2), 0.0)  # A^T: (padded, k, m)
+    # The rounds run on A / s, s the power of two at or below each block's largest |A|: B comes out
+    # as B / s and C unchanged (exactly: a power-of-two scale commutes with every float32 step), so
+    # the Gram matrices of B neither overflow nor underflow at any weight scale. C starts from A.
+    scale = _block_pow2_scale(a)
     options = dict(
         threshold=threshold, max_coeff=max_coeff, row_threshold=row_threshold, threshold_decay=threshold_decay
     )
@@ -370,23 +374,35 @@ def decompose_blocks(
                  use_row_rule=use_row_rule, decay_steps=decay_steps)
     split = lambda x: jnp.split(x, groups)
     results = [
-        _als_compacted(a_group, dict(zip(options, option_group)), per_pass, rules)
-        for a_group, *option_group in zip(split(a), *map(split, options.values()))
+        _als_compacted(a_group, scale_group, dict(zip(options, option_group)), per_pass, rules)
+        for a_group, scale_group, *option_group in zip(split(a), split(scale), *map(split, options.values()))
     ]
     c = jnp.concatenate([c for c, _ in results])[:n]
     rounds = jnp.concatenate([r for _, r in results])[:n]
-    cq, scale = _round(c, options["max_coeff"][:n], use_pow2, use_row_scale)
-    basis = lstsq(cq if scale is None else cq * scale, a[:n])
-    scale = jnp.ones((n, 1, m), cq.dtype) if scale is None else scale
-    return dict(coeff=jnp.swapaxes(cq, 1, 2), basis=basis, row_scale=jnp.swapaxes(scale, 1, 2), iterations=rounds)
+    cq, row_scale = _round(c, options["max_coeff"][:n], use_pow2, use_row_scale)
+    basis = lstsq(cq if row_scale is None else cq * row_scale, a[:n] / scale[:n]) * scale[:n]
+    row_scale = jnp.ones((n, 1, m), cq.dtype) if row_scale is None else row_scale
+    return dict(coeff=jnp.swapaxes(cq, 1, 2), basis=basis, row_scale=jnp.swapaxes(row_scale, 1, 2), iterations=rounds)
 
 
-def _als_compacted(a, options, per_pass, rules):
-    """Run every block of A^T (n, k, m) to convergence in compacted passes -> (C^T, rounds)."""
+def _block_pow2_scale(a: Array) -> Array:
+    """(n, 1, 1): the power of two at or below each block's largest |entry| (1 for a zero block)."""
+    largest = jnp.max(jnp.abs(a), axis=(1, 2), keepdims=True)
+    _, exponent = jnp.frexp(largest)  # largest = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return jnp.where(largest > 0, jnp.ldexp(jnp.ones_like(largest), exponent - 1), 1.0)
+
+
+def _als_compacted(a, scale, options, per_pass, rules):
+    """Run every block of A^T (n, k, m) to convergence in compacted passes -> (C^T, rounds).
+
+    scale (n, 1, 1): the power of two the rounds divide A by (see `decompose_blocks`).
+    """
     n = a.shape[0]
     # One extra, permanently finished block at index n absorbs the unused slots of a pass.
     extend = lambda x: jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-    a = extend(a)
+    c = _sparsify(extend(a), extend(options["threshold"]), extend(options["row_threshold"]),
+                  extend(options["threshold_decay"]), rules["use_row_rule"], rules["decay_steps"])
+    a = extend(a / scale)
     options = {key: extend(value) for key, value in options.items()}
 
     def one_pass(state):
@@ -396,8 +412,6 @@ def _als_compacted(a, options, per_pass, rules):
         picked = jax.lax.fori_loop(0, ROUNDS_PER_PASS, lambda _, s: _als_round(s, *inputs, **rules), picked)
         return tuple(x.at[index].set(y) for x, y in zip(state, picked))
 
-    c = _sparsify(a, options["threshold"], options["row_threshold"], options["threshold_decay"],
-                  rules["use_row_rule"], rules["decay_steps"])
     done = jnp.zeros((n + 1,), bool).at[n].set(True)
     state = (c, jnp.zeros_like(a), done, jnp.zeros((n + 1,), jnp.int32))
     c, _, _, rounds = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), one_pass, state)
