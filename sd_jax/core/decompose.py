@@ -448,14 +448,16 @@ def _als_round(state, a, options, *, iterations, use_pow2, use_row_scale, use_ro
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("num_segments",))
-def _decompose_bucket(blocks, keep, threshold, max_coeff, row_threshold, threshold_decay, segment, *,
+def _decompose_bucket(blocks, keep, threshold, max_coeff, row_threshold, threshold_decay, real, segment, *,
                       num_segments, **static):
     """`decompose_blocks` and the per-tensor `tensor_statistics` of a bucket, in one compilation.
 
-    segment (n,) names each block's tensor. Returns `decompose_blocks`'s arrays and the statistics.
+    real (n, m, k): the entries that are weights; segment (n,) names each block's tensor. Returns
+    `decompose_blocks`'s arrays and the statistics.
     """
     out = decompose_blocks.__wrapped__(blocks, keep, threshold, max_coeff, row_threshold, threshold_decay, **static)
-    return out, tensor_statistics(blocks, out["coeff"], out["basis"], out["row_scale"], segment, num_segments)
+    stats = tensor_statistics(blocks, out["coeff"], out["basis"], out["row_scale"], real, segment, num_segments)
+    return out, stats
 
 
 def padded_size(count: int) -> int:
@@ -521,6 +523,8 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             _pad_to(np.concatenate([kp for _, _, _, _, kp, _ in parts]), total),
             per_block("threshold"), per_block("max_coeff"), per_block("row_threshold"),
             per_block("threshold_decay"),
+            _pad_to(np.concatenate([blocking.to_blocks(np.ones(spec.shape, bool), spec) for _, _, spec, _, _, _ in parts]),
+                    total),
             np.concatenate([np.repeat(np.arange(len(parts)), sizes), np.full(total - sum(sizes), len(parts))]),
             num_segments=padded_size(len(parts) + 1),
             iterations=options0.iterations, use_pow2=options0.pow2, use_row_scale=options0.row_scale,
