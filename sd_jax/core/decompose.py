@@ -485,6 +485,18 @@ class TensorJob:
     options: DecomposeOptions
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A checked job: its weight divided by `unit` (see `_threshold_unit`) and structural keep mask."""
+
+    job: TensorJob
+    options: DecomposeOptions
+    spec: blocking.BlockSpec
+    weight: np.ndarray
+    keep: np.ndarray
+    unit: float
+
+
 def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
     """Decompose several tensors, batching all blocks with the same (m, k) and static options.
 
@@ -500,32 +512,29 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             weight.shape, job.kind, group_size=options.group_size, row_length=options.row_length,
             max_rows=options.max_rows, name=job.name,
         )
-        keep = structural_keep(weight, spec, options)
-        scale = _threshold_unit(weight, options)
-        prepared.append((job, options, spec, weight / np.float32(scale), keep, scale))
+        unit = _threshold_unit(weight, options)
+        prepared.append(_Prepared(job, options, spec, weight / np.float32(unit), structural_keep(weight, spec, options),
+                                  unit))
 
     buckets: dict[tuple, list[int]] = {}
-    for index, (_, options, spec, _, _, _) in enumerate(prepared):
-        buckets.setdefault((spec.rows, spec.k) + options.static_key(), []).append(index)
+    for index, part in enumerate(prepared):
+        buckets.setdefault((part.spec.rows, part.spec.k) + part.options.static_key(), []).append(index)
 
     def run(members: list[int]) -> list[tuple[int, Decomposition]]:
         parts = [prepared[i] for i in members]
-        sizes = [spec.num_blocks for _, _, spec, _, _, _ in parts]
+        sizes = [part.spec.num_blocks for part in parts]
         total = padded_size(sum(sizes))
-
-        def per_block(field: str) -> np.ndarray:
-            values = np.array([getattr(o, field) for _, o, _, _, _, _ in parts], np.float32)
-            return _pad_to(np.repeat(values, sizes), total, mode="edge")
-
-        options0 = parts[0][1]
+        padded = lambda arrays, mode="constant": _pad_to(np.concatenate(arrays), total, mode)
+        per_block = lambda field: padded([np.full(size, getattr(part.options, field), np.float32)
+                                          for part, size in zip(parts, sizes)], "edge")
+        options0 = parts[0].options
         out, stats = _decompose_bucket(
-            _pad_to(np.concatenate([blocking.to_blocks(w, spec) for _, _, spec, w, _, _ in parts]), total),
-            _pad_to(np.concatenate([kp for _, _, _, _, kp, _ in parts]), total),
+            padded([blocking.to_blocks(part.weight, part.spec) for part in parts]),
+            padded([part.keep for part in parts]),
             per_block("threshold"), per_block("max_coeff"), per_block("row_threshold"),
             per_block("threshold_decay"),
-            _pad_to(np.concatenate([blocking.to_blocks(np.ones(spec.shape, bool), spec) for _, _, spec, _, _, _ in parts]),
-                    total),
-            np.concatenate([np.repeat(np.arange(len(parts)), sizes), np.full(total - sum(sizes), len(parts))]),
+            padded([blocking.to_blocks(np.ones(part.spec.shape, bool), part.spec) for part in parts]),
+            np.repeat(np.arange(len(parts) + 1), sizes + [total - sum(sizes)]),  # padding: one more tensor
             num_segments=padded_size(len(parts) + 1),
             iterations=options0.iterations, use_pow2=options0.pow2, use_row_scale=options0.row_scale,
             use_row_rule=options0.row_threshold > 0, decay_steps=options0.decay_steps,
@@ -533,17 +542,17 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
         out, stats = jax.device_get((out, stats))
         starts = np.concatenate([[0], np.cumsum(sizes)])
         done = []
-        for j, (job, options, spec, _, _, scale) in enumerate(parts):
+        for j, part in enumerate(parts):
             piece = {key: value[starts[j]:starts[j + 1]] for key, value in out.items()}
             report = TensorReport.from_statistics(
-                job.name, job.kind, spec, options, {key: value[j] for key, value in stats.items()},
-                rounds=int(piece["iterations"].max()),
+                part.job.name, part.job.kind, part.spec, part.options,
+                {key: value[j] for key, value in stats.items()}, rounds=int(piece["iterations"].max()),
             )
             done.append((members[j], Decomposition(
-                basis=jnp.asarray(piece["basis"] * np.float32(scale)), coeff=jnp.asarray(piece["coeff"]),
+                basis=jnp.asarray(piece["basis"] * np.float32(part.unit)), coeff=jnp.asarray(piece["coeff"]),
                 mask=jnp.asarray(piece["coeff"] != 0),
-                row_scale=jnp.asarray(piece["row_scale"]) if options.row_scale else None,
-                spec=spec, options=options, report=report,
+                row_scale=jnp.asarray(piece["row_scale"]) if part.options.row_scale else None,
+                spec=part.spec, options=part.options, report=report,
             )))
         return done
 
@@ -553,8 +562,8 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
         for done in pool.map(run, buckets.values()):
             for index, decomposition in done:
                 results[index] = decomposition
-    for (_, options, _, _, _, scale), decomposition in zip(prepared, results):
-        _warn_if_lossy(decomposition.report, options, scale)
+    for part, decomposition in zip(prepared, results):
+        _warn_if_lossy(decomposition.report, part.options, part.unit)
     return results
 
 
@@ -570,7 +579,7 @@ def _threshold_unit(weight: np.ndarray, options: DecomposeOptions) -> float:
     return 2.0 ** round(math.log2(rms))
 
 
-def _warn_if_lossy(report: TensorReport, options: DecomposeOptions, scale: float) -> None:
+def _warn_if_lossy(report: TensorReport, options: DecomposeOptions, unit: float) -> None:
     """Warn, naming the tensor, when its decomposition lost more than half of the weight's energy."""
     if report.rel_error**2 <= LOSSY_ENERGY:
         return
@@ -579,7 +588,7 @@ def _warn_if_lossy(report: TensorReport, options: DecomposeOptions, scale: float
     warnings.warn(
         f"{report.name}: the decomposition lost {report.rel_error**2:.0%} of the weight's energy "
         f"(rel_error {report.rel_error:.3g}, density {report.density:.3g}, threshold {options.threshold} "
-        f"({options.threshold_scale}), weight scale unit {scale:.3g}); {advice}",
+        f"({options.threshold_scale}), weight unit {unit:.3g}); {advice}",
         LossyDecompositionWarning, stacklevel=3,
     )
 
