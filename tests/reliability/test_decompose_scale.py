@@ -79,3 +79,16 @@ def test_padded_blocks_give_the_unpadded_result():
         iterations=30)
     np.testing.assert_array_equal(result.coeff, unpadded["coeff"])
     np.testing.assert_array_equal(result.basis, unpadded["basis"])
+
+
+def test_a_rule_can_ask_for_a_layer_relative_threshold():
+    from sd_jax.core.network import decompose_network
+    from sd_jax.nn.rules import SDRules
+
+    rules = SDRules([("^block/conv$", {"threshold_scale": "layer"})])
+    params = {"block/conv": {"kernel": _weight((3, 3, 4, 8), 1e-5)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossyDecompositionWarning)
+        result = decompose_network(params, rules.planner())
+    assert result.tree["block/conv"]["kernel"].options.threshold_scale == "layer"
+    assert result.reports[0].density > 0.5
