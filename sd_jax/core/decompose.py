@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ Array = jax.Array
 
 # How structural pruning picks what it removes: sd_jax's rule, then the authors' three `prune_type`s.
 PRUNE_CRITERIA = ("sd_jax", "population", "value", "energy")
+# What the threshold counts in: weight units (the reference) or units of each layer's RMS.
+THRESHOLD_SCALES = ("absolute", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,10 @@ class DecomposeOptions:
     decay_steps, threshold_decay: when the element threshold would empty a row that survived the
         row rule and pruning, retry it with threshold * threshold_decay^j, j <= decay_steps.
     group_size, row_length, max_rows: the blocking (see `blocking.block_spec`).
+    threshold_scale: what threshold, row_threshold and max_coeff count in. 'absolute' (the
+        reference): weight units. 'layer': units of the layer's RMS, rounded to the nearest power of
+        two (the weight is divided by it before decomposing and B multiplied by it after, so C stays
+        powers of two); weights of any scale then decompose alike.
     """
 
     threshold: float = 1e-3
@@ -84,6 +91,7 @@ class DecomposeOptions:
     group_size: int = 64
     row_length: int = 3
     max_rows: int = 192
+    threshold_scale: str = "absolute"
 
     def validate(self, name: str = "weight") -> "DecomposeOptions":
         """Return self, or raise ValueError naming `name`, the option and the fix."""
@@ -122,6 +130,8 @@ class DecomposeOptions:
             fail(f"decay_steps={self.decay_steps!r} must be an integer >= 0 (0 turns decay off)")
         if not _finite_number(self.threshold_decay) or not 0 < self.threshold_decay < 1:
             fail(f"threshold_decay={self.threshold_decay!r} must be in (0, 1)")
+        if self.threshold_scale not in THRESHOLD_SCALES:
+            fail(f"threshold_scale={self.threshold_scale!r} is not one of {THRESHOLD_SCALES}")
         for option in ("group_size", "row_length", "max_rows"):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -305,6 +315,7 @@ def _round(c, max_coeff, use_pow2, use_row_scale):
     return (pow2.round_pow2(scaled) if use_pow2 else scaled), scale
 
 
+LOSSY_ENERGY = 0.5  # share of the squared norm whose loss draws a LossyDecompositionWarning
 PASS_BYTES = 1 << 20  # blocks per pass sized so their A stays in cache (about 2x faster than all)
 ROUNDS_PER_PASS = 4
 MAX_GROUPS = 8
@@ -362,6 +373,10 @@ def decompose_blocks(
     padded = -(-n // groups) * groups  # zero blocks pad the last group; they finish in two rounds
     pad = lambda x: jnp.pad(jnp.asarray(x), [(0, padded - n)] + [(0, 0)] * (jnp.ndim(x) - 1))
     a = jnp.where(jnp.swapaxes(pad(keep), 1, 2), jnp.swapaxes(pad(blocks), 1, 2), 0.0)  # A^T: (padded, k, m)
+    # The rounds run on A / s, s the power of two at or below each block's largest |A|: B comes out
+    # as B / s and C unchanged (exactly: a power-of-two scale commutes with every float32 step), so
+    # the Gram matrices of B neither overflow nor underflow at any weight scale. C starts from A.
+    scale = _block_pow2_scale(a)
     options = dict(
         threshold=threshold, max_coeff=max_coeff, row_threshold=row_threshold, threshold_decay=threshold_decay
     )
@@ -370,23 +385,35 @@ def decompose_blocks(
                  use_row_rule=use_row_rule, decay_steps=decay_steps)
     split = lambda x: jnp.split(x, groups)
     results = [
-        _als_compacted(a_group, dict(zip(options, option_group)), per_pass, rules)
-        for a_group, *option_group in zip(split(a), *map(split, options.values()))
+        _als_compacted(a_group, scale_group, dict(zip(options, option_group)), per_pass, rules)
+        for a_group, scale_group, *option_group in zip(split(a), split(scale), *map(split, options.values()))
     ]
     c = jnp.concatenate([c for c, _ in results])[:n]
     rounds = jnp.concatenate([r for _, r in results])[:n]
-    cq, scale = _round(c, options["max_coeff"][:n], use_pow2, use_row_scale)
-    basis = lstsq(cq if scale is None else cq * scale, a[:n])
-    scale = jnp.ones((n, 1, m), cq.dtype) if scale is None else scale
-    return dict(coeff=jnp.swapaxes(cq, 1, 2), basis=basis, row_scale=jnp.swapaxes(scale, 1, 2), iterations=rounds)
+    cq, row_scale = _round(c, options["max_coeff"][:n], use_pow2, use_row_scale)
+    basis = lstsq(cq if row_scale is None else cq * row_scale, a[:n] / scale[:n]) * scale[:n]
+    row_scale = jnp.ones((n, 1, m), cq.dtype) if row_scale is None else row_scale
+    return dict(coeff=jnp.swapaxes(cq, 1, 2), basis=basis, row_scale=jnp.swapaxes(row_scale, 1, 2), iterations=rounds)
 
 
-def _als_compacted(a, options, per_pass, rules):
-    """Run every block of A^T (n, k, m) to convergence in compacted passes -> (C^T, rounds)."""
+def _block_pow2_scale(a: Array) -> Array:
+    """(n, 1, 1): the power of two at or below each block's largest |entry| (1 for a zero block)."""
+    largest = jnp.max(jnp.abs(a), axis=(1, 2), keepdims=True)
+    _, exponent = jnp.frexp(largest)  # largest = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return jnp.where(largest > 0, jnp.ldexp(jnp.ones_like(largest), exponent - 1), 1.0)
+
+
+def _als_compacted(a, scale, options, per_pass, rules):
+    """Run every block of A^T (n, k, m) to convergence in compacted passes -> (C^T, rounds).
+
+    scale (n, 1, 1): the power of two the rounds divide A by (see `decompose_blocks`).
+    """
     n = a.shape[0]
     # One extra, permanently finished block at index n absorbs the unused slots of a pass.
     extend = lambda x: jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-    a = extend(a)
+    c = _sparsify(extend(a), extend(options["threshold"]), extend(options["row_threshold"]),
+                  extend(options["threshold_decay"]), rules["use_row_rule"], rules["decay_steps"])
+    a = extend(a / scale)
     options = {key: extend(value) for key, value in options.items()}
 
     def one_pass(state):
@@ -396,8 +423,6 @@ def _als_compacted(a, options, per_pass, rules):
         picked = jax.lax.fori_loop(0, ROUNDS_PER_PASS, lambda _, s: _als_round(s, *inputs, **rules), picked)
         return tuple(x.at[index].set(y) for x, y in zip(state, picked))
 
-    c = _sparsify(a, options["threshold"], options["row_threshold"], options["threshold_decay"],
-                  rules["use_row_rule"], rules["decay_steps"])
     done = jnp.zeros((n + 1,), bool).at[n].set(True)
     state = (c, jnp.zeros_like(a), done, jnp.zeros((n + 1,), jnp.int32))
     c, _, _, rounds = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), one_pass, state)
@@ -422,22 +447,32 @@ def _als_round(state, a, options, *, iterations, use_pow2, use_row_scale, use_ro
     return (jnp.where(frozen, c, c_new), jnp.where(frozen, previous, cq), done, rounds + (~done).astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("specs",))
-def _decompose_bucket(weights, keep, threshold, max_coeff, row_threshold, threshold_decay, *, specs, **static):
-    """Blocking, `decompose_blocks` and per-tensor `tensor_statistics` of a bucket, in one compilation.
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_segments",))
+def _decompose_bucket(blocks, keep, threshold, max_coeff, row_threshold, threshold_decay, real, segment, *,
+                      num_segments, **static):
+    """`decompose_blocks` and the per-tensor `tensor_statistics` of a bucket, in one compilation.
 
-    Returns per-tensor lists of coeff, basis, row_scale, mask and rounds, and the statistics.
+    real (n, m, k): the entries that are weights; segment (n,) names each block's tensor. Returns
+    `decompose_blocks`'s arrays and the statistics.
     """
-    blocks = jnp.concatenate([blocking.to_blocks(w, spec) for w, spec in zip(weights, specs)])
     out = decompose_blocks.__wrapped__(blocks, keep, threshold, max_coeff, row_threshold, threshold_decay, **static)
-    sizes = [spec.num_blocks for spec in specs]
-    segment = jnp.repeat(jnp.arange(len(specs)), np.array(sizes), total_repeat_length=blocks.shape[0])
-    stats = tensor_statistics(blocks, out["coeff"], out["basis"], out["row_scale"], segment, len(specs))
-    pieces = np.cumsum(sizes)[:-1]
-    per_tensor = {key: jnp.split(value, pieces) for key, value in out.items()}
-    per_tensor["mask"] = [coeff != 0 for coeff in per_tensor["coeff"]]
-    per_tensor["rounds"] = [jnp.max(r) for r in per_tensor.pop("iterations")]
-    return per_tensor, stats
+    stats = tensor_statistics(blocks, out["coeff"], out["basis"], out["row_scale"], real, segment, num_segments)
+    return out, stats
+
+
+def padded_size(count: int) -> int:
+    """The compiled size for `count` blocks or tensors: the next power of two.
+
+    Every distinct size is one compilation, kept for the life of the process; rounding sizes up to
+    powers of two bounds them by log2 of the largest, so sweeps over many shapes run in bounded
+    memory (zero padding blocks finish in two rounds and are dropped).
+    """
+    return 1 << max(0, count - 1).bit_length()
+
+
+def _pad_to(array: np.ndarray, size: int, mode: str = "constant") -> np.ndarray:
+    """`array` padded along its first axis to `size` (zeros, or copies of its last entry for 'edge')."""
+    return np.pad(array, [(0, size - array.shape[0])] + [(0, 0)] * (array.ndim - 1), mode=mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,11 +485,24 @@ class TensorJob:
     options: DecomposeOptions
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A checked job: its weight divided by `unit` (see `_threshold_unit`) and structural keep mask."""
+
+    job: TensorJob
+    options: DecomposeOptions
+    spec: blocking.BlockSpec
+    weight: np.ndarray
+    keep: np.ndarray
+    unit: float
+
+
 def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
     """Decompose several tensors, batching all blocks with the same (m, k) and static options.
 
-    Checks and structural pruning run on the host; blocking, the decomposition and the statistics of
-    each bucket run in one compiled computation.
+    Checks, structural pruning and blocking run on the host; the decomposition and the statistics of
+    each bucket run in one compiled computation, its block and tensor counts padded to `padded_size`.
+    Warns (`LossyDecompositionWarning`) for every tensor that lost more than half of its energy.
     """
     prepared = []
     for job in jobs:
@@ -464,39 +512,47 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             weight.shape, job.kind, group_size=options.group_size, row_length=options.row_length,
             max_rows=options.max_rows, name=job.name,
         )
-        keep = structural_keep(weight, spec, options)
-        prepared.append((job, options, spec, weight, keep))
+        unit = _threshold_unit(weight, options)
+        prepared.append(_Prepared(job, options, spec, weight / np.float32(unit), structural_keep(weight, spec, options),
+                                  unit))
 
     buckets: dict[tuple, list[int]] = {}
-    for index, (_, options, spec, _, _) in enumerate(prepared):
-        buckets.setdefault((spec.rows, spec.k) + options.static_key(), []).append(index)
+    for index, part in enumerate(prepared):
+        buckets.setdefault((part.spec.rows, part.spec.k) + part.options.static_key(), []).append(index)
 
     def run(members: list[int]) -> list[tuple[int, Decomposition]]:
         parts = [prepared[i] for i in members]
-        sizes = [spec.num_blocks for _, _, spec, _, _ in parts]
-
-        def per_block(field: str) -> np.ndarray:
-            return np.repeat(np.array([getattr(o, field) for _, o, _, _, _ in parts], np.float32), sizes)
-
-        options0 = parts[0][1]
+        sizes = [part.spec.num_blocks for part in parts]
+        total = padded_size(sum(sizes))
+        padded = lambda arrays, mode="constant": _pad_to(np.concatenate(arrays), total, mode)
+        per_block = lambda field: padded([np.full(size, getattr(part.options, field), np.float32)
+                                          for part, size in zip(parts, sizes)], "edge")
+        options0 = parts[0].options
         out, stats = _decompose_bucket(
-            [w for _, _, _, w, _ in parts], np.concatenate([kp for _, _, _, _, kp in parts]),
+            padded([blocking.to_blocks(part.weight, part.spec) for part in parts]),
+            padded([part.keep for part in parts]),
             per_block("threshold"), per_block("max_coeff"), per_block("row_threshold"),
-            per_block("threshold_decay"), specs=tuple(spec for _, _, spec, _, _ in parts),
+            per_block("threshold_decay"),
+            padded([blocking.to_blocks(np.ones(part.spec.shape, bool), part.spec) for part in parts]),
+            np.repeat(np.arange(len(parts) + 1), sizes + [total - sum(sizes)]),  # padding: one more tensor
+            num_segments=padded_size(len(parts) + 1),
             iterations=options0.iterations, use_pow2=options0.pow2, use_row_scale=options0.row_scale,
             use_row_rule=options0.row_threshold > 0, decay_steps=options0.decay_steps,
         )
-        stats = jax.device_get(stats)
+        out, stats = jax.device_get((out, stats))
+        starts = np.concatenate([[0], np.cumsum(sizes)])
         done = []
-        for j, (job, options, spec, _, _) in enumerate(parts):
+        for j, part in enumerate(parts):
+            piece = {key: value[starts[j]:starts[j + 1]] for key, value in out.items()}
             report = TensorReport.from_statistics(
-                job.name, job.kind, spec, options, {key: value[j] for key, value in stats.items()},
-                rounds=int(out["rounds"][j]),
+                part.job.name, part.job.kind, part.spec, part.options,
+                {key: value[j] for key, value in stats.items()}, rounds=int(piece["iterations"].max()),
             )
             done.append((members[j], Decomposition(
-                basis=out["basis"][j], coeff=out["coeff"][j], mask=out["mask"][j],
-                row_scale=out["row_scale"][j] if options.row_scale else None,
-                spec=spec, options=options, report=report,
+                basis=jnp.asarray(piece["basis"] * np.float32(part.unit)), coeff=jnp.asarray(piece["coeff"]),
+                mask=jnp.asarray(piece["coeff"] != 0),
+                row_scale=jnp.asarray(piece["row_scale"]) if part.options.row_scale else None,
+                spec=part.spec, options=part.options, report=report,
             )))
         return done
 
@@ -506,7 +562,39 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
         for done in pool.map(run, buckets.values()):
             for index, decomposition in done:
                 results[index] = decomposition
+    for part, decomposition in zip(prepared, results):
+        _warn_if_lossy(decomposition.report, part.options, part.unit)
     return results
+
+
+def _threshold_unit(weight: np.ndarray, options: DecomposeOptions) -> float:
+    """The power of two the weight is divided by before decomposing (and B multiplied by after).
+
+    'absolute': 1. 'layer': the power of two nearest the weight's RMS (1 for a zero weight), so the
+    threshold and max_coeff count in units of the layer's scale and C stays powers of two.
+    """
+    rms = math.sqrt(float(np.mean(np.square(weight, dtype=np.float64))))
+    if options.threshold_scale == "absolute" or rms == 0:
+        return 1.0
+    return 2.0 ** round(math.log2(rms))
+
+
+def _warn_if_lossy(report: TensorReport, options: DecomposeOptions, unit: float) -> None:
+    """Warn, naming the tensor, when its decomposition lost more than half of the weight's energy."""
+    if report.rel_error**2 <= LOSSY_ENERGY:
+        return
+    advice = ("pass threshold_scale='layer' or a smaller threshold" if options.threshold_scale == "absolute"
+              else "pass a smaller threshold")
+    warnings.warn(
+        f"{report.name}: the decomposition lost {report.rel_error**2:.0%} of the weight's energy "
+        f"(rel_error {report.rel_error:.3g}, density {report.density:.3g}, threshold {options.threshold} "
+        f"({options.threshold_scale}), weight unit {unit:.3g}); {advice}",
+        LossyDecompositionWarning, stacklevel=3,
+    )
+
+
+class LossyDecompositionWarning(UserWarning):
+    """A tensor's decomposition lost more than `LOSSY_ENERGY` of its energy (squared norm)."""
 
 
 def _checked_weight(name: str, weight: Any) -> np.ndarray:

@@ -45,15 +45,22 @@ def storage_bits(
 
 @functools.partial(jax.jit, static_argnames=("num_segments",))
 def tensor_statistics(
-    blocks: Array, coeff: Array, basis: Array, row_scale: Array, segment: Array, num_segments: int
+    blocks: Array, coeff: Array, basis: Array, row_scale: Array, real: Array, segment: Array, num_segments: int
 ) -> dict[str, Array]:
     """Per-tensor sums over a batch of blocks from several tensors; `segment` (n,) names the tensor.
 
-    Returns squared error and squared norm of the weight, non-zero count, and a histogram of C's
-    exponents (num_segments, NUM_EXPONENTS).
+    real (n, m, k) bool: the entries that are weights, not blocking padding (only they count in the
+    error: C·B need not be zero on padding, and `blocking.from_blocks` drops it).
+
+    Returns squared error and squared norm of the weight, both divided by the square of the tensor's
+    largest |weight| so that neither underflows nor overflows in float32 at any scale (their ratio
+    is the squared relative error), non-zero count, and a histogram of C's exponents
+    (num_segments, NUM_EXPONENTS).
     """
-    reconstruction = jnp.einsum("nmk,nkj->nmj", coeff * row_scale, basis)
+    reconstruction = jnp.where(real, jnp.einsum("nmk,nkj->nmj", coeff * row_scale, basis), 0.0)
     per_tensor = lambda v: jax.ops.segment_sum(v, segment, num_segments)
+    largest = jax.ops.segment_max(jnp.max(jnp.abs(blocks), axis=(1, 2)), segment, num_segments)
+    scale = jnp.where(largest > 0, largest, 1.0)[segment][:, None, None]
     nonzero = coeff != 0
     exponent = jnp.clip(pow2.exponents(coeff) - MIN_EXPONENT, 0, NUM_EXPONENTS - 1)
     bins = segment[:, None, None] * NUM_EXPONENTS + exponent
@@ -61,8 +68,8 @@ def tensor_statistics(
         nonzero.reshape(-1).astype(jnp.int32)
     )
     return dict(
-        error_sq=per_tensor(jnp.sum((blocks - reconstruction) ** 2, axis=(1, 2))),
-        norm_sq=per_tensor(jnp.sum(blocks**2, axis=(1, 2))),
+        error_sq=per_tensor(jnp.sum(((blocks - reconstruction) / scale) ** 2, axis=(1, 2))),
+        norm_sq=per_tensor(jnp.sum((blocks / scale) ** 2, axis=(1, 2))),
         nonzeros=per_tensor(jnp.sum(nonzero, axis=(1, 2))),
         histogram=histogram.reshape(num_segments, NUM_EXPONENTS),
     )

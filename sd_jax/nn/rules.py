@@ -51,7 +51,7 @@ Rule = tuple[str, Mapping[str, Any]]
 ModuleFactory = Callable[..., nn.Module]
 
 DECOMPOSE_ONLY = ("iterations", "prune_criterion", "prune_fraction", "prune_threshold", "prune_group", "row_threshold",
-                  "decay_steps", "threshold_decay")
+                  "decay_steps", "threshold_decay", "threshold_scale")
 SHARED = ("threshold", "max_coeff", "group_size", "row_length", "max_rows")
 KNOWN_KEYS = ("skip", *OPTION_NAMES, *DECOMPOSE_ONLY)
 # DecomposeOptions fields SD layers cannot represent.
