@@ -461,13 +461,18 @@ def _decompose_bucket(blocks, keep, threshold, max_coeff, row_threshold, thresho
 
 
 def padded_size(count: int) -> int:
-    """The compiled size for `count` blocks or tensors: the next power of two.
+    """The compiled size for `count` blocks or tensors: up to 16 as the next power of two, above that
+    rounded up to a multiple of an eighth of its power of two (at most 12.5 % padding).
 
-    Every distinct size is one compilation, kept for the life of the process; rounding sizes up to
-    powers of two bounds them by log2 of the largest, so sweeps over many shapes run in bounded
-    memory (zero padding blocks finish in two rounds and are dropped).
+    Every distinct size is one compilation, kept for the life of the process; with at most 8 sizes per
+    octave, sweeps over many shapes run in bounded memory, and the padding costs little time (zero
+    padding blocks finish in two rounds and are dropped). Padding to the next power of two instead
+    made the ResNet-18 decomposition 1.3x slower.
     """
-    return 1 << max(0, count - 1).bit_length()
+    if count <= 16:
+        return 1 << max(0, count - 1).bit_length()
+    step = 1 << (count.bit_length() - 4)
+    return -(-count // step) * step
 
 
 def _pad_to(array: np.ndarray, size: int, mode: str = "constant") -> np.ndarray:

@@ -65,13 +65,14 @@ def test_many_block_counts_compile_a_bounded_number_of_times():
     before = decompose_module._decompose_bucket._cache_size()
     for outputs in range(25, 65):  # 40 block counts of one (m, k) = (4, 3)
         sd_jax.decompose(_weight((12, outputs), 0.1, seed=outputs), kind="dense", iterations=3)
-    assert decompose_module._decompose_bucket._cache_size() - before <= 2  # padded to 32 and 64 blocks
+    assert decompose_module._decompose_bucket._cache_size() - before <= 12  # at most 8 padded sizes an octave
+    assert [decompose_module.padded_size(n) for n in (1, 5, 16, 17, 37, 100, 1000)] == [1, 8, 16, 18, 40, 104, 1024]
 
 
 def test_padded_blocks_give_the_unpadded_result():
     weight = _weight((12, 37), 0.1, seed=2)
     result = sd_jax.decompose(weight, kind="dense", threshold=4e-3)
-    assert decompose_module.padded_size(result.spec.num_blocks) == 64
+    assert decompose_module.padded_size(result.spec.num_blocks) > result.spec.num_blocks  # padding blocks run
     blocks = blocking.to_blocks(weight, result.spec)
     per_block = lambda value: np.full(result.spec.num_blocks, value, np.float32)
     unpadded = decompose_module.decompose_blocks(
