@@ -91,17 +91,9 @@ def arranged(variables: Mapping[str, Any], model: Any, target: Target, source: s
     placed = {name: variables[name] for name in template if name in variables}
     needed = {name: tree for name, tree in template.items()
               if name in variables or required is None or name in required}
-    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(needed)[0]}
-    have = {jax.tree_util.keystr(p): tuple(jnp.shape(v)) for p, v in jax.tree_util.tree_flatten_with_path(placed)[0]}
-    missing = sorted(set(want) - set(have))
-    unknown = sorted(set(have) - set(want))  # e.g. the extra blocks of a deeper ResNet
-    wrong = sorted(key for key in set(want) & set(have) if want[key] != have[key])
-    if missing or unknown or wrong:
-        raise sd_io.CheckpointError(
-            f"{source}: the variables do not fit model {target.name!r} with {target.num_classes} classes "
-            f"(missing {missing[:3]}, not in the model {unknown[:3]}, wrong shapes {wrong[:3]}); "
-            "pass the config the run trained with "
-            "(--config) or the model they belong to (--model)")
+    sd_io.check_fits(needed, placed, source,
+                     what=f"the variables do not fit model {target.name!r} with {target.num_classes} classes",
+                     fix="pass the config the run trained with (--config) or the model they belong to (--model)")
     return placed
 
 

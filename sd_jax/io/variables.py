@@ -93,6 +93,19 @@ def upgrade_sd_layout(tree: Any, source: str) -> Any:
     return upgraded
 
 
+def check_fits(expected: Any, got: Any, source: str, *, what: str, fix: str) -> None:
+    """Raise CheckpointError when the leaf paths and shapes of `got` differ from those of `expected` (a
+    model's variables or their ShapeDtypeStructs): `what` says what does not fit, `fix` how to fix it."""
+    want = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    missing = sorted(set(want) - set(have))
+    unknown = sorted(set(have) - set(want))  # e.g. the extra blocks of a deeper ResNet
+    wrong = sorted(key for key in set(want) & set(have) if want[key] != have[key])
+    if missing or unknown or wrong:
+        raise CheckpointError(f"{source}: {what} (missing {missing[:3]}, not in the model {unknown[:3]}, "
+                              f"wrong shapes {wrong[:3]}); {fix}")
+
+
 def check_finite(tree: Any, source: str) -> Any:
     """`tree` itself when every floating-point leaf is finite; else CheckpointError naming the first
     non-finite leaf ("params/stage1_block0/conv1/kernel"), how many of its values, and `source`.

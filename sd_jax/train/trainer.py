@@ -175,7 +175,8 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool, progre
         loaded["sd_quant"] = fresh["sd_quant"]
     if config.init.reset:
         loaded = _reset_layers(fresh, loaded, re.compile(config.init.reset))
-    _check_same_structure(fresh, loaded, config.init.from_params)
+    sd_io.check_fits(fresh, loaded, config.init.from_params, what="the checkpoint does not fit the model",
+                     fix="pass the checkpoint of the same model and number of classes")
     return loaded
 
 
@@ -198,18 +199,6 @@ def _reset_layers(fresh: dict[str, Any], loaded: dict[str, Any], pattern: re.Pat
     flat.update({path: leaf for path, leaf in flax.traverse_util.flatten_dict(fresh).items()
                  if path[0] in loaded and matches(path)})
     return flax.traverse_util.unflatten_dict(flat)
-
-
-def _check_same_structure(expected: Any, got: Any, source: str) -> None:
-    want = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
-    if want != have:
-        missing = sorted(set(want) - set(have))[:3]
-        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])[:3]
-        raise sd_io.CheckpointError(
-            f"{source}: the checkpoint does not fit the model (missing {missing}, wrong shapes {wrong}); "
-            "pass the checkpoint of the same model and number of classes"
-        )
 
 
 def _global_batch(batch: dict[str, Any], mesh) -> dict[str, jax.Array]:
