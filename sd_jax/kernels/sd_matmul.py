@@ -66,6 +66,12 @@ def _check_tile(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be a positive power of two (GPU tiles are powers of two)")
 
 
+def default_row_tile(rows: int) -> int:
+    """Rows rebuilt per step: the tile of 16, 32 or 64 (a GPU dot needs 16) that pads a block least,
+    the larger on a tie (171 rows, the reference's 4096-input blocks: 16, padding to 176, not 192)."""
+    return min((16, 32, 64), key=lambda tile: (-(-rows // tile) * tile, -tile))
+
+
 def default_col_tile(dout: int) -> int:
     """Output units per program: enough programs (about 128) to keep a GPU's memory system busy."""
     return max(16, min(128, pl.next_power_of_2(max(1, dout // 128))))
@@ -77,20 +83,22 @@ def pack(
     spec: blocking.BlockSpec,
     mask: Array | np.ndarray | None = None,
     *,
-    row_tile: int = 32,
+    row_tile: int | None = None,
     col_tile: int | None = None,
 ) -> PackedSD:
     """The fused kernel's input form of one SD layer's C (n, m, k), optional mask and B (n, k, k).
 
     Runs on the host (it checks values), once per layer. C (masked) must hold only 0 and ±2^e, as
     the packed file and a bucket-switch layer do; a latent C is quantized first with
-    `sd_jax.core.pow2.quantize_pow2`.
+    `sd_jax.core.pow2.quantize_pow2`. Tiles default to `default_row_tile` and `default_col_tile`;
+    on a GPU every tile must be at least 16 (the dot's smallest shape).
     """
     if spec.layout != "dense_rows":
         raise ValueError(
             f"sd_matmul supports dense kernels and 1 x 1 convolutions ('dense_rows' blocking); got a "
             f"{spec.kind} kernel {spec.shape} in the {spec.layout!r} layout. A k x k convolution needs an "
             "implicit GEMM, which is not implemented: run it through sd_jax.nn's SDConv")
+    row_tile = default_row_tile(spec.rows) if row_tile is None else row_tile
     _check_tile("row_tile", row_tile)
     col_tile = default_col_tile(spec.num_outputs) if col_tile is None else col_tile
     _check_tile("col_tile", col_tile)
