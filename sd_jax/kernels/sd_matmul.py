@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from sd_jax.core import blocking
 
@@ -191,11 +192,13 @@ def sd_matmul(x: Array, packed: PackedSD, *, batch_tile: int | None = None, inte
     _check_tile("batch_tile", batch_tile)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _sd_matmul(x, packed, batch_tile, interpret)
+    target = "interpret" if interpret else jax.default_backend()
+    return _sd_matmul(x, packed, batch_tile, target)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _sd_matmul(x: Array, packed: PackedSD, batch_tile: int, interpret: bool) -> Array:
+def _sd_matmul(x: Array, packed: PackedSD, batch_tile: int, target: str) -> Array:
+    """The kernel call; `target` is 'interpret' or the backend it lowers for ('gpu': Triton)."""
     spec = packed.spec
     leading, din = x.shape[:-1], x.shape[-1]
     splits, rows, k = spec.blocks_per_output, spec.rows, spec.k
@@ -219,7 +222,8 @@ def _sd_matmul(x: Array, packed: PackedSD, batch_tile: int, interpret: bool) -> 
             pl.BlockSpec((splits, k, k, packed.col_tile), lambda b, o: (0, 0, 0, o)),
         ],
         out_specs=pl.BlockSpec((batch_tile, packed.col_tile), lambda b, o: (b, o)),
-        interpret=interpret,
+        interpret=target == "interpret",
+        compiler_params=pltriton.CompilerParams() if target == "gpu" else None,
         name="sd_matmul",
     )(x, packed.codes, packed.basis)
     return y[:batch, :spec.num_outputs].reshape(*leading, spec.num_outputs)

@@ -18,7 +18,7 @@ import pytest
 
 from sd_jax.core import blocking
 from sd_jax.kernels import PackedSD, pack, rebuild_matmul, sd_matmul
-from sd_jax.kernels.sd_matmul import _decode, default_col_tile, default_row_tile
+from sd_jax.kernels.sd_matmul import _decode, _sd_matmul, default_col_tile, default_row_tile
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -83,6 +83,19 @@ def test_matches_the_xla_path_for_every_shape_class(shape, options, batch, dtype
 @pytest.mark.slow
 def test_matches_the_xla_path_on_a_reference_sized_layer_with_default_tiles():
     _check((2048, 256), batch=4, dtype=jnp.float32, seed=7)  # the reference's 4 x 171 rows blocking
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_to_a_triton_kernel_for_cuda_without_a_gpu(dtype):
+    # Cross-platform export runs the Pallas Triton lowering on CPU: shapes, dtypes and ops it cannot
+    # lower (Triton wants power-of-two value shapes) fail here rather than on a GPU.
+    coeff, mask, basis, spec = _layer((50, 37), max_rows=7)
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(
+        jax.jit(lambda x, packed: _sd_matmul(x, packed, 16, "gpu")), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
+    )(jax.ShapeDtypeStruct((1, 50), dtype), pack(coeff, basis, spec, mask))
+    assert triton in exported.mlir_module()
 
 
 def test_codes_decode_to_c_exactly_with_the_mask_applied():
