@@ -2,8 +2,9 @@
 
 The kernel reads one int8 code per entry of C and the basis B, rebuilds a (row_tile x col_tile)
 tile of W in on-chip memory for each of the k columns of a block, and multiplies it into a float32
-accumulator; W itself is never written. Supported: kernels in the "dense_rows" layout, i.e. dense
-(din, dout) kernels and 1 x 1 convolutions (1, 1, cin, cout) at stride 1.
+accumulator; W itself is never written. `sd_matmul` runs dense kernels; `sd_conv` runs convolutions
+(1 x 1 and k x k, any stride and padding) as a GEMM over patches gathered by XLA. Depthwise kernels
+have no GEMM form and are refused.
 
 Code format (one int8 per entry of C): 0 is a zero coefficient; any other code c stands for
 sign(c) * 2^(|c| + exponent_offset), with one `exponent_offset` per tensor (the smallest exponent
@@ -11,13 +12,14 @@ minus one), so a tensor may span 127 exponents. The kernel turns |c| into the fl
 by shifting the biased exponent into place (no multiplier), and a power of two times B is exact.
 
 Kernel layout, for a blocking with `splits` blocks of `rows` rows per output unit (docs/method.md
-1.1): row q = s * rows + r of output unit o holds inputs (s * rows + r) * k + j, j < k. The packed
-form pads `rows` to a multiple of the row tile, so a row tile never straddles two blocks and needs
-one basis per output unit:
+1.1; for a k x k convolution a split is a group of input channels and a row a (channel, kernel row)
+pair): row q = s * rows + r of output unit o holds the k inputs of block row r of split s. The
+packed form pads `rows` to a multiple of the row tile, so a row tile never straddles two blocks and
+needs one basis per output unit:
     codes  (k, splits * padded_rows, padded_dout) int8    codes[l, q, o] = code of C[o*splits+s, r, l]
     basis  (splits, k, k, padded_dout) float32           basis[s, l, j, o] = B[o*splits+s, l, j]
 W split by column j is W_j[q, o] = sum_l C_l[q, o] * basis[s, l, j, o], and y = sum_j x_j @ W_j with
-x_j[b, q] = x[b, q * k + j].
+x_j[b, q] the input that meets column j of row q.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,11 +97,10 @@ def pack(
     `sd_jax.core.pow2.quantize_pow2`. Tiles default to `default_row_tile` and `default_col_tile`;
     on a GPU every tile must be at least 16 (the dot's smallest shape).
     """
-    if spec.layout != "dense_rows":
+    if spec.layout == "depthwise":
         raise ValueError(
-            f"sd_matmul supports dense kernels and 1 x 1 convolutions ('dense_rows' blocking); got a "
-            f"{spec.kind} kernel {spec.shape} in the {spec.layout!r} layout. A k x k convolution needs an "
-            "implicit GEMM, which is not implemented: run it through sd_jax.nn's SDConv")
+            f"the fused kernel takes dense kernels and convolutions; a depthwise kernel {spec.shape} (one "
+            "kh x kw block per channel, no compression) has no GEMM form: run it through sd_jax.nn's SDConv")
     row_tile = default_row_tile(spec.rows) if row_tile is None else row_tile
     _check_tile("row_tile", row_tile)
     col_tile = default_col_tile(spec.num_outputs) if col_tile is None else col_tile
@@ -174,39 +176,94 @@ def _kernel(x_ref, codes_ref, basis_ref, out_ref, *, k, row_tile, tiles_per_bloc
 
 
 def sd_matmul(x: Array, packed: PackedSD, *, batch_tile: int | None = None, interpret: bool | None = None) -> Array:
-    """y = x @ W for x (..., din) float32 or bfloat16, W the packed dense or 1 x 1 conv kernel.
+    """y = x @ W for x (..., din) float32 or bfloat16 and W a packed dense kernel (din, dout).
 
-    A 1 x 1 convolution of NHWC x at stride 1 is `sd_matmul(x, packed)`; at stride s pass
-    x[:, ::s, ::s]. The result has x's dtype; products accumulate in float32. `interpret` defaults
-    to True on CPU (Pallas interpret mode) and False on an accelerator.
+    The result has x's dtype; products accumulate in float32. `batch_tile` (rows of x per program)
+    defaults to the batch's next power of two within 16..128. `interpret` defaults to True on CPU
+    (Pallas interpret mode) and False on an accelerator.
     """
-    din = packed.spec.shape[-2]
-    if x.ndim < 1 or x.shape[-1] != din:
-        raise ValueError(f"x has shape {x.shape}; its last axis must be the kernel's {din} inputs "
-                         f"(kernel {packed.spec.shape})")
+    spec = packed.spec
+    if len(spec.shape) != 2:
+        raise ValueError(f"sd_matmul takes a dense (din, dout) kernel, got a {spec.kind} kernel {spec.shape}; "
+                         "run convolutions through sd_conv")
+    _check_input(x, spec.shape[0], spec)
+    leading = x.shape[:-1]
+    y = _fused(x.reshape(-1, spec.shape[0]), packed, *_call_options(x, batch_tile, interpret))
+    return y.reshape(*leading, spec.num_outputs)
+
+
+def sd_conv(
+    x: Array,
+    packed: PackedSD,
+    *,
+    strides: int | tuple[int, int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    batch_tile: int | None = None,
+    interpret: bool | None = None,
+) -> Array:
+    """The convolution of NHWC x with a packed (kh, kw, cin, cout) kernel, as nn.Conv computes it.
+
+    Every output position is one row of a GEMM against W: its input patches are gathered by XLA
+    (`lax.conv_general_dilated_patches`, in HBM: kh * kw times the input), W is rebuilt on chip.
+    Options and dtypes as `sd_matmul`; `strides` and `padding` as nn.Conv's.
+    """
+    spec = packed.spec
+    if len(spec.shape) != 4:
+        raise ValueError(f"sd_conv takes a (kh, kw, cin, cout) kernel, got a {spec.kind} kernel {spec.shape}; "
+                         "run dense kernels through sd_matmul")
+    if x.ndim != 4:
+        raise ValueError(f"x has shape {x.shape}; sd_conv takes NHWC images (batch, height, width, channels)")
+    kh, kw, cin, cout = spec.shape
+    _check_input(x, cin, spec)
+    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+    patches = jax.lax.conv_general_dilated_patches(  # (..., cin * kh * kw), channel-major
+        x, (kh, kw), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+    y = _fused(patches.reshape(-1, cin * kh * kw), packed, *_call_options(x, batch_tile, interpret))
+    return y.reshape(*patches.shape[:-1], cout)
+
+
+def _check_input(x: Array, inputs: int, spec: blocking.BlockSpec) -> None:
+    if x.ndim < 1 or x.shape[-1] != inputs:
+        raise ValueError(f"x has shape {x.shape}; its last axis must be the kernel's {inputs} inputs "
+                         f"(kernel {spec.shape})")
     if jnp.dtype(x.dtype).name not in DTYPES:
-        raise ValueError(f"x has dtype {x.dtype}; sd_matmul takes {DTYPES}: cast x first")
+        raise ValueError(f"x has dtype {x.dtype}; the kernel takes {DTYPES}: cast x first")
+
+
+def _call_options(x: Array, batch_tile: int | None, interpret: bool | None) -> tuple[int, str]:
+    """(batch tile, target): 'interpret', or the backend the kernel lowers for ('gpu': Triton)."""
     if batch_tile is None:
-        batch = math.prod(x.shape[:-1])
-        batch_tile = max(16, min(128, pl.next_power_of_2(max(1, batch))))
+        batch_tile = max(16, min(128, pl.next_power_of_2(max(1, math.prod(x.shape[:-1])))))
     _check_tile("batch_tile", batch_tile)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    target = "interpret" if interpret else jax.default_backend()
-    return _sd_matmul(x, packed, batch_tile, target)
+    return batch_tile, "interpret" if interpret else jax.default_backend()
+
+
+def _blocked_inputs(x: Array, spec: blocking.BlockSpec) -> Array:
+    """x (batch, inputs) -> (batch, splits, rows, k), each input where its weight sits in the blocks.
+
+    Dense kernels: the input vector zero-padded and cut into rows of k. k x k convolutions: patches
+    ordered (channel, kernel row, kernel column), channels zero-padded to the groups.
+    """
+    batch, splits, rows, k = x.shape[0], spec.blocks_per_output, spec.rows, spec.k
+    if spec.layout == "dense_rows":
+        return jnp.pad(x, ((0, 0), (0, splits * rows * k - x.shape[1]))).reshape(batch, splits, rows, k)
+    kh, kw, cin, _ = spec.shape
+    x = jnp.pad(x.reshape(batch, cin, kh * kw), ((0, 0), (0, splits * spec.inputs_per_block - cin), (0, 0)))
+    return x.reshape(batch, splits, rows, k)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def _sd_matmul(x: Array, packed: PackedSD, batch_tile: int, target: str) -> Array:
-    """The kernel call; `target` is 'interpret' or the backend it lowers for ('gpu': Triton)."""
+def _fused(x: Array, packed: PackedSD, batch_tile: int, target: str) -> Array:
+    """x (batch, inputs) @ W through the kernel; `target` is 'interpret' or the backend it lowers for."""
     spec = packed.spec
-    leading, din = x.shape[:-1], x.shape[-1]
     splits, rows, k = spec.blocks_per_output, spec.rows, spec.k
-    batch = math.prod(leading)
+    batch = x.shape[0]
     padded_batch = -(-batch // batch_tile) * batch_tile
-    # x (batch, din) -> x_j (k, batch, splits * padded_rows) in the codes' row order, zeros in padding.
-    x = jnp.pad(x.reshape(batch, din), ((0, padded_batch - batch), (0, splits * rows * k - din)))
-    x = jnp.pad(x.reshape(padded_batch, splits, rows, k), ((0, 0), (0, 0), (0, packed.padded_rows - rows), (0, 0)))
+    # -> x_j (k, batch, splits * padded_rows) in the codes' row order, zeros in all padding.
+    x = jnp.pad(_blocked_inputs(x, spec), ((0, padded_batch - batch), (0, 0), (0, packed.padded_rows - rows), (0, 0)))
     x = x.transpose(3, 0, 1, 2).reshape(k, padded_batch, splits * packed.padded_rows)
     total_rows, padded_dout = packed.codes.shape[1:]
     kernel = functools.partial(
@@ -226,16 +283,14 @@ def _sd_matmul(x: Array, packed: PackedSD, batch_tile: int, target: str) -> Arra
         compiler_params=pltriton.CompilerParams() if target == "gpu" else None,
         name="sd_matmul",
     )(x, packed.codes, packed.basis)
-    return y[:batch, :spec.num_outputs].reshape(*leading, spec.num_outputs)
+    return y[:batch, :spec.num_outputs]
 
 
-def rebuild_matmul(x: Array, packed: PackedSD) -> Array:
-    """The XLA path on the same packed inputs: decode C, rebuild W = from_blocks(C @ B) in HBM, x @ W."""
+def rebuild(packed: PackedSD) -> Array:
+    """The kernel W = from_blocks(C @ B) in its layer shape, rebuilt by XLA (in HBM) from the packed form."""
     spec = packed.spec
     splits, rows, k, dout = spec.blocks_per_output, spec.rows, spec.k, spec.num_outputs
     coeff = _decode(packed.codes, packed.exponent_offset).reshape(k, splits, packed.padded_rows, -1)
     coeff = coeff[:, :, :rows, :dout].transpose(3, 1, 2, 0).reshape(spec.block_shape)
     basis = packed.basis[..., :dout].transpose(3, 0, 1, 2).reshape(spec.num_blocks, k, k)
-    weight = blocking.from_blocks(jnp.einsum("nmk,nkj->nmj", coeff, basis), spec).reshape(-1, dout)
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    return jnp.dot(x, weight.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
+    return blocking.from_blocks(jnp.einsum("nmk,nkj->nmj", coeff, basis), spec)

@@ -1,6 +1,6 @@
 """Tests for sd_jax/kernels/sd_matmul.py: the fused kernel in Pallas interpret mode against the XLA
-path of the SD layers, x @ from_blocks(C ⊙ mask · B) (`sd_jax.nn.layers.rebuild_kernel`), here
-computed in NumPy so the reference costs no compilation.
+path of the SD layers: W = from_blocks(C ⊙ mask · B) (`sd_jax.nn.layers.rebuild_kernel`, here in
+NumPy), then x @ W or lax.conv_general_dilated(x, W) as nn.Dense and nn.Conv compute them.
 
 Tolerances. float32: the kernel sums the k products of a weight and the matmul in another order than
 XLA, so results agree to float32 rounding (relative 1e-5 of the largest output). bfloat16: both
@@ -8,7 +8,7 @@ sides round W to bfloat16 and accumulate in float32; the output is rounded to bf
 2^-8) and a W entry whose float32 sum differs in the last bit may round the other way, so 1e-2 of
 the largest output.
 
-Interpret mode costs about a second a call, so the fast set runs two calls; the slow set covers
+Interpret mode costs about a second a call, so the fast set runs three calls; the slow set covers
 every shape class and dtype.
 """
 import jax
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from sd_jax.core import blocking
-from sd_jax.kernels import PackedSD, pack, rebuild_matmul, sd_matmul
-from sd_jax.kernels.sd_matmul import _decode, _sd_matmul, default_col_tile, default_row_tile
+from sd_jax.kernels import PackedSD, pack, rebuild, sd_conv, sd_matmul
+from sd_jax.kernels.sd_matmul import _decode, _fused, default_col_tile, default_row_tile
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -34,20 +34,28 @@ def _layer(shape, seed=0, kind="dense", density=0.5, **blocking_options):
     return coeff.astype(np.float32), mask, basis.astype(np.float32), spec
 
 
-def _reference(x, coeff, mask, basis, spec):
-    """x @ from_blocks(C ⊙ mask · B) in NumPy float64, W first rounded to x's dtype as the layers do."""
+def _kernel(coeff, mask, basis, spec, dtype):
+    """from_blocks(C ⊙ mask · B) in NumPy, rounded to x's dtype as the layers round it, as float32."""
     kernel = blocking.from_blocks(np.einsum("nmk,nkj->nmj", np.where(mask, coeff, 0), basis), spec)
-    weight = np.asarray(jnp.asarray(kernel.reshape(-1, spec.num_outputs), jnp.float32).astype(x.dtype), np.float64)
-    return np.asarray(x, np.float64) @ weight
+    return jnp.asarray(kernel, jnp.float32).astype(dtype).astype(jnp.float32)
 
 
-def _check(shape, batch, dtype, seed=0, kind="dense", leading=(), tiles=None, **blocking_options):
+def _check(shape, batch, dtype, seed=0, kind="dense", image=None, conv=None, tiles=None, **blocking_options):
+    """The kernel against XLA for a dense layer, or with `image` (h, w) a convolution with `conv` options."""
     coeff, mask, basis, spec = _layer(shape, seed, kind, **blocking_options)
     packed = pack(coeff, basis, spec, mask, **(tiles or {}))
-    x = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(batch, *leading, shape[-2])), dtype)
-    y = sd_matmul(x, packed)
-    assert y.shape == (batch, *leading, spec.num_outputs) and y.dtype == x.dtype
-    expected = _reference(x, coeff, mask, basis, spec)
+    weight = _kernel(coeff, mask, basis, spec, dtype)
+    x = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(batch, *(image or ()), shape[-2])), dtype)
+    if image is None:
+        y = sd_matmul(x, packed)
+        expected = np.asarray(x, np.float64) @ np.asarray(weight, np.float64)
+    else:
+        conv = {"strides": 1, "padding": "SAME", **(conv or {})}
+        y = sd_conv(x, packed, **conv)
+        expected = np.asarray(jax.lax.conv_general_dilated(
+            x.astype(jnp.float32), weight, (conv["strides"],) * 2, conv["padding"],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"), np.float64)
+    assert y.shape == expected.shape and y.dtype == x.dtype
     scale = np.abs(expected).max()
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=0,
                                atol=TOLERANCE[jnp.dtype(dtype).name] * scale)
@@ -59,9 +67,15 @@ def test_matches_the_xla_path_for_an_odd_sized_dense_layer_at_batch_1():
     _check((50, 37), batch=1, dtype=jnp.float32, max_rows=7, tiles=dict(row_tile=8, col_tile=16))
 
 
-def test_runs_a_1x1_convolution_over_nhwc_positions_in_bfloat16():
-    _check((1, 1, 20, 24), batch=2, dtype=jnp.bfloat16, seed=5, kind="conv", leading=(3, 3), row_length=2,
+def test_runs_a_1x1_convolution_in_bfloat16():
+    _check((1, 1, 20, 24), batch=2, dtype=jnp.bfloat16, seed=5, kind="conv", image=(3, 3), row_length=2,
            max_rows=4, tiles=dict(row_tile=2, col_tile=8))
+
+
+def test_runs_a_strided_3x3_convolution_with_padded_channel_groups():
+    # cin 20 in groups of at most 8: 3 groups of 7 channels, one zero-padded; 21 rows of 3 per block.
+    _check((3, 3, 20, 12), batch=2, dtype=jnp.float32, seed=6, kind="conv", image=(5, 5), conv=dict(strides=2),
+           group_size=8, tiles=dict(row_tile=8, col_tile=8))
 
 
 @pytest.mark.slow
@@ -81,6 +95,18 @@ def test_matches_the_xla_path_for_every_shape_class(shape, options, batch, dtype
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape, image, conv, options", [
+    ((3, 3, 64, 32), (6, 6), {}, {}),  # a ResNet block's conv: one group of 64 channels, 192 rows of 3
+    ((3, 3, 96, 16), (7, 7), dict(strides=2, padding="VALID"), {}),  # 2 groups of 48
+    ((5, 3, 10, 8), (6, 5), dict(padding=((1, 2), (0, 1))), {}),  # kh != kw, explicit padding
+    ((1, 1, 40, 24), (4, 4), dict(strides=2), dict(max_rows=5)),
+])
+def test_matches_the_xla_convolution_for_every_conv_class(shape, image, conv, options, dtype):
+    _check(shape, 3, dtype, kind="conv", image=image, conv=conv, **options)
+
+
+@pytest.mark.slow
 def test_matches_the_xla_path_on_a_reference_sized_layer_with_default_tiles():
     _check((2048, 256), batch=4, dtype=jnp.float32, seed=7)  # the reference's 4 x 171 rows blocking
 
@@ -92,9 +118,9 @@ def test_lowers_to_a_triton_kernel_for_cuda_without_a_gpu(dtype):
     coeff, mask, basis, spec = _layer((50, 37), max_rows=7)
     triton = "__gpu$xla.gpu.triton"
     exported = jax.export.export(
-        jax.jit(lambda x, packed: _sd_matmul(x, packed, 16, "gpu")), platforms=["cuda"],
+        jax.jit(lambda x, packed: _fused(x, packed, 16, "gpu")), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)],
-    )(jax.ShapeDtypeStruct((1, 50), dtype), pack(coeff, basis, spec, mask))
+    )(jax.ShapeDtypeStruct((16, 50), dtype), pack(coeff, basis, spec, mask))
     assert triton in exported.mlir_module()
 
 
@@ -111,11 +137,12 @@ def test_codes_decode_to_c_exactly_with_the_mask_applied():
     assert packed.codes.dtype == jnp.int8 and packed.hbm_bytes == packed.codes.size + 4 * packed.basis.size
 
 
-def test_rebuild_matmul_is_the_xla_path_on_the_packed_inputs():
-    coeff, mask, basis, spec = _layer((33, 10), seed=4, max_rows=5)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 33)), jnp.float32)
-    np.testing.assert_allclose(jax.jit(rebuild_matmul)(x, pack(coeff, basis, spec, mask)),
-                               _reference(x, coeff, mask, basis, spec), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("shape, kind, options", [((33, 10), "dense", dict(max_rows=5)),
+                                                  ((3, 3, 20, 4), "conv", dict(group_size=8))])
+def test_rebuild_gives_the_kernel_back_from_the_packed_form(shape, kind, options):
+    coeff, mask, basis, spec = _layer(shape, seed=4, kind=kind, **options)
+    np.testing.assert_allclose(jax.jit(rebuild)(pack(coeff, basis, spec, mask)),
+                               _kernel(coeff, mask, basis, spec, jnp.float32), rtol=1e-6, atol=1e-6)
 
 
 def test_an_all_zero_c_gives_zeros():
@@ -124,13 +151,9 @@ def test_an_all_zero_c_gives_zeros():
     assert isinstance(packed, PackedSD) and not np.asarray(packed.codes).any()
 
 
-@pytest.mark.parametrize("shape, kind, message", [
-    ((3, 3, 8, 4), "conv", "implicit GEMM, which is not implemented"),
-    ((3, 3, 1, 4), "depthwise", "'depthwise' layout"),
-])
-def test_pack_refuses_layouts_it_does_not_support(shape, kind, message):
-    spec = blocking.block_spec(shape, kind)
-    with pytest.raises(ValueError, match=message):
+def test_pack_refuses_a_depthwise_kernel():
+    spec = blocking.block_spec((3, 3, 1, 4), "depthwise")
+    with pytest.raises(ValueError, match=r"a depthwise kernel \(3, 3, 1, 4\) .* has no GEMM form"):
         pack(np.zeros(spec.block_shape, np.float32), np.zeros((spec.num_blocks, spec.k, spec.k)), spec)
 
 
@@ -163,10 +186,23 @@ def test_sd_matmul_refuses_wrong_inputs():
     packed = pack(coeff, basis, spec)
     with pytest.raises(ValueError, match="last axis must be the kernel's 12 inputs"):
         sd_matmul(jnp.ones((2, 13)), packed)
-    with pytest.raises(ValueError, match="dtype int32; sd_matmul takes"):
+    with pytest.raises(ValueError, match="dtype int32; the kernel takes"):
         sd_matmul(jnp.ones((2, 12), jnp.int32), packed)
     with pytest.raises(ValueError, match="batch_tile=3 must be a positive power of two"):
         sd_matmul(jnp.ones((2, 12)), packed, batch_tile=3)
+    with pytest.raises(ValueError, match="run dense kernels through sd_matmul"):
+        sd_conv(jnp.ones((1, 2, 2, 12)), packed)
+
+
+def test_sd_conv_refuses_wrong_inputs():
+    coeff, _, basis, spec = _layer((3, 3, 4, 2), kind="conv")
+    packed = pack(coeff, basis, spec)
+    with pytest.raises(ValueError, match="run convolutions through sd_conv"):
+        sd_matmul(jnp.ones((2, 36)), packed)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 4\); sd_conv takes NHWC images"):
+        sd_conv(jnp.ones((2, 4)), packed)
+    with pytest.raises(ValueError, match="last axis must be the kernel's 4 inputs"):
+        sd_conv(jnp.ones((1, 5, 5, 3)), packed)
 
 
 def test_default_tiles_pad_least_and_keep_programs_many():
