@@ -7,8 +7,8 @@ One SD dense layer (din x dout, the reference blocking: rows of 3 inputs, blocks
 C seeded, half its entries zero, the rest ±2^e with e in -8..5; B normal) and, per input dtype and
 batch, three jitted ways to compute y = x @ W:
 - dense: XLA's matmul of the rebuilt W, stored in HBM in the input dtype (what a dense model reads);
-- rebuild_then_matmul: XLA decodes the int8 codes, rebuilds W = from_blocks(C @ B) in HBM, multiplies
-  (`sd_jax.kernels.rebuild_matmul`);
+- rebuild_then_matmul: XLA decodes the int8 codes, rebuilds W = from_blocks(C @ B) in HBM
+  (`sd_jax.kernels.rebuild`), then multiplies;
 - fused: the Pallas kernel, W rebuilt tile by tile on chip from the codes and B.
 Bytes read from HBM for the weight, from the formats: dense W (din * dout * itemsize); fused: int8
 codes (padding included) + B in float32; rebuild_then_matmul: the fused bytes + W written and read
@@ -37,7 +37,7 @@ from absl import app, flags
 from experiments.benchmarking import report
 from sd_jax.core import blocking
 from sd_jax.core.report import storage_bits
-from sd_jax.kernels import pack, rebuild_matmul, sd_matmul
+from sd_jax.kernels import pack, rebuild, sd_matmul
 
 _DIN = flags.DEFINE_integer("din", 4096, "Inputs of the dense layer.")
 _DOUT = flags.DEFINE_integer("dout", 4096, "Outputs of the dense layer.")
@@ -72,6 +72,12 @@ def weight_bytes(spec: blocking.BlockSpec, coeff: np.ndarray, basis: np.ndarray,
                 sdpack_bytes=-(-sdpack_bits // 8))
 
 
+def _matmul(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x @ W as XLA runs a dense layer: W in x's dtype, float32 accumulation."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(x, weight.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _seconds(fn: Callable, *args: Any) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -92,8 +98,8 @@ def bench(din: int, dout: int, batches: list[int], dtypes: list[str], repeats: i
     results: dict[str, Any] = {}
     for dtype in dtypes:
         weight = jnp.asarray(kernel, dtype)
-        dense = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-        functions = {"dense": (dense, weight), "rebuild_then_matmul": (jax.jit(rebuild_matmul), packed),
+        functions = {"dense": (jax.jit(_matmul), weight),
+                     "rebuild_then_matmul": (jax.jit(lambda x, p: _matmul(x, rebuild(p))), packed),
                      "fused": (jax.jit(sd_matmul), packed)}
         bytes_read = weight_bytes(spec, coeff, basis, packed.hbm_bytes, dtype)
         for batch in batches:
