@@ -198,6 +198,7 @@ def sd_conv(
     *,
     strides: int | tuple[int, int] = 1,
     padding: str | Sequence[tuple[int, int]] = "SAME",
+    kernel_dilation: int | tuple[int, int] = 1,
     batch_tile: int | None = None,
     interpret: bool | None = None,
 ) -> Array:
@@ -205,7 +206,7 @@ def sd_conv(
 
     Every output position is one row of a GEMM against W: its input patches are gathered by XLA
     (`lax.conv_general_dilated_patches`, in HBM: kh * kw times the input), W is rebuilt on chip.
-    Options and dtypes as `sd_matmul`; `strides` and `padding` as nn.Conv's.
+    Options and dtypes as `sd_matmul`; `strides`, `padding` and `kernel_dilation` as nn.Conv's.
     """
     spec = packed.spec
     if len(spec.shape) != 4:
@@ -215,10 +216,10 @@ def sd_conv(
         raise ValueError(f"x has shape {x.shape}; sd_conv takes NHWC images (batch, height, width, channels)")
     kh, kw, cin, cout = spec.shape
     _check_input(x, cin, spec)
-    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+    pair = lambda value: (value, value) if isinstance(value, int) else tuple(value)
     patches = jax.lax.conv_general_dilated_patches(  # (..., cin * kh * kw), channel-major
-        x, (kh, kw), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST)
+        x, (kh, kw), pair(strides), padding, rhs_dilation=pair(kernel_dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
     y = _fused(patches.reshape(-1, cin * kh * kw), packed, *_call_options(x, batch_tile, interpret))
     return y.reshape(*patches.shape[:-1], cout)
 

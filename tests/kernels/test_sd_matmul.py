@@ -19,6 +19,7 @@ import pytest
 from sd_jax.core import blocking
 from sd_jax.kernels import PackedSD, pack, rebuild, sd_conv, sd_matmul
 from sd_jax.kernels.sd_matmul import _decode, _fused, default_col_tile, default_row_tile
+from sd_jax.nn import SD_BASIS, SD_COEFF, SD_MASK, SDConv, SDDense
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -54,7 +55,8 @@ def _check(shape, batch, dtype, seed=0, kind="dense", image=None, conv=None, til
         y = sd_conv(x, packed, **conv)
         expected = np.asarray(jax.lax.conv_general_dilated(
             x.astype(jnp.float32), weight, (conv["strides"],) * 2, conv["padding"],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest"), np.float64)
+            rhs_dilation=(conv.get("kernel_dilation", 1),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest"), np.float64)
     assert y.shape == expected.shape and y.dtype == x.dtype
     scale = np.abs(expected).max()
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=0,
@@ -100,10 +102,24 @@ def test_matches_the_xla_path_for_every_shape_class(shape, options, batch, dtype
     ((3, 3, 64, 32), (6, 6), {}, {}),  # a ResNet block's conv: one group of 64 channels, 192 rows of 3
     ((3, 3, 96, 16), (7, 7), dict(strides=2, padding="VALID"), {}),  # 2 groups of 48
     ((5, 3, 10, 8), (6, 5), dict(padding=((1, 2), (0, 1))), {}),  # kh != kw, explicit padding
+    ((3, 3, 6, 8), (7, 7), dict(kernel_dilation=2), {}),
     ((1, 1, 40, 24), (4, 4), dict(strides=2), dict(max_rows=5)),
 ])
 def test_matches_the_xla_convolution_for_every_conv_class(shape, image, conv, options, dtype):
     _check(shape, 3, dtype, kind="conv", image=image, conv=conv, **options)
+
+
+@pytest.mark.slow
+def test_reproduces_the_sd_layers_of_sd_jax_nn_from_their_variables():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
+    conv = SDConv(features=8, kernel_size=(3, 3), strides=2, mode="pow2")
+    dense = SDDense(features=7, mode="pow2")
+    for layer, kernel_shape, kind, run in ((conv, (3, 3, 5, 8), "conv", sd_conv), (dense, (5, 7), "dense", sd_matmul)):
+        variables = layer.init(jax.random.key(1), x)
+        packed = pack(variables[SD_COEFF]["coeff"], variables[SD_BASIS]["basis"],
+                      blocking.block_spec(kernel_shape, kind), variables[SD_MASK]["mask"])
+        y = run(x, packed, strides=2) if kind == "conv" else run(x, packed)
+        np.testing.assert_allclose(y + variables["params"]["bias"], layer.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
