@@ -1,7 +1,7 @@
 """Benchmark: the fused rebuild-and-multiply kernel (`sd_jax.kernels.sd_matmul`) on a weight-bound layer.
 
     python -m experiments.bench_kernel [--din=4096] [--dout=4096] [--batches=1,8,64]
-        [--dtypes=float32,bfloat16] [--repeats=20] [--json]
+        [--dtypes=float32,bfloat16] [--repeats=20] [--row_tile=N] [--col_tile=N] [--json]
 
 One SD dense layer (din x dout, the reference blocking: rows of 3 inputs, blocks of at most 192 rows;
 C seeded, half its entries zero, the rest ±2^e with e in -8..5; B normal) and, per input dtype and
@@ -44,6 +44,8 @@ _DOUT = flags.DEFINE_integer("dout", 4096, "Outputs of the dense layer.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "64"], "Batch sizes (rows of x).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes of x (and of the dense W).")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per function after the compiling call.")
+_ROW_TILE = flags.DEFINE_integer("row_tile", None, "Block rows rebuilt per step (default: pack's choice).")
+_COL_TILE = flags.DEFINE_integer("col_tile", None, "Output units per program (default: pack's choice).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 DENSITY = 0.5
@@ -89,10 +91,11 @@ def _relative_error(y: jax.Array, reference: jax.Array) -> float:
     return float(np.abs(y - reference).max() / np.abs(reference).max())
 
 
-def bench(din: int, dout: int, batches: list[int], dtypes: list[str], repeats: int) -> dict[str, Any]:
+def bench(din: int, dout: int, batches: list[int], dtypes: list[str], repeats: int,
+          row_tile: int | None = None, col_tile: int | None = None) -> dict[str, Any]:
     """Correctness (always), bytes (always) and timings (on an accelerator) for every dtype and batch."""
     coeff, basis, spec = sd_layer(din, dout)
-    packed = pack(coeff, basis, spec)
+    packed = pack(coeff, basis, spec, row_tile=row_tile, col_tile=col_tile)
     kernel = blocking.from_blocks(np.einsum("nmk,nkj->nmj", coeff, basis), spec)
     timed = jax.default_backend() != "cpu"
     results: dict[str, Any] = {}
@@ -107,6 +110,7 @@ def bench(din: int, dout: int, batches: list[int], dtypes: list[str], repeats: i
             outputs = {name: fn(x, w) for name, (fn, w) in functions.items()}  # compiles each
             result: dict[str, Any] = dict(
                 din=din, dout=dout, batch=batch, dtype=dtype, density=DENSITY, bytes=bytes_read,
+                row_tile=packed.row_tile, col_tile=packed.col_tile,
                 dense_over_fused_bytes=bytes_read["dense"] / bytes_read["fused"],
                 fused_error=_relative_error(outputs["fused"], outputs["dense"]),
                 rebuild_then_matmul_error=_relative_error(outputs["rebuild_then_matmul"], outputs["dense"]),
@@ -131,7 +135,8 @@ def bench(din: int, dout: int, batches: list[int], dtypes: list[str], repeats: i
 
 def main(argv: list[str]) -> None:
     del argv
-    results = bench(_DIN.value, _DOUT.value, [int(b) for b in _BATCHES.value], _DTYPES.value, _REPEATS.value)
+    results = bench(_DIN.value, _DOUT.value, [int(b) for b in _BATCHES.value], _DTYPES.value, _REPEATS.value,
+                    _ROW_TILE.value, _COL_TILE.value)
     for name, r in results.items():
         b = r["bytes"]
         line = (f"{name}: weight bytes dense {b['dense']:,}, fused {b['fused']:,} ({r['dense_over_fused_bytes']:.2f}x "
