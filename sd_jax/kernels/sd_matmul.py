@@ -107,11 +107,13 @@ def pack(
     _check_tile("col_tile", col_tile)
     coeff = np.asarray(coeff, np.float32)
     basis = np.asarray(basis, np.float32)
-    for name, value, shape in (("C", coeff, spec.block_shape), ("B", basis, (spec.num_blocks, spec.k, spec.k))):
+    mask = np.ones(coeff.shape, bool) if mask is None else np.asarray(mask, bool)
+    expected = (("C", coeff, spec.block_shape), ("mask", mask, spec.block_shape),
+                ("B", basis, (spec.num_blocks, spec.k, spec.k)))
+    for name, value, shape in expected:
         if value.shape != shape:
             raise ValueError(f"{name} has shape {value.shape}, expected {shape} for the blocking of {spec.shape}")
-    if mask is not None:
-        coeff = np.where(np.asarray(mask, bool), coeff, np.float32(0))
+    coeff = np.where(mask, coeff, np.float32(0))
     if not np.isfinite(basis).all():
         raise ValueError("B holds NaN or inf; fix the weights before packing")
     codes, exponent_offset = _encode(coeff)

@@ -191,6 +191,8 @@ def test_pack_refuses_wrong_shapes_and_tiles():
     coeff, _, basis, spec = _layer((12, 4))
     with pytest.raises(ValueError, match=r"C has shape \(4, 3, 3\), expected"):
         pack(coeff[:, :3], basis, spec)
+    with pytest.raises(ValueError, match=r"mask has shape \(4, 4\), expected \(4, 4, 3\)"):
+        pack(coeff, basis, spec, np.ones((4, 4), bool))
     with pytest.raises(ValueError, match="row_tile=12 must be a positive power of two"):
         pack(coeff, basis, spec, row_tile=12)
     with pytest.raises(ValueError, match="B holds NaN"):
