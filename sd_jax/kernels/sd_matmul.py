@@ -76,9 +76,10 @@ def default_row_tile(rows: int) -> int:
     return min((16, 32, 64), key=lambda tile: (-(-rows // tile) * tile, -tile))
 
 
-def default_col_tile(dout: int) -> int:
-    """Output units per program: enough programs (about 128) to keep a GPU's memory system busy."""
-    return max(16, min(128, pl.next_power_of_2(max(1, dout // 128))))
+def default_col_tile(dout: int, splits: int) -> int:
+    """Output units per program: about 512 programs (output tiles x block splits), a few per GPU
+    multiprocessor so that enough loads are in flight, within 16..128."""
+    return max(16, min(128, pl.next_power_of_2(max(1, dout * splits // 512))))
 
 
 def pack(
@@ -103,7 +104,7 @@ def pack(
             "kh x kw block per channel, no compression) has no GEMM form: run it through sd_jax.nn's SDConv")
     row_tile = default_row_tile(spec.rows) if row_tile is None else row_tile
     _check_tile("row_tile", row_tile)
-    col_tile = default_col_tile(spec.num_outputs) if col_tile is None else col_tile
+    col_tile = default_col_tile(spec.num_outputs, spec.blocks_per_output) if col_tile is None else col_tile
     _check_tile("col_tile", col_tile)
     coeff = np.asarray(coeff, np.float32)
     basis = np.asarray(basis, np.float32)
@@ -158,23 +159,22 @@ def _decode(codes: Array, exponent_offset: int) -> Array:
     return jnp.where(codes == 0, 0.0, jnp.where(codes < 0, -magnitude, magnitude))
 
 
-def _kernel(x_ref, codes_ref, basis_ref, out_ref, *, k, row_tile, tiles_per_block, steps, exponent_offset):
-    # x_ref (k, batch_tile, splits * padded_rows); codes_ref (k, splits * padded_rows, col_tile);
-    # basis_ref (splits, k, k, col_tile); out_ref (batch_tile, col_tile).
+def _kernel(x_ref, codes_ref, basis_ref, out_ref, *, k, row_tile, steps, exponent_offset):
+    # One block split s of one (batch tile, output tile): x_ref (k, batch_tile, padded_rows);
+    # codes_ref (k, padded_rows, col_tile); basis_ref (k, k, col_tile); out_ref (batch_tile, col_tile).
     precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    basis = [[basis_ref[l, j, :][None, :] for j in range(k)] for l in range(k)]  # read once per program
 
     def step(i, acc):
         rows = pl.ds(pl.multiple_of(i * row_tile, row_tile), row_tile)
-        split = i // tiles_per_block
         coeff = [_decode(codes_ref[l, rows, :], exponent_offset) for l in range(k)]  # k x (row_tile, col_tile)
         for j in range(k):
-            weight = sum(coeff[l] * basis_ref[split, l, j, :][None, :] for l in range(k))
+            weight = sum(coeff[l] * basis[l][j] for l in range(k))  # W_j tile, on chip
             acc += jnp.dot(x_ref[j, :, rows], weight.astype(x_ref.dtype), precision=precision,
                            preferred_element_type=jnp.float32)
         return acc
 
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(out_ref.shape, jnp.float32))
-    out_ref[...] = acc.astype(out_ref.dtype)
+    out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(out_ref.shape, jnp.float32))
 
 
 def sd_matmul(x: Array, packed: PackedSD, *, batch_tile: int | None = None, interpret: bool | None = None) -> Array:
@@ -268,25 +268,25 @@ def _fused(x: Array, packed: PackedSD, batch_tile: int, target: str) -> Array:
     # -> x_j (k, batch, splits * padded_rows) in the codes' row order, zeros in all padding.
     x = jnp.pad(_blocked_inputs(x, spec), ((0, padded_batch - batch), (0, 0), (0, packed.padded_rows - rows), (0, 0)))
     x = x.transpose(3, 0, 1, 2).reshape(k, padded_batch, splits * packed.padded_rows)
-    total_rows, padded_dout = packed.codes.shape[1:]
-    kernel = functools.partial(
-        _kernel, k=k, row_tile=packed.row_tile, tiles_per_block=packed.padded_rows // packed.row_tile,
-        steps=total_rows // packed.row_tile, exponent_offset=packed.exponent_offset)
-    y = pl.pallas_call(
+    padded_dout = packed.codes.shape[2]
+    kernel = functools.partial(_kernel, k=k, row_tile=packed.row_tile, steps=packed.padded_rows // packed.row_tile,
+                               exponent_offset=packed.exponent_offset)
+    # The grid runs the block splits in parallel too (split-K): float32 partial sums, added by XLA.
+    partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((padded_batch, padded_dout), x.dtype),
-        grid=(padded_batch // batch_tile, padded_dout // packed.col_tile),
+        out_shape=jax.ShapeDtypeStruct((splits, padded_batch, padded_dout), jnp.float32),
+        grid=(padded_batch // batch_tile, padded_dout // packed.col_tile, splits),
         in_specs=[
-            pl.BlockSpec((k, batch_tile, total_rows), lambda b, o: (0, b, 0)),
-            pl.BlockSpec((k, total_rows, packed.col_tile), lambda b, o: (0, 0, o)),
-            pl.BlockSpec((splits, k, k, packed.col_tile), lambda b, o: (0, 0, 0, o)),
+            pl.BlockSpec((k, batch_tile, packed.padded_rows), lambda b, o, s: (0, b, s)),
+            pl.BlockSpec((k, packed.padded_rows, packed.col_tile), lambda b, o, s: (0, s, o)),
+            pl.BlockSpec((None, k, k, packed.col_tile), lambda b, o, s: (s, 0, 0, o)),
         ],
-        out_specs=pl.BlockSpec((batch_tile, packed.col_tile), lambda b, o: (b, o)),
+        out_specs=pl.BlockSpec((None, batch_tile, packed.col_tile), lambda b, o, s: (s, b, o)),
         interpret=target == "interpret",
         compiler_params=pltriton.CompilerParams() if target == "gpu" else None,
         name="sd_matmul",
     )(x, packed.codes, packed.basis)
-    return y[:batch, :spec.num_outputs]
+    return partial.sum(axis=0)[:batch, :spec.num_outputs].astype(x.dtype)
 
 
 def rebuild(packed: PackedSD) -> Array:

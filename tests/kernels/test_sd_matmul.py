@@ -225,4 +225,4 @@ def test_sd_conv_refuses_wrong_inputs():
 
 def test_default_tiles_pad_least_and_keep_programs_many():
     assert default_row_tile(171) == 16 and default_row_tile(192) == 64 and default_row_tile(6) == 16
-    assert default_col_tile(4096) == 32 and default_col_tile(10) == 16 and default_col_tile(10**5) == 128
+    assert default_col_tile(4096, 8) == 64 and default_col_tile(10, 1) == 16 and default_col_tile(10**5, 1) == 128
