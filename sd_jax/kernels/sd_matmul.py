@@ -19,7 +19,8 @@ needs one basis per output unit:
     codes  (k, splits * padded_rows, padded_dout) int8    codes[l, q, o] = code of C[o*splits+s, r, l]
     basis  (splits, k, k, padded_dout) float32           basis[s, l, j, o] = B[o*splits+s, l, j]
 W split by column j is W_j[q, o] = sum_l C_l[q, o] * basis[s, l, j, o], and y = sum_j x_j @ W_j with
-x_j[b, q] the input that meets column j of row q.
+x_j[b, q] the input that meets column j of row q. The grid is (batch tiles, output tiles, splits);
+each program sums its split into a float32 partial, and XLA adds the splits.
 """
 
 from __future__ import annotations
