@@ -1,21 +1,23 @@
 """Tests for sd_jax/serve/packed.py: train = serve, bit for bit, for zoo models and a user's own model, and
 packed files that are refused with a message naming what is wrong."""
 import dataclasses
-import json
 import struct
-import zlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from sd_jax import commands, models, serve
 from sd_jax import io as sd_io
+from sd_jax.commands import inputs
 from sd_jax.core import packing
 from sd_jax.models.synthetic import synthetic_variables
-from sd_jax.nn import SDRules, swap_layers
+from sd_jax.nn import SDRules, swap_layers, to_sd
+from sd_jax.train import trainer
+from tests.core.test_packing import version_1
 from tests.train.tiny_config import tiny_config
 
 MLP_INPUT = (1, 28, 28, 1)
@@ -138,20 +140,10 @@ def packed_mlp(tmp_path_factory):
         return path, stream.read()
 
 
-def _version_1(data: bytes) -> bytes:
-    """The same file as format version 1 wrote it: no metadata in the header."""
-    _, _, length = struct.unpack_from("<8sIQ", data)
-    header = json.loads(data[20:20 + length])
-    del header["metadata"]
-    encoded = json.dumps(header).encode()
-    body = struct.pack("<8sIQ", packing.MAGIC, 1, len(encoded)) + encoded + data[20 + length:-4]
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
 def test_a_version_1_file_is_served_with_its_model_or_refused_with_the_fix(packed_mlp, tmp_path):
     path, data = packed_mlp
     old = tmp_path / "old.sdpack"
-    old.write_bytes(_version_1(data))
+    old.write_bytes(version_1(data))
     with pytest.raises(packing.PackingError, match=r"old.sdpack: format version 1 without a model description; "
                                                    r"export it again with --mode=export"):
         serve.load(str(old))
@@ -200,3 +192,24 @@ def test_apply_int_runs_the_attached_integer_model(packed_mlp):
     recorder = _Recorder([])
     served = serve.load(packed_mlp[0]).with_integer_model(recorder)
     assert served.apply_int(jnp.zeros((3, 28, 28, 1))).shape == (3, 10) and recorder.seen == [(3, 28, 28, 1)]
+
+
+@pytest.mark.slow  # two tiny training runs and two decompositions of the MLP: about 60 s on 2 busy cores
+def test_training_checkpoints_exported_then_served_give_the_trained_logits(tmp_path):
+    """`--mode=export` of an SD training checkpoint, and of a dense one (decomposed by the export), then
+    `serve.load`: the logits of the SD model the checkpoint holds, or that `to_sd` makes of the dense one."""
+    images = jax.random.normal(jax.random.key(4), (4, *MLP_INPUT[1:]))
+    with tfds.testing.mock_data(num_examples=64):
+        for config in (tiny_config(model__sd=True, sd__threshold=4e-3), tiny_config()):
+            run = tmp_path / ("sd" if config.model.sd else "dense")
+            trainer.train_and_evaluate(config, str(run))
+            checkpoint, output = str(run / "checkpoints"), str(run / "model.sdpack")
+            commands.export(config, checkpoint, output)
+            target, rules = inputs.target_of(config), SDRules.from_config(config)
+            model = target.build(rules)
+            if config.model.sd:
+                variables = inputs.arranged(inputs.read_variables(checkpoint), model, target, checkpoint)
+            else:
+                variables, _ = to_sd({"params": inputs.dense_params(target, checkpoint)}, rules)
+            np.testing.assert_array_equal(np.asarray(serve.load(output).apply(images)),
+                                          _logits(model, variables, images, train=False))
