@@ -10,8 +10,9 @@ Any program with jax (and numpy) runs it: `jax.export.deserialize(bytearray(data
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,10 +27,12 @@ PATH_KINDS = ("float", "int")
 SIDECAR_SUFFIX = ".json"
 
 
-def _serialize(exported: jax.export.Exported) -> bytearray:
+@contextlib.contextmanager
+def _serialization() -> Iterator[None]:
+    """Name the fix when jax's serialization lacks its optional flatbuffers package."""
     try:
-        return exported.serialize()
-    except ImportError as error:  # jax serializes through the optional flatbuffers package
+        yield
+    except ImportError as error:
         raise ImportError(f"{error}; install it with pip install -r requirements.txt") from None
 
 
@@ -47,7 +50,8 @@ def export_function(fn: Callable[[jax.Array], jax.Array], path: str, *, input_sh
     batch = jax.export.symbolic_shape("batch") if batch_size is None else (batch_size,)
     images = jax.ShapeDtypeStruct((*batch, *input_shape), jnp.dtype(input_dtype))
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(images)
-    data = _serialize(exported)
+    with _serialization():
+        data = exported.serialize()
     sidecar = dict(info or {}, format=ARTIFACT_FORMAT, version=ARTIFACT_VERSION,
                    input_shape=[batch_size, *input_shape], input_dtype=str(jnp.dtype(input_dtype)),
                    platforms=list(exported.platforms))
@@ -84,9 +88,11 @@ def load_artifact(path: str) -> tuple[jax.export.Exported, dict[str, Any]]:
     if sidecar["version"] > ARTIFACT_VERSION:
         raise ValueError(f"{path}: artifact version {sidecar['version']} is newer than this reader's "
                          f"{ARTIFACT_VERSION}; update sd_jax")
-    try:
-        return jax.export.deserialize(bytearray(data)), sidecar
-    except ImportError as error:
-        raise ImportError(f"{error}; install it with pip install -r requirements.txt") from None
-    except Exception as error:  # flatbuffers raises various errors on damaged bytes
-        raise ValueError(f"{path}: the serialized function is damaged ({type(error).__name__}); export it again") from None
+    with _serialization():
+        try:
+            return jax.export.deserialize(bytearray(data)), sidecar
+        except ImportError:
+            raise
+        except Exception as error:  # flatbuffers raises errors of many kinds on damaged bytes
+            raise ValueError(f"{path}: the serialized function is damaged ({type(error).__name__}: {error}); "
+                             "export it again") from None

@@ -78,11 +78,16 @@ def test_a_fixed_batch_size_and_the_integer_path_export_the_same_way(served, tmp
     np.testing.assert_array_equal(serve.load_artifact(path)[0].call(images), np.full((2, 1), 784, np.int32))
 
 
-def test_a_newer_or_missing_sidecar_is_refused(served, tmp_path):
+def test_a_missing_sidecar_a_damaged_artifact_and_a_newer_version_are_refused(served, tmp_path):
     path = str(tmp_path / "mlp.jaxexport")
     with pytest.raises(ValueError, match="cannot read the artifact"):
         serve.load_artifact(path)
     serve.export_artifact(served, path, batch_size=1)
+    data = open(path, "rb").read()
+    with open(path, "wb") as stream:
+        stream.write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="mlp.jaxexport: the serialized function is damaged"):
+        serve.load_artifact(path)
     sidecar = json.loads(open(path + ".json").read())
     with open(path + ".json", "w") as stream:
         json.dump(dict(sidecar, version=2), stream)

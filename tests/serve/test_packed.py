@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments.configs import default
 from sd_jax import commands, models, serve
 from sd_jax import io as sd_io
 from sd_jax.commands import inputs
@@ -46,30 +47,34 @@ def _logits(model, variables, images, **kwargs):
     return np.asarray(jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, images))
 
 
-def _zoo_round_trip(name, shape, tmp_path, rules=None):
-    rules = rules or SDRules(threshold=4e-3)
-    model = models.get(name, num_classes=10, sd=rules)
-    variables = _trained_like(model, shape)
-    description = serve.ModelDescription(name, 10, shape, rules.as_section())
-    path = str(tmp_path / f"{name}.sdpack")
-    serve.save(path, model, variables, description)
-    images = jax.random.normal(jax.random.key(1), (3, *shape[1:]))
+def test_served_mlp_gives_the_trained_logits_bit_for_bit(tmp_path):
+    rules = SDRules(threshold=4e-3)
+    model = models.get("mlp", num_classes=10, sd=rules)
+    variables = _trained_like(model, MLP_INPUT)
+    path = str(tmp_path / "mlp.sdpack")
+    serve.save(path, model, variables, serve.ModelDescription("mlp", 10, MLP_INPUT, rules.as_section()))
+    images = jax.random.normal(jax.random.key(1), (3, *MLP_INPUT[1:]))
     served = serve.load(path)
     np.testing.assert_array_equal(np.asarray(served.apply(images)), _logits(model, variables, images, train=False))
-    return served
-
-
-def test_served_mlp_gives_the_trained_logits_bit_for_bit(tmp_path):
-    served = _zoo_round_trip("mlp", MLP_INPUT, tmp_path)
     assert served.description.name == "mlp" and served.integer_model is None
 
 
-@pytest.mark.slow  # about 20 s on 2 busy cores: two compilations of ResNet-20
-def test_served_resnet20_gives_the_trained_logits_bit_for_bit(tmp_path):
-    """Batch norm and SD convolutions (3x3 and 1x1 shortcuts), with the classifier kept dense."""
-    rules = SDRules([("^head/dense$", {"skip": True})], threshold=4e-3)
-    served = _zoo_round_trip("resnet20", (1, 8, 8, 3), tmp_path, rules)
+@pytest.mark.slow  # about 25 s on 2 busy cores: two compilations of ResNet-20
+def test_exported_resnet20_gives_the_trained_logits_bit_for_bit(tmp_path):
+    """`--mode=export` with a config's own rules ('latent' layers, the classifier kept dense): batch norm and
+    3x3 and 1x1 SD convolutions."""
+    config = default.get_config()
+    config.model.name = "resnet20"
+    config.sd.mode, config.sd.threshold, config.sd.rules = "latent", 4e-3, [("^head/dense$", {"skip": True})]
+    model = models.get("resnet20", num_classes=10, sd=SDRules.from_config(config))
+    variables = _trained_like(model, (1, 32, 32, 3))
+    params, output = str(tmp_path / "sd.npz"), str(tmp_path / "resnet20.sdpack")
+    np.savez(params, **sd_io.flatten(variables))
+    commands.export(config, params, output)
+    served = serve.load(output)
     assert "kernel" in served.variables["params"]["head"]["dense"]
+    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    np.testing.assert_array_equal(np.asarray(served.apply(images)), _logits(model, variables, images, train=False))
 
 
 class UserNet(nn.Module):
