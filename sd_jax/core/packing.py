@@ -5,8 +5,8 @@ File layout (little-endian):
     | payload | CRC-32 of everything before it (uint32)
 The header lists the tensors in payload order with their byte offsets and, from version 2, a
 `metadata` object the writer chose (`sd_jax.serve` keeps there what rebuilds the model). Version 1
-files (no metadata) are still read, with empty metadata; newer versions are refused. An SD tensor's payload is a
-bit stream, then B, then the optional row scale:
+files (no metadata) are still read, with empty metadata; newer versions are refused. An SD tensor's
+payload is a bit stream, then B, then the optional row scale:
     occupancy bitmap, one bit per entry of C (n, m, k) in C order, 1 = non-zero
     one code per non-zero, in bitmap order: a sign bit (1 = negative), then the index of its exponent
         in the tensor's sorted exponent list (ceil(log2(distinct exponents)) bits, MSB first)

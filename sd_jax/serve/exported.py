@@ -84,7 +84,8 @@ def load_artifact(path: str) -> tuple[jax.export.Exported, dict[str, Any]]:
         raise ValueError(f"{path}: cannot read the artifact and its {SIDECAR_SUFFIX} sidecar ({error}); pass the "
                          "path export_artifact wrote") from None
     if sidecar.get("format") != ARTIFACT_FORMAT or not isinstance(sidecar.get("version"), int):
-        raise ValueError(f"{path}{SIDECAR_SUFFIX}: not an {ARTIFACT_FORMAT} sidecar; pass the path export_artifact wrote")
+        raise ValueError(f"{path}{SIDECAR_SUFFIX}: not an {ARTIFACT_FORMAT} sidecar; pass the path "
+                         "export_artifact wrote")
     if sidecar["version"] > ARTIFACT_VERSION:
         raise ValueError(f"{path}: artifact version {sidecar['version']} is newer than this reader's "
                          f"{ARTIFACT_VERSION}; update sd_jax")

@@ -162,7 +162,8 @@ def test_a_version_1_file_is_served_with_its_model_or_refused_with_the_fix(packe
     (lambda data: data[:-100], "bytes, but the header describes"),
     (lambda data: data[:-50] + bytes([data[-50] ^ 0x10]) + data[-49:], "checksum mismatch"),
     (lambda data: b"PK\3\4" + data[4:], "not an SD packed file"),
-    (lambda data: data[:8] + struct.pack("<I", 3) + data[12:], "format version 3 is newer than this reader's version 2"),
+    (lambda data: data[:8] + struct.pack("<I", 3) + data[12:],
+     "format version 3 is newer than this reader's version 2"),
 ])
 def test_damaged_or_newer_files_are_refused_naming_the_file(packed_mlp, tmp_path, damage, message):
     _, data = packed_mlp
