@@ -3,7 +3,8 @@ the analyzer's storage count.
 
 SD variables (a trained SD run, `--mode=decompose --output`) are packed as the SD model the config
 describes uses them (q(C) ⊙ mask and B, `sd_jax.nn.convert.sd_tree`); dense parameters are decomposed
-first with the config's `sd` rules. Batch-norm statistics travel along, so the file serves alone.
+first with the config's `sd` rules. Batch-norm statistics and the model's description (zoo name and
+options, SD rules, input shape) travel along, so the file serves alone (`sd_jax.serve.load`).
 """
 
 from __future__ import annotations
@@ -11,27 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from sd_jax import io as sd_io
+from sd_jax import serve
 from sd_jax.commands import inputs
 from sd_jax.commands.analyze import decomposed
 from sd_jax.core import packing
-from sd_jax.core.decompose import Decomposition
-from sd_jax.core.network import path_name
 from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import layers
 from sd_jax.nn import convert
 from sd_jax.nn.rules import SDRules
-
-
-def packable(tree: Any) -> dict[str, packing.SDTensor | np.ndarray]:
-    """Tensors to pack from a parameter tree with `Decomposition` kernels: 'params/<path>' for every leaf,
-    SD kernels bit-packed."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda leaf: isinstance(leaf, Decomposition))[0]
-    return {f"params/{path_name(path)}": packing.SDTensor.from_decomposition(leaf)
-            if isinstance(leaf, Decomposition) else np.asarray(leaf) for path, leaf in leaves}
 
 
 def storage_count_bits(tensors: Mapping[str, packing.SDTensor | np.ndarray]) -> int:
@@ -47,14 +38,15 @@ def storage_count_bits(tensors: Mapping[str, packing.SDTensor | np.ndarray]) -> 
 
 
 def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """(the parameter tree with SD kernels as `Decomposition`s, the variables read) for `params_path`."""
+    """(the parameter tree with SD kernels as `Decomposition`s, the variables read, in the SD model's nesting
+    when they are SD) for `params_path`."""
     target = inputs.target_of(config, model_name)
     rules = SDRules.from_config(config)
     variables = inputs.read_variables(params_path)
     if inputs.is_sd(variables):
         model = target.build(rules)
         placed = inputs.arranged(variables, model, target, params_path)
-        return convert.sd_tree(model, placed, target.sample(), train=False), variables
+        return convert.sd_tree(model, placed, target.sample(), train=False), placed
     return decomposed(inputs.dense_params(target, params_path), rules).tree, variables
 
 
@@ -62,9 +54,11 @@ def export(config: Any, params_path: str, output: str, *, model_name: str | None
            basis_dtype: str = "float32") -> str:
     """Pack the checkpoint at `params_path` into `output`; returns measured bytes beside the storage count."""
     tree, variables = sd_parameter_tree(config, params_path, model_name)
-    tensors = packable(tree)
-    tensors.update({f"batch_stats/{key}": value for key, value in sd_io.flatten(variables.get("batch_stats", {})).items()})
-    data = packing.pack(tensors, basis_dtype=basis_dtype)
+    tensors = serve.model_tensors(tree, variables)
+    target = inputs.target_of(config, model_name)
+    description = serve.ModelDescription(target.name, target.num_classes, target.input_shape,
+                                         SDRules.from_config(config).as_section(), dict(target.options))
+    data = serve.pack_model(tensors, description, basis_dtype=basis_dtype)
     sd_io.atomic_write(output, lambda stream: stream.write(data))
     size, header = len(data), packing.header_bytes(data)
     count = storage_count_bits(tensors)

@@ -3,8 +3,10 @@
 File layout (little-endian):
     magic b"SDPACK\\0\\0" | format version (uint32) | header length (uint64) | header (UTF-8 JSON)
     | payload | CRC-32 of everything before it (uint32)
-The header lists the tensors in payload order with their byte offsets. An SD tensor's payload is a
-bit stream, then B, then the optional row scale:
+The header lists the tensors in payload order with their byte offsets and, from version 2, a
+`metadata` object the writer chose (`sd_jax.serve` keeps there what rebuilds the model). Version 1
+files (no metadata) are still read, with empty metadata; newer versions are refused. An SD tensor's
+payload is a bit stream, then B, then the optional row scale:
     occupancy bitmap, one bit per entry of C (n, m, k) in C order, 1 = non-zero
     one code per non-zero, in bitmap order: a sign bit (1 = negative), then the index of its exponent
         in the tensor's sorted exponent list (ceil(log2(distinct exponents)) bits, MSB first)
@@ -23,7 +25,7 @@ import math
 import struct
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,8 @@ from sd_jax.core.decompose import Decomposition
 from sd_jax.core.report import coefficient_bits
 
 MAGIC = b"SDPACK\0\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: the same layout without metadata
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
 _CHECKSUM = struct.Struct("<I")
 BASIS_DTYPES = ("float32", "float16")
@@ -41,6 +44,14 @@ BASIS_DTYPES = ("float32", "float16")
 
 class PackingError(ValueError):
     """A packed file is corrupt, truncated, of another format version, or the input cannot be packed."""
+
+
+class Packed(NamedTuple):
+    """A packed file's contents: its named tensors, the writer's metadata ({} in version 1) and version."""
+
+    tensors: dict[str, "SDTensor | np.ndarray"]
+    metadata: dict[str, Any]
+    version: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +143,10 @@ def _unpack_sd(name: str, entry: Mapping[str, Any], data: memoryview, basis_dtyp
     return SDTensor(coeff.reshape(spec.block_shape), basis, spec, scale)
 
 
-def pack(tensors: Mapping[str, SDTensor | Any], *, basis_dtype: str = "float32") -> bytes:
-    """The packed file's bytes for named tensors: `SDTensor`s bit-packed, anything else raw."""
+def pack(tensors: Mapping[str, SDTensor | Any], *, basis_dtype: str = "float32",
+         metadata: Mapping[str, Any] | None = None) -> bytes:
+    """The packed file's bytes for named tensors (`SDTensor`s bit-packed, anything else raw) and a
+    JSON-serialisable `metadata` mapping kept in the header."""
     if basis_dtype not in BASIS_DTYPES:
         raise PackingError(f"basis_dtype {basis_dtype!r} is not one of {BASIS_DTYPES}")
     entries, payload, offset = [], [], 0
@@ -150,7 +163,11 @@ def pack(tensors: Mapping[str, SDTensor | Any], *, basis_dtype: str = "float32")
         entries.append(dict(entry, name=name, offset=offset, length=len(data)))
         payload.append(data)
         offset += len(data)
-    header = json.dumps(dict(basis_dtype=basis_dtype, tensors=entries)).encode()
+    try:
+        header = json.dumps(dict(basis_dtype=basis_dtype, tensors=entries, metadata=dict(metadata or {}))).encode()
+    except TypeError as error:
+        raise PackingError(f"metadata cannot be written as JSON ({error}); pass strings, numbers, lists and "
+                           "dicts") from None
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)) + header + b"".join(payload)
     return body + _CHECKSUM.pack(zlib.crc32(body))
 
@@ -160,14 +177,18 @@ def header_bytes(data: bytes) -> int:
     return _PREFIX.size + _PREFIX.unpack_from(data)[2] + _CHECKSUM.size
 
 
-def unpack(data: bytes, source: str = "packed data") -> dict[str, SDTensor | np.ndarray]:
-    """The named tensors of a packed file; raises PackingError on any damage or another version."""
+def decode(data: bytes, source: str = "packed data") -> Packed:
+    """Tensors, metadata and version of a packed file; raises PackingError naming `source` on any damage,
+    on a newer format version, or on a version this reader does not know."""
     if len(data) < _PREFIX.size + _CHECKSUM.size or data[:8] != MAGIC:
         raise PackingError(f"{source}: not an SD packed file (no {MAGIC!r} magic); pass a file written by pack/save")
     _, version, header_length = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
-        raise PackingError(f"{source}: format version {version}, but this reader reads version {FORMAT_VERSION}; "
-                           "re-export the model with this version of sd_jax")
+    if version > FORMAT_VERSION:
+        raise PackingError(f"{source}: format version {version} is newer than this reader's version "
+                           f"{FORMAT_VERSION}; update sd_jax to read it")
+    if version not in READABLE_VERSIONS:
+        raise PackingError(f"{source}: format version {version} is not one this reader reads {READABLE_VERSIONS}; "
+                           "the file is corrupt or not from sd_jax: export the model again")
     try:
         header = json.loads(bytes(data[_PREFIX.size:_PREFIX.size + header_length]))
         payload_length = sum(entry["length"] for entry in header["tensors"])
@@ -189,22 +210,33 @@ def unpack(data: bytes, source: str = "packed data") -> dict[str, SDTensor | np.
         else:
             dtype = np.dtype(entry["dtype"]).newbyteorder("<")
             tensors[entry["name"]] = np.frombuffer(chunk, dtype).reshape(entry["shape"]).astype(dtype.newbyteorder("="))
-    return tensors
+    return Packed(tensors, dict(header.get("metadata", {})), version)
 
 
-def save(path: str, tensors: Mapping[str, SDTensor | Any], *, basis_dtype: str = "float32") -> int:
-    """Write `pack(tensors)` to `path`; returns the file size in bytes."""
-    data = pack(tensors, basis_dtype=basis_dtype)
+def unpack(data: bytes, source: str = "packed data") -> dict[str, SDTensor | np.ndarray]:
+    """The named tensors of a packed file (`decode` without the metadata)."""
+    return decode(data, source).tensors
+
+
+def save(path: str, tensors: Mapping[str, SDTensor | Any], *, basis_dtype: str = "float32",
+         metadata: Mapping[str, Any] | None = None) -> int:
+    """Write `pack(tensors, ...)` to `path`; returns the file size in bytes."""
+    data = pack(tensors, basis_dtype=basis_dtype, metadata=metadata)
     with open(path, "wb") as stream:
         stream.write(data)
     return len(data)
 
 
-def load(path: str) -> dict[str, SDTensor | np.ndarray]:
-    """Read a packed file written by `save`."""
+def read(path: str) -> Packed:
+    """Tensors, metadata and version of the packed file at `path` (`decode` of its bytes)."""
     try:
         with open(path, "rb") as stream:
             data = stream.read()
     except OSError as error:
         raise PackingError(f"{path}: cannot read ({error}); pass the path of a packed SD file") from None
-    return unpack(data, source=path)
+    return decode(data, source=path)
+
+
+def load(path: str) -> dict[str, SDTensor | np.ndarray]:
+    """The named tensors of a packed file written by `save`."""
+    return read(path).tensors

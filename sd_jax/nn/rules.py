@@ -115,6 +115,12 @@ class SDRules:
         rules = [tuple(rule) for rule in options.pop("rules", ())]
         return cls(rules, max_kernel_size=options.pop("max_kernel_size", MAX_KERNEL_SIZE), **options)
 
+    def as_section(self) -> dict[str, Any]:
+        """The `sd` section that `from_config({"sd": section})` reads back as these rules (plain lists
+        and dicts, so it can be written as JSON)."""
+        return dict(self.defaults, rules=[[pattern, dict(options)] for pattern, options in self.rules],
+                    max_kernel_size=self.max_kernel_size)
+
     @staticmethod
     def option_defaults() -> dict[str, Any]:
         """Every option of an `sd` section and its default, read from `SDOptions` and `DecomposeOptions`,

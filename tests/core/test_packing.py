@@ -1,6 +1,9 @@
 """Tests for sd_jax/core/packing.py: the packed SD format."""
 import functools
+import json
 import math
+import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -148,8 +151,30 @@ def test_truncated_file_raises(packed):
 def test_wrong_version_raises(packed):
     damaged = bytearray(packed)
     damaged[8] = 99
-    with pytest.raises(packing.PackingError, match="version 99"):
+    with pytest.raises(packing.PackingError, match="format version 99 is newer than this reader's version 2"):
         packing.unpack(bytes(damaged))
+    damaged[8] = 0
+    with pytest.raises(packing.PackingError, match=r"format version 0 is not one this reader reads \(1, 2\)"):
+        packing.unpack(bytes(damaged))
+
+
+def version_1(data: bytes) -> bytes:
+    """A packed file as format version 1 wrote it: the same layout without metadata in the header."""
+    _, _, length = struct.unpack_from("<8sIQ", data)
+    header = json.loads(data[20:20 + length])
+    del header["metadata"]
+    encoded = json.dumps(header).encode()
+    body = struct.pack("<8sIQ", packing.MAGIC, 1, len(encoded)) + encoded + data[20 + length:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_metadata_travels_in_the_header_and_version_1_files_are_read(packed):
+    data = packing.pack({"b": np.arange(4, dtype=np.float32)}, metadata={"model": {"name": "mlp", "shape": [1, 2]}})
+    assert packing.decode(data) == ({"b": pytest.approx(np.arange(4))}, {"model": {"name": "mlp", "shape": [1, 2]}}, 2)
+    old = packing.decode(version_1(packed))
+    assert old.version == 1 and old.metadata == {} and old.tensors.keys() == {"w", "b"}
+    with pytest.raises(packing.PackingError, match="metadata cannot be written as JSON"):
+        packing.pack({}, metadata={"dtype": np.float32})
 
 
 def test_not_a_packed_file_raises(tmp_path):

@@ -81,6 +81,16 @@ def test_from_config_reads_the_sd_section_and_defaults_live_in_the_dataclasses()
         SDRules.from_config(config)
 
 
+def test_as_section_is_read_back_by_from_config_and_survives_json():
+    import json
+
+    rules = SDRules([("^head/", {"skip": True}), ("conv1", {"mode": "pow2", "threshold": 1e-2})], max_kernel_size=5,
+                    threshold=4e-3, activation_bits=8)
+    back = SDRules.from_config({"sd": json.loads(json.dumps(rules.as_section()))})
+    assert repr(back) == repr(rules)
+    assert back.select("stage1/conv1", (3, 3)) == rules.select("stage1/conv1", (3, 3))
+
+
 def test_factories_build_sd_or_dense_layers_by_name():
     rules = SDRules([("^head/dense$", {"skip": True})], mode="pow2")
     conv = rules.conv_factory()(features=4, kernel_size=(3, 3), name="block/conv")

@@ -1,0 +1,95 @@
+"""Tests for sd_jax/serve/exported.py: a jax.export artifact of a served model runs in a process that has
+only jax and numpy, and gives the served logits."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sd_jax import models, serve
+from tests.serve.test_packed import MLP_INPUT, _trained_like
+
+# Runs the artifact with jax and numpy alone: importing sd_jax would raise ImportError.
+RUNNER = """
+import json, sys
+sys.modules["sd_jax"] = None
+import jax, numpy as np
+path, images, output = sys.argv[1:]
+sidecar = json.load(open(path + ".json"))
+exported = jax.export.deserialize(bytearray(open(path, "rb").read()))
+np.save(output, np.asarray(exported.call(np.load(images).astype(sidecar["input_dtype"]))))
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = models.get("mlp", num_classes=10, sd=True)
+    path = str(tmp_path_factory.mktemp("served") / "mlp.sdpack")
+    serve.save(path, model, _trained_like(model, MLP_INPUT, latent=False), serve.ModelDescription("mlp", 10, MLP_INPUT))
+    return serve.load(path)
+
+
+def _run_alone(path, images, tmp_path):
+    np.save(tmp_path / "images.npy", images)
+    done = subprocess.run([sys.executable, "-c", RUNNER, path, str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return np.load(tmp_path / "out.npy")
+
+
+def test_an_exported_model_reloads_with_a_symbolic_batch(served, tmp_path):
+    """Not bit for bit: the reloaded program is compiled anew, with the variables as constants."""
+    path = str(tmp_path / "mlp.jaxexport")
+    exported = serve.export_artifact(served, path)
+    sidecar = json.loads(open(path + ".json").read())
+    assert sidecar["input_shape"] == [None, 28, 28, 1] and sidecar["path_kind"] == "float"
+    assert sidecar["model"]["name"] == "mlp" and sidecar["format"] == "sd_jax.exported"
+    reloaded, _ = serve.load_artifact(path)
+    assert str(reloaded.in_avals) == str(exported.in_avals) == "(ShapedArray(float32[batch,28,28,1]),)"
+    images = np.asarray(jax.random.normal(jax.random.key(3), (3, *MLP_INPUT[1:])))
+    np.testing.assert_allclose(reloaded.call(images), served.apply(images), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # a second Python process that imports jax: about 8 s on 2 busy cores
+def test_an_exported_model_runs_in_a_process_without_sd_jax(served, tmp_path):
+    path = str(tmp_path / "mlp.jaxexport")
+    serve.export_artifact(served, path)
+    images = np.asarray(jax.random.normal(jax.random.key(3), (5, *MLP_INPUT[1:])))
+    np.testing.assert_allclose(_run_alone(path, images, tmp_path), np.asarray(served.apply(images)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_fixed_batch_size_and_the_integer_path_export_the_same_way(served, tmp_path):
+    """`path_kind='int'` exports what `apply_int` runs: here a stand-in integer model (the sum of each image)."""
+
+    class Sums:
+        def apply(self, images):
+            return jnp.round(jnp.sum(images, axis=(1, 2))).astype(jnp.int32)
+
+    path = str(tmp_path / "int.jaxexport")
+    with pytest.raises(ValueError, match="needs an integer model"):
+        serve.export_artifact(served, path, path_kind="int")
+    exported = serve.export_artifact(served.with_integer_model(Sums()), path, batch_size=2, path_kind="int")
+    assert exported.in_avals[0].shape == (2, 28, 28, 1)
+    images = np.ones((2, *MLP_INPUT[1:]), np.float32)
+    np.testing.assert_array_equal(serve.load_artifact(path)[0].call(images), np.full((2, 1), 784, np.int32))
+
+
+def test_a_missing_sidecar_a_damaged_artifact_and_a_newer_version_are_refused(served, tmp_path):
+    path = str(tmp_path / "mlp.jaxexport")
+    with pytest.raises(ValueError, match="cannot read the artifact"):
+        serve.load_artifact(path)
+    serve.export_artifact(served, path, batch_size=1)
+    data = open(path, "rb").read()
+    with open(path, "wb") as stream:
+        stream.write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="mlp.jaxexport: the serialized function is damaged"):
+        serve.load_artifact(path)
+    sidecar = json.loads(open(path + ".json").read())
+    with open(path + ".json", "w") as stream:
+        json.dump(dict(sidecar, version=2), stream)
+    with pytest.raises(ValueError, match="artifact version 2 is newer than this reader's 1"):
+        serve.load_artifact(path)
