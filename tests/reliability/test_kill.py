@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,7 +71,8 @@ def _saves_in_flight(workdir: Path) -> set[str]:
         return set()
 
 
-def _read(stream, lines: list[str], progress_lines: list[str]) -> None:
+def _read(stream: Iterable[str], lines: list[str], progress_lines: list[str]) -> None:
+    """Collect a start's stderr lines, and its progress lines apart."""
     for line in stream:
         lines.append(line)
         if PROGRESS_LINE.match(line):
