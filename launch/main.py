@@ -11,7 +11,9 @@
 One config format serves every mode (default: experiments/configs/default.py): its `model` and `input`
 sections name the model and its input, its `sd` section the SD layers and options. `--params` takes a
 dense or SD `.npz`, an Orbax checkpoint (a training run's `checkpoints` directory) or the output of
-`--mode=decompose`; `--model` analyzes or exports another zoo model than the config's.
+`--mode=decompose`; `--model` analyzes or exports another zoo model than the config's. Missing folders
+of `--output`, `--plots` and `--workdir` are created; a filesystem failure (disk full, read-only,
+permission denied) ends the run with one line naming the path and the fix.
 
 Modes: train / finetune (`sd_jax.train.trainer`); evaluate (the latest checkpoint of --workdir, or
 --params); decompose (every kernel the `sd` rules select -> SD variables and a per-layer report);
@@ -23,6 +25,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -127,11 +131,22 @@ def _run_command(mode: str, config) -> None:
     print(text)
 
 
+def _without_closed_loop_noise(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`hook` for unraisable exceptions, less TensorStore's "Event loop is closed" ones: when a checkpoint
+    write fails (a full disk), Orbax closes its event loop while other writes are still finishing, and
+    their callbacks raise this once each; the failure itself ends the run as one line."""
+    def unraisable(info: Any) -> None:
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"):
+            hook(info)
+    return unraisable
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax and TFDS log every save at INFO
         logging.set_verbosity(logging.WARNING)
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     mode = _MODE.value
     if mode in TRAINING_MODES or (mode == "evaluate" and not _PARAMS.value):
         _run_training(mode, _CONFIG.value, _WORKDIR.value)

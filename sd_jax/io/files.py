@@ -23,7 +23,11 @@ def as_path(path: PathLike) -> epath.Path:
 
 
 def atomic_write(path: PathLike, write: Callable[[IO[Any]], Any], *, mode: str = "wb") -> None:
-    """Call `write(stream)` on a temporary sibling of `path` (opened with `mode`), then rename it over `path`."""
+    """Call `write(stream)` on a temporary sibling of `path` (opened with `mode`), then rename it over `path`.
+
+    Missing parent folders are created; the file gets the permissions the umask leaves (0666 & ~umask),
+    as any file the process opens. An OSError names `path`, not the temporary (or no file, as a failed write).
+    """
     target = as_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -31,9 +35,11 @@ def atomic_write(path: PathLike, write: Callable[[IO[Any]], Any], *, mode: str =
         with temporary.open(mode) as stream:
             write(stream)
         temporary.replace(target)
-    except BaseException:
+    except BaseException as error:
         if temporary.exists():
             temporary.unlink()
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, str(temporary)):
+            raise OSError(error.errno, error.strerror, str(target)) from None  # the file meant, not its stand-in
         raise
 
 

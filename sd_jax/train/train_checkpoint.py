@@ -8,12 +8,22 @@ with it, so the best checkpoint is still known, and kept, after a restart. Saves
 background; `wait` (or `close`) before the process exits. The directory is any path `etils.epath`
 reaches (a local folder, gs://...); every process of a multi-process run calls `save` and `restore`
 alike, and Orbax has the primary process write what is written once.
+
+A save that fails in the background (disk full, a read-only or forbidden directory) is raised by the
+next `save`, `wait` or `close` as an `OSError` with the errno and the checkpoint directory (or, where
+the storage names no errno, a `CheckpointError`), one line; Orbax's own tracebacks of it from its
+background threads are not logged. `check_writable` finds a directory that cannot take a save before
+a run trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -28,14 +38,22 @@ from sd_jax.train.workdir import as_path
 ITEMS = ("state", "data", "evaluation")
 
 
-class _WithoutMetricsIsFine(logging.Filter):
-    """Drops Orbax's warning for a save without metrics: only evaluated checkpoints carry them."""
+_NOT_FOR_USERS = (
+    "did not provide metrics",  # a save without metrics: only evaluated checkpoints carry them
+    # a failed background save, with its traceback, once per thread: TrainCheckpoints raises it as one line
+    "_SignalingThread.run() raised an exception", "in background save thread", "Save Finalize thread",
+)
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")  # how TensorStore names the errno of a failed write
+
+
+class _OrbaxNoise(logging.Filter):
+    """Drops Orbax's log records that `_NOT_FOR_USERS` lists."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        return not any(text in record.getMessage() for text in _NOT_FOR_USERS)
 
 
-logging.getLogger("absl").addFilter(_WithoutMetricsIsFine())
+logging.getLogger("absl").addFilter(_OrbaxNoise())
 
 
 def _to_saveable(state: TrainState) -> TrainState:
@@ -88,7 +106,33 @@ class TrainCheckpoints:
             evaluation=ocp.args.JsonSave(evaluation or {}),
         )
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self._manager.save(step, args=args, metrics=metrics, force=force)
+        with self._save_failures():
+            return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    def check_writable(self) -> None:
+        """Raise OSError (naming the directory) where a checkpoint cannot be written, before a run trains."""
+        probe = self.directory / f".write-check-{uuid.uuid4().hex}"
+        with self._save_failures():
+            probe.write_bytes(b"")
+            probe.unlink()
+
+    @contextlib.contextmanager
+    def _save_failures(self) -> Iterator[None]:
+        """Orbax's errors of a failed save as OSError naming the directory (the errno TensorStore reports
+        in its message where it has none) or, without an errno, CheckpointError: one line each."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno is None:
+                raise CheckpointError(f"{self.directory}: a checkpoint save failed: {error}") from None
+            raise OSError(error.errno, error.strerror, str(self.directory)) from None
+        except (ValueError, RuntimeError, TimeoutError) as error:
+            code = _OS_ERROR_CODE.search(str(error))
+            if code:
+                number = int(code.group(1))
+                raise OSError(number, os.strerror(number), str(self.directory)) from None
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"{self.directory}: a checkpoint save failed: {first_line}") from None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -153,8 +197,12 @@ class TrainCheckpoints:
 
     def wait(self) -> None:
         """Block until every save in flight is on disk."""
-        self._manager.wait_until_finished()
+        with self._save_failures():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with self._save_failures():
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()

@@ -514,6 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     evaluated = _Evaluated(run.checkpoints.evaluation(first_step) if first_step else {})
     project_rules = SDRules.from_config(config) if config.optim.project_every_epoch else None
     try:
+        run.checkpoints.check_writable()
         progress.start("train", run.total_steps, done=first_step, images_per_step=config.input.batch_size)
         for step in range(first_step + 1, run.total_steps + 1):
             state, metrics = run.train_step(state, _global_batch(next(run.train_data), run.mesh))
