@@ -182,6 +182,11 @@ def _kernel(p: Mapping[str, Array], shape: LayerShape) -> Array:
     return blocking.from_blocks(w.astype(jnp.int8), spec)
 
 
+# Compiled once per shape when quantizing; op by op, each primitive would compile on its own.
+_rebuild = jax.jit(shift_add_rebuild)
+_integer_kernel = jax.jit(_kernel, static_argnums=1)
+
+
 def _accumulate(p: Mapping[str, Array], shape: LayerShape, q: Array) -> Array:
     """int32 accumulators of a layer on uint8 `q`: sum of (q - 128) w_int8 plus the folded bias."""
     kernel = _kernel(p, shape)
@@ -316,7 +321,7 @@ def _integer_weights(folded: Mapping[str, Any], spec: blocking.BlockSpec | None)
         raise ValueError(f"an SD layer spans exponents {e_min}..{e_min + shift.max()}, too wide for an int32 "
                          "rebuild; clip C with a smaller max_coeff or a larger threshold")
     sign, shift = np.sign(coeff).astype(np.int8), shift.astype(np.int8)
-    rebuilt = np.asarray(shift_add_rebuild(sign, shift, basis_int)).reshape(spec.num_outputs, -1)
+    rebuilt = np.asarray(_rebuild(sign, shift, basis_int)).reshape(spec.num_outputs, -1)
     peak = np.abs(rebuilt).max(axis=1).astype(np.float64)
     weight_m0, weight_shift = quantize_multiplier(np.where(peak > 0, WEIGHT_MAX / np.maximum(peak, 1), 1.0))
     unit = 2.0**e_min * basis_scale  # real value of one W_int step, per output channel
@@ -330,7 +335,7 @@ def _integer_layer(folded: Mapping[str, Any], shape: LayerShape, given: _Range, 
     and its accumulator's real scale per output channel."""
     arrays, weight_scale = _integer_weights(folded, shape.spec)
     layer = dict(arrays, input_zero_point=np.int32(given.zero_point))
-    kernel = np.asarray(_kernel({k: jnp.asarray(v) for k, v in arrays.items()}, shape), np.int64)
+    kernel = np.asarray(_integer_kernel(arrays, shape), np.int64)
     weight_sum = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
     acc_scale = given.scale * weight_scale
     bias = np.round(folded["bias"] / acc_scale).astype(np.int64) + (INT8_OFFSET - given.zero_point) * weight_sum

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from sd_jax import models
 from sd_jax.models.resnet_cifar import CifarResNet
@@ -19,9 +20,10 @@ def _exact(x: int, m0: int, shift: int) -> int:
 def test_multiply_by_quantized_multiplier_is_exact_for_every_shift():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.integers(-2**31, 2**31, 200), [0, 1, -1, 2**31 - 1, -2**31]]).astype(np.int32)
+    multiply = jax.jit(integer.multiply_by_quantized_multiplier)
     for shift in (1, 17, 31, 32, 33, 40, 62):
         m0 = np.int32(rng.integers(2**30, 2**31))
-        got = np.asarray(integer.multiply_by_quantized_multiplier(jnp.asarray(x), m0, shift))
+        got = np.asarray(multiply(jnp.asarray(x), m0, np.int32(shift)))
         np.testing.assert_array_equal(got, [_exact(int(v), int(m0), shift) for v in x], err_msg=f"shift {shift}")
 
 
@@ -31,7 +33,7 @@ def test_requantization_is_within_one_step_of_the_float_product():
     m0, shift = integer.quantize_multiplier(real)
     assert np.all((m0 >= 2**30) & (m0 < 2**31 - 1 + 1))
     acc = rng.integers(-2**24, 2**24, (100, 64)).astype(np.int32)
-    got = np.asarray(integer.multiply_by_quantized_multiplier(jnp.asarray(acc), m0, shift), np.float64)
+    got = np.asarray(jax.jit(integer.multiply_by_quantized_multiplier)(jnp.asarray(acc), m0, shift), np.float64)
     assert np.max(np.abs(got - acc * real)) <= 1.0
 
 
@@ -63,11 +65,26 @@ def test_int32_accumulator_holds_the_worst_case_of_a_3x3x64_conv():
     assert int(acc[0, 0, 0, 0]) == integer.accumulator_bound(reduction, 0)
 
 
-def _trained_like(model, x):
-    """Variables with non-trivial batch statistics: init, then one training-mode pass."""
-    variables = model.init(jax.random.key(0), x, train=False)
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    return {**variables, **updates} if "batch_stats" in variables else variables
+def _random_variables(model, x):
+    """Random variables of `model` in trained form, drawn in NumPy (an SD init compiles for seconds): C
+    signed powers of two with a third zero, its mask, B, weights and biases, batch statistics."""
+    rng = np.random.default_rng(3)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "sd_coeff" in name:
+            return np.where(rng.random(leaf.shape) < 1 / 3, 0.0, rng.choice([-1, 1], leaf.shape)
+                            * 2.0 ** rng.integers(-6, 0, leaf.shape)).astype(np.float32)
+        if "var" in name:
+            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+        return (rng.normal(size=leaf.shape) * 0.5).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    if "sd_mask" in variables:
+        coeffs = traverse_util.flatten_dict(variables["sd_coeff"])
+        variables["sd_mask"] = traverse_util.unflatten_dict({(*path[:-1], "mask"): c != 0 for path, c in coeffs.items()})
+    return variables
 
 
 def _float_ops(jaxpr) -> list[str]:
@@ -86,7 +103,7 @@ def _float_ops(jaxpr) -> list[str]:
 def test_mlp_integer_logits_are_close_to_float_and_integer_only():
     model = models.get("mlp", num_classes=5, sd=True, hidden=(24,))
     x = jax.random.normal(jax.random.key(1), (64, 4, 4, 1))
-    variables = _trained_like(model, x)
+    variables = _random_variables(model, x)
     quantized = integer.quantize(model, variables, x)
     expected = np.asarray(model.apply(variables, x, train=False))
     got = np.asarray(jax.jit(quantized.apply)(x))
@@ -104,7 +121,7 @@ def test_resnet_integer_logits_are_close_to_float_and_integer_only():
     rules = SDRules()
     model = CifarResNet(depth=8, num_classes=4, conv=rules.conv_factory(), dense=rules.dense_factory())
     x = jax.random.normal(jax.random.key(2), (32, 8, 8, 3))
-    variables = _trained_like(model, x)
+    variables = _random_variables(model, x)
     quantized = integer.quantize(model, variables, x)
     expected = np.asarray(model.apply(variables, x, train=False))
     got = np.asarray(jax.jit(quantized.apply)(x))
