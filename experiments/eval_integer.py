@@ -6,7 +6,8 @@
 The config describes the run (model, SD options, dataset); `--params` is its checkpoint. The integer
 model is calibrated on the first `--calibration` training images (in order, not augmented), then
 both models classify every test image. Prints the two accuracies and writes `integer_eval.json`
-(command, checkpoint, figures, seconds) to `--output_dir`. ResNet-20 on 10,000 images: about
+(command, checkpoint, figures, seconds; the dense twin's top-1 from `--dense_run`) to `--output_dir`,
+which `experiments.tables` renders into RESULTS.md. ResNet-20 on 10,000 images: about
 20 minutes on a 2-core CPU, almost all of it the integer convolutions (XLA's CPU integer
 convolutions are about 8x slower than its float ones).
 """
@@ -32,6 +33,16 @@ _PARAMS = flags.DEFINE_string("params", None, "The run's checkpoints directory o
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write integer_eval.json.", required=True)
 _CALIBRATION = flags.DEFINE_integer("calibration", 500, "Training images that set the activation ranges.")
 _BATCH = flags.DEFINE_integer("batch", 250, "Evaluation batch.")
+_DENSE_RUN = flags.DEFINE_string("dense_run", None, "The dense twin's run directory (its summary.json): its top-1 "
+                                 "is recorded beside the SD figures.")
+
+
+def _dense_top1(run: str | None) -> float | None:
+    """Top-1 (%) of the dense run at `run` (its summary.json), or None without one."""
+    if run is None:
+        return None
+    with open(os.path.join(run, "summary.json")) as stream:
+        return 100 * json.load(stream)["accuracy"]
 
 
 def main(argv: list[str]) -> None:
@@ -58,11 +69,11 @@ def main(argv: list[str]) -> None:
         correct += [np.sum(p == labels) for p in predictions]
         agree += int(np.sum(predictions[0] == predictions[1]))
         count += int(valid.sum())
-    figures = dict(float_top1=100 * correct[0] / count, integer_top1=100 * correct[1] / count,
+    figures = dict(dense_top1=_dense_top1(_DENSE_RUN.value), float_top1=100 * correct[0] / count, integer_top1=100 * correct[1] / count,
                    difference_points=100 * (correct[0] - correct[1]) / count, agreement=100 * agree / count,
                    test_images=count, calibration_images=_CALIBRATION.value)
     record = dict(command="python -m experiments.eval_integer " + " ".join(sys.argv[1:]),
-                  checkpoint=_PARAMS.value, model=target.name, dataset=common.dataset, **figures,
+                  checkpoint=_PARAMS.value, dense_run=_DENSE_RUN.value, model=target.name, dataset=common.dataset, **figures,
                   seconds=round(time.time() - started, 1), backend=jax.default_backend(), cpus=os.cpu_count())
     print(f"{target.name} on {common.dataset}: float SD top-1 {figures['float_top1']:.2f} %, "
           f"integer-only top-1 {figures['integer_top1']:.2f} % ({count} test images)")
