@@ -25,12 +25,15 @@ accelerator would: shifts and adds.
 
 Supported: the CIFAR ResNets with option-A shortcuts (`SUPPORTED`), whose SD or dense conv and dense
 layers may be mixed, and the MLP. `IntegerModel.params` is a plain dict of integer arrays (and the two
-float32 boundary scales), saveable with `numpy.savez` and loaded without pickle.
+float32 boundary scales); `save` writes them with the graph (JSON) to an .npz that `load` reads back
+without pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -250,6 +253,43 @@ def _resnet_blocks(depth: int) -> list[tuple[str, int, int]]:
     per_stage = (depth - 2) // 6
     return [(f"stage{s}_block{b}", width, 2 if (s > 1 and b == 0) else 1)
             for s, width in enumerate(WIDTHS, start=1) for b in range(per_stage)]
+
+
+GRAPH_KEY = "graph"  # the .npz entry holding the static graph as UTF-8 JSON
+
+
+def save(model: IntegerModel, path: str | os.PathLike) -> None:
+    """Write `model` to the .npz `path`: each array as '<layer>/<name>', the graph as JSON text."""
+    graph = dict(family=model.family, depth=model.depth,
+                 layers=[[name, dataclasses.asdict(shape)] for name, shape in model.layers])
+    arrays = {f"{layer}/{key}": np.asarray(value) for layer, leaves in model.params.items()
+              for key, value in leaves.items()}
+    with open(path, "wb") as stream:
+        np.savez(stream, **arrays, **{GRAPH_KEY: np.frombuffer(json.dumps(graph).encode(), np.uint8)})
+
+
+def _layer_shape(fields: Mapping[str, Any]) -> LayerShape:
+    spec = fields["spec"]
+    if spec is not None:
+        spec = blocking.BlockSpec(**{key: tuple(v) if isinstance(v, list) else v for key, v in spec.items()})
+    return LayerShape(tuple(fields["kernel_shape"]), spec, tuple(fields["strides"]),
+                      tuple(tuple(pair) for pair in fields["padding"]))
+
+
+def load(path: str | os.PathLike) -> IntegerModel:
+    """The integer model `save` wrote to `path`; ValueError when the file is not one."""
+    with np.load(path, allow_pickle=False) as stored:
+        if GRAPH_KEY not in stored.files:
+            raise ValueError(f"{path}: no '{GRAPH_KEY}' entry, so not an integer model written by "
+                             "sd_jax.serve.integer.save; write it with save(quantize(...), path)")
+        graph = json.loads(bytes(stored[GRAPH_KEY]).decode())
+        params: dict[str, dict[str, Array]] = {}
+        for key in stored.files:
+            if key != GRAPH_KEY:
+                layer, _, leaf = key.rpartition("/")
+                params.setdefault(layer, {})[leaf] = jnp.asarray(stored[key])
+    layers = tuple((name, _layer_shape(fields)) for name, fields in graph["layers"])
+    return IntegerModel(params, graph["family"], graph["depth"], layers)
 
 
 # ---- quantization of a float SD model ----

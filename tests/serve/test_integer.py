@@ -100,8 +100,8 @@ def _float_ops(jaxpr) -> list[str]:
     return found
 
 
-def test_mlp_integer_logits_are_close_to_float_and_integer_only():
-    model = models.get("mlp", num_classes=5, sd=True, hidden=(24,))
+def test_mlp_integer_logits_are_close_to_float_and_integer_only(tmp_path):
+    model = models.get("mlp", num_classes=5, sd=SDRules([("^head/dense$", {"skip": True})]), hidden=(24,))
     x = jax.random.normal(jax.random.key(1), (64, 4, 4, 1))
     variables = _random_variables(model, x)
     quantized = integer.quantize(model, variables, x)
@@ -114,6 +114,15 @@ def test_mlp_integer_logits_are_close_to_float_and_integer_only():
     jaxpr = jax.make_jaxpr(quantized.integer_logits)(q)
     assert _float_ops(jaxpr.jaxpr) == []
     assert jaxpr.out_avals[0].dtype == jnp.int32
+    assert "kernel" in quantized.params["head/dense"] and "sign" in quantized.params["hidden1/dense"]
+    integer.save(quantized, tmp_path / "mlp.npz")
+    np.testing.assert_array_equal(np.asarray(jax.jit(integer.load(tmp_path / "mlp.npz").apply)(x)), got)
+
+
+def test_load_refuses_a_file_without_a_graph(tmp_path):
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="not an integer model"):
+        integer.load(tmp_path / "other.npz")
 
 
 @pytest.mark.slow
