@@ -39,6 +39,7 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,8 +243,7 @@ def _pool_and_head(params: Mapping[str, Any], layers: Mapping[str, LayerShape], 
 
 def _mlp_forward(params: Mapping[str, Any], layers: Mapping[str, LayerShape], q: Array) -> Array:
     x = q.reshape(q.shape[0], -1)
-    hidden = sorted((name for name in layers if name.startswith("hidden")), key=lambda n: int(n[6:].split("/")[0]))
-    for name in hidden:
+    for name in (name for name in layers if name.startswith("hidden")):  # in build order
         x = _layer(params[name], layers[name], x)
     return _accumulate(params["head/dense"], layers["head/dense"], x)
 
@@ -397,7 +397,7 @@ def _capture(model: nn.Module, variables: Mapping[str, Any], images: Array) -> t
         _, state = model.apply(dict(variables), images, train=False, capture_intermediates=True,
                                mutable=["intermediates"])
     outputs = {"/".join(k[:-1]): np.asarray(v[0]) for k, v in
-               flax.traverse_util.flatten_dict(state["intermediates"]).items()}
+               traverse_util.flatten_dict(state["intermediates"]).items()}
     return outputs, {"/".join(path): layout for path, layout in layouts.items()}
 
 
