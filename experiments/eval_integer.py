@@ -6,7 +6,7 @@
 The config describes the run (model, SD options, dataset); `--params` is its checkpoint. The integer
 model is calibrated on the first `--calibration` training images (in order, not augmented), then
 both models classify every test image. Prints the two accuracies and writes `integer_eval.json`
-(command, checkpoint, figures, seconds; the dense twin's top-1 from `--dense_run`) to `--output_dir`,
+(command, commit, checkpoint, figures, seconds; the dense twin's top-1 from `--dense_run`) to `--output_dir`,
 which `experiments.tables` renders into RESULTS.md. ResNet-20 on 10,000 images: about
 20 minutes on a 2-core CPU, almost all of it the integer convolutions (XLA's CPU integer
 convolutions are about 8x slower than its float ones).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -27,6 +26,7 @@ from sd_jax import data
 from sd_jax.commands import inputs
 from sd_jax.nn.rules import SDRules
 from sd_jax.serve import integer
+from sd_jax.train import workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config (model, SD options, dataset).")
 _PARAMS = flags.DEFINE_string("params", None, "The run's checkpoints directory or a parameter file.", required=True)
@@ -72,8 +72,7 @@ def main(argv: list[str]) -> None:
     figures = dict(dense_top1=_dense_top1(_DENSE_RUN.value), float_top1=100 * correct[0] / count, integer_top1=100 * correct[1] / count,
                    difference_points=100 * (correct[0] - correct[1]) / count, agreement=100 * agree / count,
                    test_images=count, calibration_images=_CALIBRATION.value)
-    record = dict(command="python -m experiments.eval_integer " + " ".join(sys.argv[1:]),
-                  checkpoint=_PARAMS.value, dense_run=_DENSE_RUN.value, model=target.name, dataset=common.dataset, **figures,
+    record = dict(command=workdir.command_line(), **workdir.git_commit(), checkpoint=_PARAMS.value, dense_run=_DENSE_RUN.value, model=target.name, dataset=common.dataset, **figures,
                   seconds=round(time.time() - started, 1), backend=jax.default_backend(), cpus=os.cpu_count())
     print(f"{target.name} on {common.dataset}: float SD top-1 {figures['float_top1']:.2f} %, "
           f"integer-only top-1 {figures['integer_top1']:.2f} % ({count} test images)")

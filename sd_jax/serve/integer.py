@@ -119,8 +119,9 @@ def shift_add_rebuild(sign: Array, shift: Array, basis: Array) -> Array:
 
 
 def requantize(acc: Array, m0: Array, shift: Array, zero_point: Array | int, low: Array | int, high: int) -> Array:
-    """clip(zero_point + round(acc * m0 / 2^shift), low, high): an int32 accumulator to a narrow integer."""
-    return jnp.clip(multiply_by_quantized_multiplier(acc, m0, shift) + zero_point, low, high)
+    """clip(zero_point + round(acc * m0 / 2^shift), low, high): an int32 accumulator to a narrow integer
+    (clipped before the zero point is added, so a saturated product cannot wrap)."""
+    return jnp.clip(multiply_by_quantized_multiplier(acc, m0, shift), low - zero_point, high - zero_point) + zero_point
 
 
 def accumulator_bound(reduction: int, bias: Any) -> int:
