@@ -16,7 +16,8 @@ weights, `--mode=analyze --json --output=RUN/energy.json`) adds its energy ratio
 float32 and against dense 8-bit and, for SD runs, gives the compression and density columns (the
 same count as the trainer's summary). Each row holds ROW_KEYS, None where the run does not say.
 The markdown starts with `NOTES.md` of the `--runs` folder when there is one, has one row per run,
-the command of each run, and the paper's headline claims beneath; the plot
+the command of each run, the integer-only inference records (`integer_eval.json`, written by
+`experiments/eval_integer.py`) and the paper's headline claims beneath; the plot
 shows accuracy against compression. No figure is typed by hand.
 """
 
@@ -43,6 +44,7 @@ PAPER_CLAIMS = (
 )
 
 ENERGY_FILE = "energy.json"
+INTEGER_FILE = "integer_eval.json"  # what experiments/eval_integer.py writes
 LEGACY_COMMAND_FILE = "command.txt"  # what runs from before run.json kept by hand
 PREAMBLE_FILE = "NOTES.md"
 ENERGY_RATIOS = ("inference_energy_ratio", "training_energy_ratio", "inference_energy_ratio_vs_int8",
@@ -177,6 +179,30 @@ _COLUMNS = (  # header, row key, text of a known value
 NOT_ANALYZED = "n/a"  # an energy.json written before the dense 8-bit baseline
 
 
+def collect_integer(root: str) -> list[dict[str, Any]]:
+    """The records of every `integer_eval.json` under `root` (integer-only against float SD top-1), with
+    their `run` (the folder)."""
+    paths = sorted(glob.glob(os.path.join(root, "**", INTEGER_FILE), recursive=True))
+    return [dict(_json(path), run=os.path.dirname(path)) for path in paths]
+
+
+def _integer_section(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the integer-only inference table and its commands; none without records."""
+    if not records:
+        return []
+    percent = lambda value: "" if value is None else f"{value:.2f}"
+    lines = ["", "## Integer-only SD inference", "",
+             "Top-1 (%) on the full test split of the dense run, the float SD model and its integer-only form "
+             "(`sd_jax.serve.integer`: uint8 activations, int8 B rebuilt by shifts and adds, int8 MACs, int32 "
+             "accumulators), and how often the two SD forms agree.", "",
+             "| dataset | model | dense | float SD | integer-only | float - integer | agreement | test images | run |",
+             "|" + "---|" * 9]
+    lines += [f"| {r['dataset']} | {r['model']} | {percent(r.get('dense_top1'))} | {percent(r['float_top1'])} | "
+              f"{percent(r['integer_top1'])} | {r['difference_points']:.2f} | {percent(r['agreement'])} | "
+              f"{r['test_images']} | `{os.path.basename(r['run'])}` |" for r in records]
+    return lines + [""] + [f"`{os.path.basename(r['run'])}`:\n```\n{r['command']}\n```" for r in records]
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
     def cell(key: str, text: Callable[[Any], str]) -> str:
         if row[key] is not None:
@@ -186,8 +212,9 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [cell(key, text) for _, key, text in _COLUMNS] + [f"`{os.path.basename(row['run'])}`"]
 
 
-def markdown(rows: list[dict[str, Any]], preamble: str = "") -> str:
-    """Optional preamble, a paper-style table of our runs, the commands, then the paper's headline claims."""
+def markdown(rows: list[dict[str, Any]], preamble: str = "", integer: list[dict[str, Any]] = ()) -> str:
+    """Optional preamble, a paper-style table of our runs, the commands, the integer-only inference
+    records (`collect_integer`) when given, then the paper's headline claims."""
     headers = [header for header, _, _ in _COLUMNS] + ["run"]
     lines = ([preamble.rstrip(), ""] if preamble else []) + [
         "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -196,7 +223,7 @@ def markdown(rows: list[dict[str, Any]], preamble: str = "") -> str:
         lines += ["", f"{NOT_ANALYZED}: the run's `{ENERGY_FILE}` predates the dense 8-bit baseline; rerun the "
                   "analyze command in its `command.txt` (it needs the run's checkpoints) to fill it."]
     commands = [f"`{os.path.basename(r['run'])}`:\n```\n{r['command']}\n```" for r in rows if r["command"]]
-    return "\n".join(lines + ([""] + ["Commands:", ""] + commands if commands else [])
+    return "\n".join(lines + ([""] + ["Commands:", ""] + commands if commands else []) + _integer_section(list(integer))
                      + ["", "The paper's headline claims, for comparison:"] + [f"- {c}" for c in PAPER_CLAIMS])
 
 
@@ -242,7 +269,8 @@ def main(argv: list[str]) -> None:
     rows, skipped = collect(options.runs)
     for message in skipped:
         print(message, file=sys.stderr)
-    text = to_json(rows) if options.json else markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)))
+    text = to_json(rows) if options.json else markdown(rows, _text(os.path.join(options.runs, PREAMBLE_FILE)),
+                                                       collect_integer(options.runs))
     if options.output:
         sd_io.atomic_write_text(options.output, text + "\n")
     else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +33,12 @@ from sd_jax.core.network import path_name
 from sd_jax.nn import convert
 from sd_jax.nn.layers import SD_BASIS, SD_COEFF, SD_COLLECTIONS, SD_MASK
 from sd_jax.nn.rules import SDRules
+from sd_jax.serve import integer
+from sd_jax.serve.integer import IntegerModel
 
 METADATA_KEY = "model"  # where the ModelDescription lives in a packed file's metadata
 INFERENCE = {"train": False}  # what the zoo models' apply takes for inference
 REQUIRED = ("params", *SD_COLLECTIONS)  # collections without which no model runs
-
-
-class IntegerModel(Protocol):
-    """What `ServedModel.apply_int` runs: an integer-only form of the model (`apply(images) -> logits`)."""
-
-    def apply(self, images: jax.Array) -> jax.Array: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +137,8 @@ def _as_variables(tensors: Mapping[str, packing.SDTensor | np.ndarray], source: 
 class ServedModel:
     """A packed SD model ready for inference: `apply(images)` (jitted, evaluation mode) gives logits.
 
-    `apply_int(images)` runs the integer-only form once one is attached (`with_integer_model`).
+    `apply_int(images)` runs the integer-only form (`sd_jax.serve.integer`) once one is attached: built
+    from calibration images with `quantized(images)`, or read back with `with_integer_model(integer.load(path))`.
     """
 
     model: Any
@@ -173,13 +170,19 @@ class ServedModel:
     def apply_int(self, images: Any) -> jax.Array:
         """Logits of the attached integer-only model; ValueError when none is attached."""
         if self.integer_model is None:
-            raise ValueError("this ServedModel has no integer model; build one from it and calibration images, "
-                             "then attach it with served.with_integer_model(integer_model)")
+            raise ValueError("this ServedModel has no integer model; build one from calibration images with "
+                             "served = served.quantized(images), or attach a saved one with "
+                             "served.with_integer_model(sd_jax.serve.integer.load(path))")
         return self.integer_model.apply(self.check_images(images))
 
     def with_integer_model(self, integer_model: IntegerModel) -> "ServedModel":
         """A copy whose `apply_int` runs `integer_model`."""
         return dataclasses.replace(self, integer_model=integer_model)
+
+    def quantized(self, calibration_images: Any) -> "ServedModel":
+        """A copy whose `apply_int` runs the integer-only form calibrated on `calibration_images`
+        (preprocessed as in training; a few hundred training images)."""
+        return self.with_integer_model(integer.quantize(self.model, self.variables, self.check_images(calibration_images)))
 
 
 def _description(packed: packing.Packed, path: str, model: Any, input_shape: tuple[int, ...] | None,

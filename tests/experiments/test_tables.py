@@ -150,3 +150,17 @@ def test_command_line_prints_one_json_object(runs, tmp_path):
                              f"--plot={png}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| dataset |" in markdown.read_text() and png.stat().st_size > 1000
+
+
+def test_integer_records_render_beside_the_float_and_dense_figures(tmp_path):
+    folder = tmp_path / "integer_c10"
+    folder.mkdir()
+    record = dict(command="python -m experiments.eval_integer --params=runs/x", dataset="cifar10_jpeg",
+                  model="resnet20", dense_top1=84.11, float_top1=82.83, integer_top1=82.73, difference_points=0.1,
+                  agreement=99.2, test_images=10000)
+    (folder / tables.INTEGER_FILE).write_text(json.dumps(record))
+    (records,) = tables.collect_integer(str(tmp_path))
+    text = tables.markdown([], integer=[records])
+    assert "| cifar10_jpeg | resnet20 | 84.11 | 82.83 | 82.73 | 0.10 | 99.20 | 10000 | `integer_c10` |" in text
+    assert "python -m experiments.eval_integer --params=runs/x" in text
+    assert "Integer-only" not in tables.markdown([])

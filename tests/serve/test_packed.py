@@ -1,6 +1,5 @@
 """Tests for sd_jax/serve/packed.py: train = serve, bit for bit, for zoo models and a user's own model, and
 packed files that are refused with a message naming what is wrong."""
-import dataclasses
 import struct
 
 import flax.linen as nn
@@ -179,25 +178,17 @@ def test_images_that_do_not_fit_and_a_missing_integer_model_are_refused(packed_m
         served.apply(jnp.zeros((2, 32, 32, 3)))
     with pytest.raises(ValueError, match="pass them as floats"):
         served.apply(jnp.zeros((2, 28, 28, 1), jnp.uint8))
-    with pytest.raises(ValueError, match="no integer model.*with_integer_model"):
+    with pytest.raises(ValueError, match="no integer model.*quantized"):
         served.apply_int(jnp.zeros((2, 28, 28, 1)))
 
 
-@dataclasses.dataclass
-class _Recorder:
-    """Stands in for the integer model: records what `apply_int` hands it."""
-
-    seen: list
-
-    def apply(self, images):
-        self.seen.append(images.shape)
-        return jnp.zeros((images.shape[0], 10), jnp.int32)
-
-
-def test_apply_int_runs_the_attached_integer_model(packed_mlp):
-    recorder = _Recorder([])
-    served = serve.load(packed_mlp[0]).with_integer_model(recorder)
-    assert served.apply_int(jnp.zeros((3, 28, 28, 1))).shape == (3, 10) and recorder.seen == [(3, 28, 28, 1)]
+def test_quantized_served_model_runs_integer_only_close_to_the_float_path(packed_mlp):
+    images = jax.random.normal(jax.random.key(7), (64, 28, 28, 1))
+    served = serve.load(packed_mlp[0]).quantized(images)
+    floats, integers = served.apply(images[:16]), served.apply_int(images[:16])
+    assert integers.dtype == jnp.float32 and integers.shape == floats.shape
+    spread = float(jnp.max(floats) - jnp.min(floats))
+    assert float(jnp.max(jnp.abs(integers - floats))) < 0.1 * spread
 
 
 @pytest.mark.slow  # two tiny training runs and two decompositions of the MLP: about 60 s on 2 busy cores
