@@ -29,7 +29,7 @@ the same rule for C (`sd_latent`: `SDRules(mode="latent")`, `coeff_update="laten
 `sd_latent_over_torch` compares like with like (`sd_over_torch`: the bucket-switch step). Models
 without a PyTorch port, or a missing torch (`pip install -r requirements-bench.txt`), are skipped
 with a message. `--xla_defaults` also times the SD latent step compiled with XLA's own options
-instead of `make_steps`' platform defaults (on CPU: YNNPACK for dot products only, see
+instead of `make_steps`' platform defaults (on CPU: YNNPACK for dot products and reductions only, see
 `sd_jax.train.step.CPU_COMPILER_OPTIONS`), alternating, as `sd_latent_over_xla_defaults`.
 `--dtype=bfloat16` runs the JAX models in bfloat16 (variables stay float32).
 

@@ -28,8 +28,12 @@ Batch = dict[str, jax.Array]
 # XLA:CPU (jaxlib 0.10) hands convolutions, dot products, reductions and elementwise fusions to
 # YNNPACK by default. Its convolutions, the kernel gradient above all, are slower than XLA's own
 # (Eigen) ones on the CIFAR shapes: in one process, alternating, the SD ResNet-18 train step ran
-# about 10 % faster with YNNPACK kept for dot products only (BENCHMARKS.md, "Full train step").
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# about 10 % faster with YNNPACK kept for dot products only. Reductions stay with YNNPACK: without
+# it XLA rewrites each batch-norm statistic over (batch, height, width) into a strided
+# reduce-window, about 8x slower on the ResNet-18 stage-1 shape, and the step about 6 % (BENCHMARKS.md,
+# "Full train step").
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @flax.struct.dataclass

@@ -1,3 +1,5 @@
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,15 +13,17 @@ from sd_jax.train.step import create_train_state, make_steps
 
 
 class _Tiny(nn.Module):
+    features: int = 8
+
     @nn.compact
     def __call__(self, x, *, train):
-        x = nn.Conv(8, (3, 3), use_bias=False, name="conv")(x)
+        x = nn.Conv(self.features, (3, 3), use_bias=False, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
         return nn.Dense(10, name="head")(jnp.mean(nn.relu(x), axis=(1, 2)))
 
 
-def _setup(devices, shard_min_size=0):
-    model = _Tiny()
+def _setup(devices, shard_min_size=0, features=8):
+    model = _Tiny(features)
     images = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
     batch = {"image": images, "label": jnp.arange(16) % 10}
     variables = model.init(jax.random.key(0), images[:1], train=False)
@@ -75,21 +79,51 @@ def test_shard_large_splits_only_big_divisible_kernels():
 
 
 def _conv_fusions(text):
-    """The library fusions (YNNPACK etc.) of compiled HLO text that hold a convolution."""
-    return [line for line in text.splitlines() if "_fusion\"" in line and "conv_general_dilated" in line]
+    """The names of the library fusions (YNNPACK etc.) in compiled HLO text whose computation holds a
+    convolution."""
+    bodies = dict(re.findall(r"^%(\S+) [^\n]*\{\n(.*?)\n\}", text, flags=re.M | re.S))
+    fusions = re.findall(r'^\s*(?:ROOT )?%(\S+) = [^\n]*calls=%([^,\s]+)[^\n]*"kind":"__\w+_fusion"', text, flags=re.M)
+    return [name for name, called in fusions if " convolution(" in bodies.get(called, "")]
 
 
-def test_cpu_steps_leave_convolutions_to_xla():
-    """On CPU the steps compile with CPU_COMPILER_OPTIONS: no convolution goes to YNNPACK, while
-    compiling with XLA's own defaults ({}) hands them over."""
+def test_cpu_train_step_leaves_convolutions_to_xla():
+    """On CPU the steps compile with CPU_COMPILER_OPTIONS: no convolution of the train step goes to
+    YNNPACK (its kernel gradient is the slow one), while compiling with XLA's own defaults ({}) hands
+    them over (YNNPACK takes convolutions from 32 features). The evaluation step may leave a
+    convolution to YNNPACK: a reduction fusion takes in a convolution whose only consumers lead to it."""
     from sd_jax.train.step import CPU_COMPILER_OPTIONS, default_compiler_options
 
-    train, evaluate, state, batch = _setup(jax.devices()[:1])
+    train, _, state, batch = _setup(jax.devices()[:1], features=32)
     assert default_compiler_options(sharding.data_mesh(jax.devices()[:1])) == CPU_COMPILER_OPTIONS
     assert _conv_fusions(train.lower(state, batch).compile().as_text()) == []
-    assert _conv_fusions(evaluate.lower(state, batch).compile().as_text()) == []
     xla_defaults, _, state = make_steps(sharding.data_mesh(jax.devices()[:1]), state, compiler_options={})
     assert _conv_fusions(xla_defaults.lower(state, batch).compile().as_text())
+
+
+def test_cpu_steps_give_batch_norm_statistics_to_ynnpack_with_the_same_numbers():
+    """CPU_COMPILER_OPTIONS keep reductions with YNNPACK: no batch-norm statistic becomes XLA's
+    strided reduce-window (the dot-only options make them so), and one step gives the same loss
+    and variables as under the dot-only options, to float32 rounding."""
+    model = _Tiny()
+    # A batch over 32, which XLA's tree rewrite splits, and 32768 conv outputs, YNNPACK's minimum.
+    images = jax.random.normal(jax.random.key(1), (64, 8, 8, 3))
+    batch = {"image": images, "label": jnp.arange(64) % 10}
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+    mesh = sharding.data_mesh(jax.devices()[:1])
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    dot_only = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    results = []
+    for options in (None, dot_only):
+        state = create_train_state(model.apply, variables, sd_optimizer(0.1), jax.random.key(2))
+        train, _, state = make_steps(mesh, state, compiler_options=options)
+        text = train.lower(state, batch).compile().as_text()
+        statistics_windows = re.findall(r"reduce-window\([^\n]*window=\{size=\d+x\d+x\d+x\d+ ", text)  # NHWC
+        assert bool(statistics_windows) == (options is dot_only)
+        results.append(jax.device_get(train(state, batch)))
+    (default, default_metrics), (previous, previous_metrics) = results
+    np.testing.assert_allclose(default_metrics["loss"], previous_metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 default.variables, previous.variables)
 
 
 def test_cpu_options_are_dropped_where_xla_does_not_know_them(monkeypatch):
