@@ -130,15 +130,16 @@ def _integer_totals(view: integer_lib.IntegerView, inference: dict[str, float]) 
     count = lambda *columns: int(round(sum(float(np.sum(column, dtype=np.float64)) for column in columns)))
     ops = view.ops
     out: dict[str, Any] = dict(
-        integer_table=view.table, integer_int8_macs=count(ops.int8_macs), integer_rebuild_shifts=count(ops.rebuild_shifts),
-        integer_rebuild_adds=count(ops.rebuild_adds),
+        integer_table=view.table, integer_int8_macs=count(ops.int8_macs),
+        integer_rebuild_shifts=count(ops.rebuild_shifts), integer_rebuild_adds=count(ops.rebuild_adds),
         integer_requantizations=count(ops.weight_requantizations, ops.output_requantizations),
         integer_unpriced=list(view.missing))
     energy = None if view.energy is None else float(energy_lib.total(view.energy))
     out["integer_inference_energy"] = energy
     for suffix, baseline in (("", "dense"), ("_vs_int8", "dense_int8")):
         if baseline in inference:
-            out[f"integer_inference_energy_ratio{suffix}"] = None if energy is None else _ratio(inference[baseline], energy)
+            ratio = None if energy is None else _ratio(inference[baseline], energy)
+            out[f"integer_inference_energy_ratio{suffix}"] = ratio
     return out
 
 

@@ -70,7 +70,8 @@ def test_integer_figures_are_those_of_cost_integer(network, result):
     s = analysis.summary(result)
     ops = integer.integer_ops(network)
     assert s["integer_int8_macs"] == sum(layer.effective_macs for layer in network.layers) == int(ops.int8_macs.sum())
-    assert s["integer_rebuild_shifts"] == s["integer_rebuild_adds"] == sum(l.sd.nonzeros * l.sd.k for l in network.layers)
+    steps = sum(layer.sd.nonzeros * layer.sd.k for layer in network.layers)
+    assert s["integer_rebuild_shifts"] == s["integer_rebuild_adds"] == steps
     assert s["integer_requantizations"] == sum(l.weights + l.outputs for l in network.layers)
     options = comparison.COST_DEFAULTS
     parts = integer.integer_inference_energy(network, options["table"], buffer_kib=options["buffer_kib"],
