@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from sd_jax import models, serve
+from sd_jax.models.resnet_cifar import CifarResNet
+from sd_jax.nn.rules import SDRules
 from tests.serve.test_packed import MLP_INPUT, _trained_like
 
 # Runs the artifact with jax and numpy alone: importing sd_jax would raise ImportError.
@@ -79,6 +81,23 @@ def test_the_integer_path_exports_with_a_fixed_batch_and_gives_apply_int_bit_for
     assert sidecar["path_kind"] == "int" and sidecar["input_shape"] == [4, 4, 4, 1]
     images = np.asarray(jax.random.normal(jax.random.key(5), (4, *shape[1:])))
     np.testing.assert_array_equal(reloaded.call(images), quantized.apply_int(images))
+
+
+@pytest.mark.slow  # quantizing and exporting a ResNet-8 compiles its integer convolutions: about 40 s on 2 busy cores
+def test_the_integer_path_of_a_resnet_exports_bit_for_bit(tmp_path):
+    """Convolutions, residual adds and pooling in integers: the reloaded artifact (symbolic batch) equals
+    `apply_int` at every batch size."""
+    rules, shape = SDRules(), (1, 8, 8, 3)
+    model = CifarResNet(depth=8, num_classes=4, conv=rules.conv_factory(), dense=rules.dense_factory())
+    path = str(tmp_path / "resnet8.sdpack")
+    serve.save(path, model, _trained_like(model, shape, latent=False),
+               serve.ModelDescription(None, 4, shape, rules.as_section()))
+    quantized = serve.load(path, model=model).quantized(jax.random.normal(jax.random.key(4), (32, *shape[1:])))
+    serve.export_artifact(quantized, path + ".jaxexport", path_kind="int")
+    reloaded, _ = serve.load_artifact(path + ".jaxexport")
+    for batch in (1, 5):
+        images = np.asarray(jax.random.normal(jax.random.key(batch), (batch, *shape[1:])))
+        np.testing.assert_array_equal(reloaded.call(images), quantized.apply_int(images))
 
 
 def test_a_missing_sidecar_a_damaged_artifact_and_a_newer_version_are_refused(served, tmp_path):
