@@ -22,7 +22,6 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sd_jax import data
 from sd_jax.commands import inputs
 from sd_jax.nn.rules import SDRules
 from sd_jax.serve import integer
@@ -53,16 +52,11 @@ def main(argv: list[str]) -> None:
     variables = inputs.read_variables(_PARAMS.value)
     model = target.build(SDRules.from_config(config) if inputs.is_sd(variables) else None)
     variables = inputs.arranged(variables, model, target, _PARAMS.value, required=None)
-    common = config.input
-    options = dict(setting=common.setting, part=common.part, split_seed=common.split_seed,
-                   split_rule=common.split_rule, data_dir=common.data_dir or None, seed=config.seed)
-    calibration = next(iter(data.input_pipeline(common.dataset, "train", training=False,
-                                                batch_size=_CALIBRATION.value, **options)))["image"]
-    integer_model = integer.quantize(model, variables, calibration)
+    integer_model = integer.quantize(model, variables, inputs.calibration_images(config, _CALIBRATION.value))
     float_logits = jax.jit(lambda x: model.apply(variables, x, train=False))
     integer_logits = jax.jit(integer_model.apply)
     correct, agree, count = np.zeros(2), 0, 0
-    for batch in data.input_pipeline(common.dataset, "eval", batch_size=_BATCH.value, **options):
+    for batch in inputs.pipeline(config, "eval", _BATCH.value):
         valid = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)), bool)
         labels = np.asarray(batch["label"])[valid]
         predictions = [np.asarray(f(batch["image"])).argmax(-1)[valid] for f in (float_logits, integer_logits)]
@@ -72,9 +66,9 @@ def main(argv: list[str]) -> None:
     figures = dict(dense_top1=_dense_top1(_DENSE_RUN.value), float_top1=100 * correct[0] / count, integer_top1=100 * correct[1] / count,
                    difference_points=100 * (correct[0] - correct[1]) / count, agreement=100 * agree / count,
                    test_images=count, calibration_images=_CALIBRATION.value)
-    record = dict(command=workdir.command_line(), **workdir.git_commit(), checkpoint=_PARAMS.value, dense_run=_DENSE_RUN.value, model=target.name, dataset=common.dataset, **figures,
+    record = dict(command=workdir.command_line(), **workdir.git_commit(), checkpoint=_PARAMS.value, dense_run=_DENSE_RUN.value, model=target.name, dataset=config.input.dataset, **figures,
                   seconds=round(time.time() - started, 1), backend=jax.default_backend(), cpus=os.cpu_count())
-    print(f"{target.name} on {common.dataset}: float SD top-1 {figures['float_top1']:.2f} %, "
+    print(f"{target.name} on {config.input.dataset}: float SD top-1 {figures['float_top1']:.2f} %, "
           f"integer-only top-1 {figures['integer_top1']:.2f} % ({count} test images)")
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, "integer_eval.json"), "w") as stream:

@@ -5,7 +5,7 @@
     python -m launch.main --mode=analyze [--model=resnet20] [--params=PATH] [--format=markdown] [--plots=DIR]
     python -m launch.main --mode=analyze --config=CONFIG_OF_THE_RUN --params=runs/x/checkpoints \
         --json --output=runs/x/energy.json
-    python -m launch.main --mode=export --params=PATH --output=model.sdpack
+    python -m launch.main --mode=export --params=PATH --output=model.sdpack [--integer_calibration=500]
     python -m launch.main --mode=evaluate --config=CONFIG_OF_THE_RUN (--workdir=runs/x | --params=PATH)
 
 One config format serves every mode (default: experiments/configs/default.py): its `model` and `input`
@@ -17,7 +17,8 @@ permission denied) ends the run with one line naming the path and the fix.
 
 Modes: train / finetune (`sd_jax.train.trainer`); evaluate (the latest checkpoint of --workdir, or
 --params); decompose (every kernel the `sd` rules select -> SD variables and a per-layer report);
-analyze (energy and storage, dense and SD side by side); export (checkpoint -> packed SD file).
+analyze (energy and storage, dense and SD side by side); export (checkpoint -> packed SD file, and
+with --integer_calibration its integer-only form beside it, model.int.npz).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object in
 _MODEL = flags.DEFINE_string("model", None, "analyze / export: another zoo model than the config's, e.g. resnet20.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "markdown", "json", "csv"], "analyze: report format.")
 _PLOTS = flags.DEFINE_string("plots", None, "analyze: directory for PNG plots.")
+_INTEGER_CALIBRATION = flags.DEFINE_integer(
+    "integer_calibration", 0, "export: also write the integer-only model (model.sdpack -> model.int.npz), "
+    "calibrated on this many training images of the config's dataset (in order, not augmented); 0: none.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train / finetune / evaluate (without --params): checkpoints, metrics, summary.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
@@ -119,7 +123,8 @@ def _run_command(mode: str, config) -> None:
             text = commands.analyze(config, _PARAMS.value, model_name=_MODEL.value, plots_dir=_PLOTS.value,
                                     output_format="json" if _JSON.value else _FORMAT.value)
         elif mode == "export":
-            text = commands.export(config, _PARAMS.value, _OUTPUT.value, model_name=_MODEL.value)
+            text = commands.export(config, _PARAMS.value, _OUTPUT.value, model_name=_MODEL.value,
+                                   integer_calibration=_INTEGER_CALIBRATION.value)
         else:
             _print_result(commands.evaluate(config, _PARAMS.value))
             return

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import optax
 
-from sd_jax import data
 from sd_jax.commands import inputs
 from sd_jax.nn.rules import SDRules
 from sd_jax.train.step import create_train_state, eval_step
@@ -26,10 +25,7 @@ def evaluate(config: Any, params_path: str) -> dict[str, float]:
     model = target.build(SDRules.from_config(config) if inputs.is_sd(variables) else None)
     placed = inputs.arranged(variables, model, target, params_path, required=None)
     state = create_train_state(model.apply, placed, optax.identity(), jax.random.key(config.seed))
-    common = config.input
-    pipeline = data.input_pipeline(common.dataset, "eval", batch_size=common.eval_batch_size, seed=config.seed,
-                                   setting=common.setting, part=common.part, split_seed=common.split_seed,
-                                   split_rule=common.split_rule, data_dir=common.data_dir or None)
+    pipeline = inputs.pipeline(config, "eval", config.input.eval_batch_size)
     step = jax.jit(eval_step)
     totals = np.zeros(3)
     for _ in range(pipeline.steps_per_epoch):

@@ -5,6 +5,8 @@ SD variables (a trained SD run, `--mode=decompose --output`) are packed as the S
 describes uses them (q(C) ⊙ mask and B, `sd_jax.nn.convert.sd_tree`); dense parameters are decomposed
 first with the config's `sd` rules. Batch-norm statistics and the model's description (zoo name and
 options, SD rules, input shape) travel along, so the file serves alone (`sd_jax.serve.load`).
+With `integer_calibration` images, the integer-only form of the packed model (`sd_jax.serve.integer`)
+is written beside it (`integer_model_path`), calibrated on the config's first training images.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import layers
 from sd_jax.nn import convert
 from sd_jax.nn.rules import SDRules
+from sd_jax.serve import integer
+
+PACKED_SUFFIX = ".sdpack"
+INTEGER_SUFFIX = ".int.npz"
 
 
 def storage_count_bits(tensors: Mapping[str, packing.SDTensor | np.ndarray]) -> int:
@@ -50,9 +56,19 @@ def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = No
     return decomposed(inputs.dense_params(target, params_path), rules).tree, variables
 
 
+def integer_model_path(output: str) -> str:
+    """Where the integer-only model of the packed file `output` goes: model.sdpack -> model.int.npz."""
+    return output.removesuffix(PACKED_SUFFIX) + INTEGER_SUFFIX
+
+
 def export(config: Any, params_path: str, output: str, *, model_name: str | None = None,
-           basis_dtype: str = "float32") -> str:
-    """Pack the checkpoint at `params_path` into `output`; returns measured bytes beside the storage count."""
+           basis_dtype: str = "float32", integer_calibration: int = 0) -> str:
+    """Pack the checkpoint at `params_path` into `output`, and with `integer_calibration` > 0 its integer-only
+    form, calibrated on that many training images of the config, into `integer_model_path(output)`;
+    returns measured bytes beside the storage count."""
+    if not isinstance(integer_calibration, int) or integer_calibration < 0:
+        raise ValueError(f"integer_calibration={integer_calibration!r} must be a number of training images "
+                         "(0: no integer model)")
     tree, variables = sd_parameter_tree(config, params_path, model_name)
     tensors = serve.model_tensors(tree, variables)
     target = inputs.target_of(config, model_name)
@@ -63,9 +79,15 @@ def export(config: Any, params_path: str, output: str, *, model_name: str | None
     size, header = len(data), packing.header_bytes(data)
     count = storage_count_bits(tensors)
     sd = sum(isinstance(t, packing.SDTensor) for t in tensors.values())
-    return "\n".join([
+    lines = [
         f"wrote {output}: {size:,} bytes ({header:,} header and checksum, {size - header:,} payload), "
         f"{sd} SD kernels, {len(tensors) - sd} other arrays, B as {basis_dtype}",
         f"analyzer storage count: {count:,} bits = {count / 8:,.1f} bytes "
         f"(payload / count = {(size - header) * 8 / count:.4f}; B counted at 32 bits)",
-    ])
+    ]
+    if integer_calibration:
+        path = integer_model_path(output)
+        served = serve.load(output).quantized(inputs.calibration_images(config, integer_calibration))
+        integer.save(served.integer_model, path)
+        lines.append(f"wrote {path}: the integer-only model, calibrated on {integer_calibration} training images")
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sd_jax import data
 from sd_jax import io as sd_io
 from sd_jax import models
 from sd_jax.data import registry, settings
@@ -65,6 +66,26 @@ def target_of(config: Any, model_name: str | None = None) -> Target:
                                    source_classes=spec.source_classes, split_rule=config.input.split_rule)
     options = config.model.options.to_dict() if "options" in config.model else {}
     return Target(name, classes, (1, spec.image_size, spec.image_size, spec.channels), options)
+
+
+def pipeline(config: Any, split: str, batch_size: int, **options: Any) -> data.Pipeline:
+    """The `split` ('train' or 'eval') of the config's dataset, in its setting, part and split rule;
+    `options` go to `sd_jax.data.input_pipeline` (e.g. training=False)."""
+    if config is None or "input" not in config:
+        raise ValueError("reading the dataset needs a config that describes a run (an `input` section): pass "
+                         "--config=experiments/configs/default.py or the run's config")
+    common = config.input
+    return data.input_pipeline(common.dataset, split, batch_size=batch_size, seed=config.seed,
+                               setting=common.setting, part=common.part, split_seed=common.split_seed,
+                               split_rule=common.split_rule, data_dir=common.data_dir or None, **options)
+
+
+def calibration_images(config: Any, count: int) -> jax.Array:
+    """The first `count` training images of the config's dataset, in order and not augmented (preprocessed
+    as in training): what sets an integer model's activation ranges (`sd_jax.serve.integer.quantize`)."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"calibration needs a positive number of images, got {count!r}")
+    return next(iter(pipeline(config, "train", count, training=False)))["image"]
 
 
 def read_variables(path: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 `analyze` evaluates the dense view of a network on one hardware description, its SD view on
 another (usually the same technology at other bit widths) and, optionally, the dense view again on a
 dense 8-bit baseline (8-bit weights, activations and gradients: the class of baseline the paper's
-training claims are measured against); `summary`, `layer_rows` and the `format_*` / `to_*`
+training claims are measured against) and integer-only SD inference (`sd_jax.cost.integer.IntegerView`:
+int8 MACs, the rebuild's shifts and adds, requantizations and, where the table prices them, their
+energy with its data movement); `summary`, `layer_rows` and the `format_*` / `to_*`
 functions render the result; `plot_energy` and `plot_storage` save PNGs. Storage totals add the
 model's other parameters (biases, norms) at 32 bits to every side. Reports give both MAC counts:
 `macs` as FLOP counters count them (padding taps included) and `effective_macs` (without them), and
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 
 from sd_jax.cost import energy as energy_lib
+from sd_jax.cost import integer as integer_lib
 from sd_jax.cost.hardware import Hardware
 from sd_jax.cost.layers import Network
 
@@ -33,7 +36,8 @@ PHASES = ("forward", "backward_activations", "backward_weights", "update")
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """Per-layer energies (NumPy) of the dense and SD views, and of the dense 8-bit baseline when
-    analyzed (`dense_int8`, else None); inference and training at their batches."""
+    analyzed (`dense_int8`, else None); inference and training at their batches. `integer`: the
+    integer-only SD inference view when analyzed."""
 
     model: str
     unit: str
@@ -42,15 +46,17 @@ class Analysis:
     sd: dict[str, Any]
     steps_per_epoch: int
     dense_int8: dict[str, Any] | None = None
+    integer: integer_lib.IntegerView | None = None
 
 
 def analyze(
     network: Network, model: str, *, unit: str, dense_hardware: Hardware, sd_hardware: Hardware,
     int8_hardware: Hardware | None = None, inference_batch: int = 1, training_batch: int = 128,
-    steps_per_epoch: int = 1,
+    steps_per_epoch: int = 1, integer: integer_lib.IntegerView | None = None,
 ) -> Analysis:
     """Run `energy` on the dense view (on `dense_hardware`, and on `int8_hardware` when given) and the
-    SD view (on `sd_hardware`): inference at `inference_batch`, training at `training_batch`."""
+    SD view (on `sd_hardware`): inference at `inference_batch`, training at `training_batch`; `integer`
+    (`integer_lib.integer_view` of `network`) joins the reports as it is."""
     for name, value in (("inference_batch", inference_batch), ("training_batch", training_batch),
                         ("steps_per_epoch", steps_per_epoch)):
         if not isinstance(value, int) or value < 1:
@@ -65,7 +71,7 @@ def analyze(
     dense_counts = energy_lib.layer_counts(network, sd=False)
     return Analysis(model, unit, network, run(dense_counts, dense_hardware),
                     run(energy_lib.layer_counts(network), sd_hardware), steps_per_epoch,
-                    None if int8_hardware is None else run(dense_counts, int8_hardware))
+                    None if int8_hardware is None else run(dense_counts, int8_hardware), integer)
 
 
 def _ratio(dense: float, sd: float) -> float:
@@ -91,7 +97,7 @@ def summary(analysis: Analysis) -> dict[str, Any]:
     """Totals of every view and their ratios, energies in `unit`, storage in bits: `<total>_ratio` is
     dense / SD, `<total>_ratio_vs_int8` dense 8-bit / SD (when the analysis has that baseline).
     MACs per image: `macs` (padding taps included), `effective_macs` (excluded) and `energy_macs`,
-    the name of the count the energies charge."""
+    the name of the count the energies charge. With an integer view, `integer_*` (`_integer_totals`)."""
     other_bits = analysis.network.other_params * OTHER_PARAM_BITS
     views = dict(dense=analysis.dense, sd=analysis.sd, dense_int8=analysis.dense_int8)
     totals = {view: _side_totals(result, other_bits) for view, result in views.items() if result is not None}
@@ -112,6 +118,28 @@ def summary(analysis: Analysis) -> dict[str, Any]:
         out[f"{name}_ratio"] = _ratio(totals["dense"][key], sd[key])
         if "dense_int8" in totals:
             out[f"{name}_ratio_vs_int8"] = _ratio(totals["dense_int8"][key], sd[key])
+    if analysis.integer is not None:
+        out.update(_integer_totals(analysis.integer, {view: t["inference_energy"] for view, t in totals.items()}))
+    return out
+
+
+def _integer_totals(view: integer_lib.IntegerView, inference: dict[str, float]) -> dict[str, Any]:
+    """Integer-only SD inference per image: operation counts, energy (None when the table does not price
+    it; `integer_unpriced` lists the missing entries) and `integer_inference_energy_ratio[_vs_int8]`, dense
+    (8-bit) inference energy / integer."""
+    count = lambda *columns: int(round(sum(float(np.sum(column, dtype=np.float64)) for column in columns)))
+    ops = view.ops
+    out: dict[str, Any] = dict(
+        integer_table=view.table, integer_int8_macs=count(ops.int8_macs),
+        integer_rebuild_shifts=count(ops.rebuild_shifts), integer_rebuild_adds=count(ops.rebuild_adds),
+        integer_requantizations=count(ops.weight_requantizations, ops.output_requantizations),
+        integer_unpriced=list(view.missing))
+    energy = None if view.energy is None else float(energy_lib.total(view.energy))
+    out["integer_inference_energy"] = energy
+    for suffix, baseline in (("", "dense"), ("_vs_int8", "dense_int8")):
+        if baseline in inference:
+            ratio = None if energy is None else _ratio(inference[baseline], energy)
+            out[f"integer_inference_energy_ratio{suffix}"] = ratio
     return out
 
 
@@ -124,7 +152,9 @@ def _density(network: Network) -> float | None:
 
 def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:
     """One row per layer: shapes, MACs (with and without padding taps), SD statistics, storage and
-    energies of both views."""
+    energies of both views; the integer path's rebuild adds, requantizations and inference energy (None
+    without an integer view or where the table does not price it)."""
+    integer = analysis.integer
     rows = []
     for i, layer in enumerate(analysis.network.layers):
         pick = lambda tree: float(tree[i])
@@ -138,15 +168,20 @@ def layer_rows(analysis: Analysis) -> list[dict[str, Any]]:
             dense_inference_energy=sum(pick(v) for v in analysis.dense["inference"].values()),
             sd_inference_energy=sum(pick(v) for v in analysis.sd["inference"].values()),
             dense_training_energy=train(analysis.dense), sd_training_energy=train(analysis.sd),
+            rebuild_adds=None if integer is None else pick(integer.ops.rebuild_adds),
+            requantizations=None if integer is None else
+            pick(integer.ops.weight_requantizations) + pick(integer.ops.output_requantizations),
+            integer_inference_energy=None if integer is None or integer.energy is None else
+            sum(pick(v) for v in integer.energy.values()),
         ))
     return rows
 
 
 _COLUMNS = ("layer", "kind", "kernel", "macs", "effective_macs", "density", "code_bits", "dense_storage_bits",
             "sd_storage_bits", "dense_inference_energy", "sd_inference_energy", "dense_training_energy",
-            "sd_training_energy")
+            "sd_training_energy", "rebuild_adds", "requantizations", "integer_inference_energy")
 _HEADERS = ("layer", "kind", "kernel", "MACs", "effective MACs", "density", "code bits", "dense bits",
-            "SD bits", "dense inf.", "SD inf.", "dense train", "SD train")
+            "SD bits", "dense inf.", "SD inf.", "dense train", "SD train", "rebuild adds", "requant.", "int inf.")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -193,6 +228,23 @@ def _headline(analysis: Analysis) -> str:
             f"padding (energies charge {s['energy_macs']}); {s['sd_layers']} of {s['layers']} layers in SD form")
 
 
+def _integer_line(analysis: Analysis) -> list[str]:
+    """One sentence on integer-only SD inference (none without an integer view): its operations per image
+    and its energy against the dense views, or which entries the table lacks to price it."""
+    if analysis.integer is None:
+        return []
+    s = summary(analysis)
+    line = (f"integer-only SD inference per image: {s['integer_int8_macs']:,} int8 MACs, "
+            f"{s['integer_rebuild_shifts']:,} rebuild shifts and {s['integer_rebuild_adds']:,} adds, "
+            f"{s['integer_requantizations']:,} requantizations; ")
+    if s["integer_inference_energy"] is None:
+        return [line + f"energy not priced: table '{s['integer_table']}' has no {', '.join(s['integer_unpriced'])}"]
+    ratios = [f"{label} / integer {s[f'integer_inference_energy_ratio{suffix}']:.2f}x"
+              for label, suffix in (("dense", ""), ("dense 8-bit", "_vs_int8"))
+              if f"integer_inference_energy_ratio{suffix}" in s]
+    return [line + f"energy {s['integer_inference_energy']:.4g} {s['unit']}, " + ", ".join(ratios)]
+
+
 def format_text(analysis: Analysis) -> str:
     """A plain-text per-layer table and the totals."""
     rows = [list(_HEADERS)] + [_cells(row) for row in layer_rows(analysis)]
@@ -203,7 +255,7 @@ def format_text(analysis: Analysis) -> str:
     widths = [max(len(row[i]) for row in totals) + 2 for i in range(len(totals[0]))]
     lines = [_headline(analysis)]
     lines += [row[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) for row in totals]
-    return "\n".join(table + [""] + lines)
+    return "\n".join(table + [""] + lines + _integer_line(analysis))
 
 
 def format_markdown(analysis: Analysis) -> str:
@@ -212,7 +264,8 @@ def format_markdown(analysis: Analysis) -> str:
     totals = _totals_table(analysis)
     lines = [md(_HEADERS), md(["---"] * len(_HEADERS)), *(md(_cells(row)) for row in layer_rows(analysis))]
     lines += ["", _headline(analysis), "", md(totals[0]), md(["---"] * len(totals[0])), *map(md, totals[1:])]
-    return "\n".join(lines)
+    integer = _integer_line(analysis)
+    return "\n".join(lines + (["", *integer] if integer else []))
 
 
 def to_json(analysis: Analysis) -> str:

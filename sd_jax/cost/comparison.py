@@ -1,6 +1,7 @@
-"""The three views the analyzer compares, on one energy table and one accelerator: dense at
-`dense_bits` (float at 32), dense 8-bit integer (the low-precision baseline of the paper's training
-claims) and SD (8-bit integer by default), with the options of a config's `cost` section."""
+"""The views the analyzer compares, on one energy table and one accelerator: dense at `dense_bits`
+(float at 32), dense 8-bit integer (the low-precision baseline of the paper's training claims), SD
+(8-bit integer by default) and integer-only SD inference (`sd_jax.cost.integer`), with the options
+of a config's `cost` section."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sd_jax.cost import analysis as analysis_lib
-from sd_jax.cost import hardware, layers, tables
+from sd_jax.cost import hardware, integer, layers, tables
 
 # Defaults of the `cost` config section; a config's `cost` entries override them.
 COST_DEFAULTS = dict(
@@ -31,11 +32,12 @@ def cost_options(config: Any) -> dict[str, Any]:
 
 
 def analysis_of(network: layers.Network, model_name: str, options: Mapping[str, Any]) -> analysis_lib.Analysis:
-    """Dense (options.dense_bits, float at 32) and dense 8-bit (int) against SD (8-bit int by default),
-    all on one table and one accelerator."""
+    """Dense (options.dense_bits, float at 32) and dense 8-bit (int) against SD (8-bit int by default) and
+    integer-only SD inference, all on one table and one accelerator."""
     table = tables.get(options["table"])
-    common = dict(buffer_kib=options["buffer_kib"], pe_count=options["pe_count"], dataflow=options["dataflow"],
-                  skip_zeros=options["skip_zeros"], basis_bits=options["basis_bits"])
+    accelerator = dict(buffer_kib=options["buffer_kib"], pe_count=options["pe_count"], dataflow=options["dataflow"],
+                       skip_zeros=options["skip_zeros"])
+    common = dict(accelerator, basis_bits=options["basis_bits"])
     dense_hw = hardware.hardware(table, weight_bits=options["dense_bits"], activation_bits=options["dense_bits"],
                                  **common)
     int8_hw = hardware.hardware(table, weight_bits=INT8_BITS, activation_bits=INT8_BITS, gradient_bits=INT8_BITS,
@@ -45,4 +47,6 @@ def analysis_of(network: layers.Network, model_name: str, options: Mapping[str, 
     steps = math.ceil(options["dataset_size"] / options["training_batch"])
     return analysis_lib.analyze(network, model_name, unit=table.unit, dense_hardware=dense_hw, sd_hardware=sd_hw,
                                 int8_hardware=int8_hw, inference_batch=options["inference_batch"],
-                                training_batch=options["training_batch"], steps_per_epoch=steps)
+                                training_batch=options["training_batch"], steps_per_epoch=steps,
+                                integer=integer.integer_view(network, table, batch=options["inference_batch"],
+                                                             **accelerator))

@@ -16,7 +16,8 @@ Energy (`integer_energy`): an int8 MAC costs mult_int8 + add_int32; a shift is w
 span bits); a fixed-point multiply costs mult_int32 + add_int32 (the product and its rounding). The
 Horowitz table has every one of these entries; a table without them raises ValueError naming the entry.
 `integer_inference_energy` adds the data movement of the access model (`sd_jax.cost.energy`) at 8-bit
-weights, activations and B.
+weights, activations and B. `integer_view` is what the analyzer reports: the operations always, the
+energy where the table prices it (`missing_entries` names what a table such as Eyeriss's lacks).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from sd_jax.cost.layers import Network
 Array = jax.Array
 
 INT_BITS = 8  # weights, activations and B of the integer path
+# Entries `integer_inference_energy` reads: the access model's memories and 8-bit arithmetic, and its own.
+ENTRIES = ("dram", "buffer", "register", "mult_int8", "add_int8", "add_int32", "mult_int32")
 
 
 @jax.tree_util.register_dataclass
@@ -85,3 +88,29 @@ def integer_inference_energy(network: Network, table: str | tables.EnergyTable =
     moved = energy_lib.energy(energy_lib.layer_counts(network), hw)["inference"]
     return dict({part: moved[part] for part in ("dram", "buffer", "register")},
                 **integer_energy(integer_ops(network), table))
+
+
+def missing_entries(table: str | tables.EnergyTable) -> tuple[str, ...]:
+    """The entries of ENTRIES that `table` lacks: empty when it prices integer-only inference."""
+    table = tables.get(table) if isinstance(table, str) else table
+    return tuple(entry for entry in ENTRIES if entry not in table.entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerView:
+    """Integer-only SD inference of one network for a report: per-layer operations and, when `table`
+    prices them, per-layer energies by part (`integer_inference_energy`; else None, `missing` says why)."""
+
+    table: str
+    ops: IntegerOps
+    energy: dict[str, np.ndarray] | None
+    missing: tuple[str, ...] = ()
+
+
+def integer_view(network: Network, table: str | tables.EnergyTable = "horowitz45nm",
+                 **hardware_options) -> IntegerView:
+    """`integer_ops` of `network` and, where `table` has every entry of ENTRIES, `integer_inference_energy`."""
+    table = tables.get(table) if isinstance(table, str) else table
+    missing = missing_entries(table)
+    energy = None if missing else jax.device_get(integer_inference_energy(network, table, **hardware_options))
+    return IntegerView(table.name, jax.device_get(integer_ops(network)), energy, missing)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sd_jax import io as sd_io
 from sd_jax.core import blocking, pow2
 from sd_jax.models.common import BN_EPSILON
 from sd_jax.models.resnet_cifar import WIDTHS, CifarResNet
@@ -265,8 +266,8 @@ def save(model: IntegerModel, path: str | os.PathLike) -> None:
                  layers=[[name, dataclasses.asdict(shape)] for name, shape in model.layers])
     arrays = {f"{layer}/{key}": np.asarray(value) for layer, leaves in model.params.items()
               for key, value in leaves.items()}
-    with open(path, "wb") as stream:
-        np.savez(stream, **arrays, **{GRAPH_KEY: np.frombuffer(json.dumps(graph).encode(), np.uint8)})
+    sd_io.atomic_write(path, lambda stream: np.savez(
+        stream, **arrays, **{GRAPH_KEY: np.frombuffer(json.dumps(graph).encode(), np.uint8)}))
 
 
 def _layer_shape(fields: Mapping[str, Any]) -> LayerShape:

@@ -133,6 +133,10 @@ def _as_variables(tensors: Mapping[str, packing.SDTensor | np.ndarray], source: 
     return sd_io.unflatten(flat)
 
 
+# The integer model is an argument (a pytree): every ServedModel of one graph shares the compilation.
+_apply_integer = jax.jit(IntegerModel.apply)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
     """A packed SD model ready for inference: `apply(images)` (jitted, evaluation mode) gives logits.
@@ -168,12 +172,12 @@ class ServedModel:
         return self._apply(self.variables, self.check_images(images))
 
     def apply_int(self, images: Any) -> jax.Array:
-        """Logits of the attached integer-only model; ValueError when none is attached."""
+        """Logits of the attached integer-only model (jitted); ValueError when none is attached."""
         if self.integer_model is None:
             raise ValueError("this ServedModel has no integer model; build one from calibration images with "
                              "served = served.quantized(images), or attach a saved one with "
                              "served.with_integer_model(sd_jax.serve.integer.load(path))")
-        return self.integer_model.apply(self.check_images(images))
+        return _apply_integer(self.integer_model, self.check_images(images))
 
     def with_integer_model(self, integer_model: IntegerModel) -> "ServedModel":
         """A copy whose `apply_int` runs `integer_model`."""

@@ -41,7 +41,9 @@ def test_analyze_reports_dense_and_sd_in_every_format(lenet_params, tmp_path):
     from_npz = json.loads(commands.analyze(config, lenet_params, model_name="lenet5", output_format="json"))
     assert from_npz["summary"]["sd_layers"] == 5  # the '/'-named zoo layers of an .npz are found
     assert data["summary"]["storage_ratio"] > 1 and len(data["layers"]) == 5
-    assert "dense 8-bit / SD" in commands.analyze(config, model_name="lenet5")
+    text = commands.analyze(config, model_name="lenet5")
+    assert "dense 8-bit / SD" in text and "integer-only SD inference per image: " in text
+    assert "dense 8-bit / integer" in text
     assert commands.analyze(config, model_name="lenet5", output_format="csv").startswith("layer,kind,kernel,macs")
     assert "| --- |" in commands.analyze(config, model_name="lenet5", output_format="markdown")
     assert sorted(os.listdir(tmp_path)) == ["lenet5_energy.png", "lenet5_storage.png"]
@@ -136,6 +138,9 @@ def test_analyze_counts_the_trained_sd_variables_of_a_run(tmp_path, mode):
     # the trainer's summary and the analyzer count the same coefficients the same way
     assert summary["compression_ratio"] == pytest.approx(analyzed["storage_ratio"])
     assert summary["density"] == pytest.approx(analyzed["sd_density"])
+    # the integer path: every effective MAC in int8, priced by the default (Horowitz) table
+    assert analyzed["integer_int8_macs"] == analyzed["effective_macs"] and analyzed["integer_rebuild_adds"] > 0
+    assert analyzed["integer_inference_energy"] > 0 and analyzed["integer_unpriced"] == []
     if mode == "pow2":  # stored coefficients are the used ones: count them by hand
         rows = {row["layer"]: row for row in json.loads(text)["layers"]}
         variables = sd_io.load_variables(os.path.join(run, "checkpoints"))

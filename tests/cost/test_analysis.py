@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from sd_jax.cost import analysis, comparison, hardware
+from sd_jax.cost import analysis, comparison, hardware, integer
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,41 @@ def test_reports_give_both_mac_counts_and_name_the_one_energy_charges(network, r
     stem = analysis.layer_rows(result)[0]
     assert (stem["macs"], stem["effective_macs"]) == (network.layers[0].macs, network.layers[0].effective_macs)
     assert analysis.to_csv(result).startswith("layer,kind,kernel,macs,effective_macs,")
+
+
+def test_integer_figures_are_those_of_cost_integer(network, result):
+    s = analysis.summary(result)
+    ops = integer.integer_ops(network)
+    assert s["integer_int8_macs"] == sum(layer.effective_macs for layer in network.layers) == int(ops.int8_macs.sum())
+    steps = sum(layer.sd.nonzeros * layer.sd.k for layer in network.layers)
+    assert s["integer_rebuild_shifts"] == s["integer_rebuild_adds"] == steps
+    assert s["integer_requantizations"] == sum(l.weights + l.outputs for l in network.layers)
+    options = comparison.COST_DEFAULTS
+    parts = integer.integer_inference_energy(network, options["table"], buffer_kib=options["buffer_kib"],
+                                             pe_count=options["pe_count"], dataflow=options["dataflow"])
+    energy = float(sum(np.sum(part) for part in parts.values()))
+    np.testing.assert_allclose(s["integer_inference_energy"], energy, rtol=1e-5)
+    np.testing.assert_allclose(s["integer_inference_energy_ratio"], s["dense_inference_energy"] / energy, rtol=1e-5)
+    np.testing.assert_allclose(s["integer_inference_energy_ratio_vs_int8"], s["dense_int8_inference_energy"] / energy,
+                               rtol=1e-5)
+    rows = analysis.layer_rows(result)
+    np.testing.assert_allclose([row["integer_inference_energy"] for row in rows], sum(parts.values()), rtol=1e-5)
+    line = (f"integer-only SD inference per image: {s['integer_int8_macs']:,} int8 MACs, "
+            f"{s['integer_rebuild_shifts']:,} rebuild shifts")
+    assert line in analysis.format_text(result) and line in analysis.format_markdown(result)
+    assert f"dense / integer {s['integer_inference_energy_ratio']:.2f}x" in analysis.format_text(result)
+    assert json.loads(analysis.to_json(result))["summary"]["integer_rebuild_adds"] == s["integer_rebuild_adds"]
+    assert "integer_inference_energy" in analysis.to_csv(result).splitlines()[0]
+
+
+def test_a_table_that_cannot_price_the_integer_path_is_named_in_one_line(network):
+    eyeriss = hardware.hardware("eyeriss", weight_bits=16, activation_bits=16)
+    result = analysis.analyze(network, "resnet20", unit="MAC", dense_hardware=eyeriss, sd_hardware=eyeriss,
+                              integer=integer.integer_view(network, "eyeriss"))
+    s = json.loads(analysis.to_json(result))["summary"]
+    assert s["integer_inference_energy"] is None and s["integer_inference_energy_ratio"] is None
+    assert s["integer_int8_macs"] == sum(layer.effective_macs for layer in network.layers)
+    unpriced = [line for line in analysis.format_text(result).splitlines() if "not priced" in line]
+    assert len(unpriced) == 1 and unpriced[0].endswith(
+        "energy not priced: table 'eyeriss' has no mult_int8, add_int8, add_int32, mult_int32")
+    assert analysis.to_csv(result)

@@ -44,3 +44,12 @@ def test_integer_inference_adds_data_movement_to_the_arithmetic():
 def test_a_table_without_integer_entries_is_refused():
     with pytest.raises(ValueError, match="no entry 'add_int32'"):
         integer.integer_energy(integer.integer_ops(SMALL), tables.get("eyeriss"))
+
+
+def test_the_view_prices_what_the_table_covers_and_names_what_it_lacks():
+    view = integer.integer_view(SMALL)
+    assert view.missing == () and set(view.energy) == {"dram", "buffer", "register", "mac", "rebuild", "requantization"}
+    np.testing.assert_allclose(view.energy["rebuild"], [15 * 0.1, 0.0], rtol=1e-6)
+    eyeriss = integer.integer_view(SMALL, "eyeriss")
+    assert eyeriss.energy is None and eyeriss.missing == ("mult_int8", "add_int8", "add_int32", "mult_int32")
+    np.testing.assert_array_equal(eyeriss.ops.rebuild_adds, [15, 0])

@@ -5,11 +5,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sd_jax import models, serve
+from sd_jax.models.resnet_cifar import CifarResNet
+from sd_jax.nn.rules import SDRules
 from tests.serve.test_packed import MLP_INPUT, _trained_like
 
 # Runs the artifact with jax and numpy alone: importing sd_jax would raise ImportError.
@@ -62,20 +63,41 @@ def test_an_exported_model_runs_in_a_process_without_sd_jax(served, tmp_path):
                                atol=1e-6)
 
 
-def test_a_fixed_batch_size_and_the_integer_path_export_the_same_way(served, tmp_path):
-    """`path_kind='int'` exports what `apply_int` runs: here a stand-in integer model (the sum of each image)."""
-
-    class Sums:
-        def apply(self, images):
-            return jnp.round(jnp.sum(images, axis=(1, 2))).astype(jnp.int32)
-
+def test_the_integer_path_exports_with_a_fixed_batch_and_gives_apply_int_bit_for_bit(served, tmp_path):
+    """`path_kind='int'` exports what `apply_int` runs: integer arithmetic, then one float scale of the logits
+    (the same operations compiled anew), so the reloaded artifact's logits are equal, not close."""
     path = str(tmp_path / "int.jaxexport")
     with pytest.raises(ValueError, match="needs an integer model"):
         serve.export_artifact(served, path, path_kind="int")
-    exported = serve.export_artifact(served.with_integer_model(Sums()), path, batch_size=2, path_kind="int")
-    assert exported.in_avals[0].shape == (2, 28, 28, 1)
-    images = np.ones((2, *MLP_INPUT[1:]), np.float32)
-    np.testing.assert_array_equal(serve.load_artifact(path)[0].call(images), np.full((2, 1), 784, np.int32))
+    shape = (1, 4, 4, 1)  # a small MLP: quantizing the default one compiles for seconds
+    model = models.get("mlp", num_classes=5, sd=True, hidden=(24,))
+    serve.save(str(tmp_path / "small.sdpack"), model, _trained_like(model, shape, latent=False),
+               serve.ModelDescription("mlp", 5, shape, options=dict(hidden=[24])))
+    small = serve.load(str(tmp_path / "small.sdpack"))
+    quantized = small.quantized(jax.random.normal(jax.random.key(4), (32, *shape[1:])))
+    exported = serve.export_artifact(quantized, path, batch_size=4, path_kind="int")
+    assert exported.in_avals[0].shape == (4, 4, 4, 1)
+    reloaded, sidecar = serve.load_artifact(path)
+    assert sidecar["path_kind"] == "int" and sidecar["input_shape"] == [4, 4, 4, 1]
+    images = np.asarray(jax.random.normal(jax.random.key(5), (4, *shape[1:])))
+    np.testing.assert_array_equal(reloaded.call(images), quantized.apply_int(images))
+
+
+@pytest.mark.slow  # quantizing and exporting a ResNet-8 compiles its integer convolutions: about 40 s on 2 busy cores
+def test_the_integer_path_of_a_resnet_exports_bit_for_bit(tmp_path):
+    """Convolutions, residual adds and pooling in integers: the reloaded artifact (symbolic batch) equals
+    `apply_int` at every batch size."""
+    rules, shape = SDRules(), (1, 8, 8, 3)
+    model = CifarResNet(depth=8, num_classes=4, conv=rules.conv_factory(), dense=rules.dense_factory())
+    path = str(tmp_path / "resnet8.sdpack")
+    serve.save(path, model, _trained_like(model, shape, latent=False),
+               serve.ModelDescription(None, 4, shape, rules.as_section()))
+    quantized = serve.load(path, model=model).quantized(jax.random.normal(jax.random.key(4), (32, *shape[1:])))
+    serve.export_artifact(quantized, path + ".jaxexport", path_kind="int")
+    reloaded, _ = serve.load_artifact(path + ".jaxexport")
+    for batch in (1, 5):
+        images = np.asarray(jax.random.normal(jax.random.key(batch), (batch, *shape[1:])))
+        np.testing.assert_array_equal(reloaded.call(images), quantized.apply_int(images))
 
 
 def test_a_missing_sidecar_a_damaged_artifact_and_a_newer_version_are_refused(served, tmp_path):

@@ -16,6 +16,7 @@ from sd_jax.commands import inputs
 from sd_jax.core import packing
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SDRules, swap_layers, to_sd
+from sd_jax.serve import integer
 from sd_jax.train import trainer
 from tests.core.test_packing import version_1
 from tests.train.tiny_config import tiny_config
@@ -132,6 +133,26 @@ def test_export_of_sd_variables_then_load_gives_their_logits(tmp_path):
     assert served.description.input_shape == MLP_INPUT and served.description.rules().defaults["threshold"] == 4e-3
     images = jax.random.normal(jax.random.key(2), (4, *MLP_INPUT[1:]))
     np.testing.assert_array_equal(np.asarray(served.apply(images)), _logits(model, variables, images, train=False))
+
+
+def test_export_writes_the_integer_model_calibrated_on_the_first_training_images(tmp_path):
+    """`--mode=export` with `integer_calibration`: mlp.int.npz beside mlp.sdpack holds the integer form of the
+    packed model calibrated on the config's first training images, as `served.quantized` makes it."""
+    config = tiny_config(model__sd=True)
+    config.model.options.hidden = (24,)  # a small MLP: quantizing the default one compiles for seconds
+    model = models.get("mlp", num_classes=10, sd=SDRules.from_config(config), hidden=(24,))
+    params, output = str(tmp_path / "sd.npz"), str(tmp_path / "mlp.sdpack")
+    np.savez(params, **sd_io.flatten(_trained_like(model, MLP_INPUT, latent=False)))
+    with tfds.testing.mock_data(num_examples=32):
+        with pytest.raises(ValueError, match="integer_calibration=-1 must be a number of training images"):
+            commands.export(config, params, output, integer_calibration=-1)
+        report = commands.export(config, params, output, integer_calibration=16)
+        calibration = inputs.calibration_images(config, 16)
+    assert f"wrote {tmp_path / 'mlp.int.npz'}: the integer-only model, calibrated on 16 training images" in report
+    served = serve.load(output)
+    written = served.with_integer_model(integer.load(tmp_path / "mlp.int.npz"))
+    images = jax.random.normal(jax.random.key(6), (8, *MLP_INPUT[1:]))
+    np.testing.assert_array_equal(written.apply_int(images), served.quantized(calibration).apply_int(images))
 
 
 @pytest.fixture(scope="module")
