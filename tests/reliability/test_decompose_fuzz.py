@@ -17,7 +17,7 @@ import sd_jax
 from sd_jax.core import blocking
 from sd_jax.core.decompose import LossyDecompositionWarning
 
-FAST_CASES = 300
+FAST_CASES = 500
 SLOW_CASES = 10_000
 # Input dtypes and the decimal exponents of weight scale they represent without overflow.
 DTYPES = {"float32": (-30, 30), "bfloat16": (-30, 30), "float16": (-3, 2)}
