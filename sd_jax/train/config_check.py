@@ -155,7 +155,7 @@ def _check_sd(config: ml_collections.ConfigDict) -> None:
     try:
         SDRules.from_config(config)
     except ValueError as error:
-        _fail("sd", "...", _SD_WHERE.sub("", str(error)), "change the sd options that do not go together")
+        raise ValueError(f"sd options that do not go together: {_SD_WHERE.sub('', str(error))}") from None
 
 
 def _check_across(config: ml_collections.ConfigDict) -> None:

@@ -143,6 +143,11 @@ def test_values_that_do_not_go_together_are_refused(key):
     _assert_refused(ACROSS[key], key)
 
 
+def test_sd_options_that_do_not_go_together_are_refused():
+    with pytest.raises(ValueError, match=r"^sd options that do not go together: threshold=16.0 exceeds max_coeff=8.0"):
+        check_config(_with({"sd.threshold": 16.0, "sd.max_coeff": 8.0}))
+
+
 def test_a_section_the_config_lacks_is_not_checked():
     config = ml_collections.ConfigDict({"model": {"name": "resnet20"}})
     assert check_config(config) is config
