@@ -153,6 +153,12 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     mode = _MODE.value
+    from sd_jax.train.config_check import check_config  # imported here: it imports JAX
+
+    try:
+        check_config(_CONFIG.value)
+    except ValueError as error:  # a bad config value: refused before any work starts
+        _exit_with(error)
     if mode in TRAINING_MODES or (mode == "evaluate" and not _PARAMS.value):
         _run_training(mode, _CONFIG.value, _WORKDIR.value)
         return

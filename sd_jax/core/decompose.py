@@ -460,12 +460,18 @@ def _decompose_bucket(blocks, keep, threshold, max_coeff, row_threshold, thresho
     return out, stats
 
 
+# Compiled bucket programs kept before the cache is dropped: each holds about 370 memory maps on CPU, and
+# Linux's default limit of 65530 maps a process ended sweeps over many (m, k) shapes after about 175
+# programs with "LLVM compilation error: Cannot allocate memory".
+MAX_COMPILED = 64
+
+
 def padded_size(count: int) -> int:
     """The compiled size for `count` blocks or tensors: up to 16 as the next power of two, above that
     rounded up to a multiple of an eighth of its power of two (at most 12.5 % padding).
 
-    Every distinct size is one compilation, kept for the life of the process; with at most 8 sizes per
-    octave, sweeps over many shapes run in bounded memory, and the padding costs little time (zero
+    Every distinct size is one compilation (at most `MAX_COMPILED` are kept); with at most 8 sizes per
+    octave, sweeps over many shapes compile few programs, and the padding costs little time (zero
     padding blocks finish in two rounds and are dropped). Padding to the next power of two instead
     made the ResNet-18 decomposition 1.3x slower.
     """
@@ -524,6 +530,8 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
     buckets: dict[tuple, list[int]] = {}
     for index, part in enumerate(prepared):
         buckets.setdefault((part.spec.rows, part.spec.k) + part.options.static_key(), []).append(index)
+    if _decompose_bucket._cache_size() + len(buckets) > MAX_COMPILED:
+        _decompose_bucket.clear_cache()
 
     def run(members: list[int]) -> list[tuple[int, Decomposition]]:
         parts = [prepared[i] for i in members]

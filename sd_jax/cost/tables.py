@@ -116,7 +116,7 @@ def load(path: str) -> EnergyTable:
     try:
         with open(path) as stream:
             data = json.load(stream)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"energy table {path}: cannot read it as JSON ({error}); fix the file") from None
     return from_dict(data, origin=path)
 

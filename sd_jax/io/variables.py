@@ -7,6 +7,8 @@ variable collections) or an `.npz` whose keys are slash-joined paths ("params/bl
 
 SD variables have one layout on disk, the one the SD layers read (`sd_jax.nn.layers`):
 `sd_basis/<layer>/basis`, `sd_coeff/<layer>/coeff`, `sd_mask/<layer>/mask`, beside `params`.
+A damaged file is refused with one line naming it (`CheckpointError`); of a `CheckpointManager` root
+whose newest step is damaged, the newest step that restores is read, with a warning.
 `save_decomposition` writes a decomposition in it, so an SD model applies the file as it is. Files of
 the earlier layout (`sd_coeff/<layer>/kernel`, written by `--mode=decompose` before 2026-11-30) are
 converted on load.
@@ -15,6 +17,8 @@ converted on load.
 from __future__ import annotations
 
 import json
+import logging
+import textwrap
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -132,37 +136,61 @@ def load_params(path: PathLike) -> dict[str, Any]:
     return tree
 
 
+def _cause(error: BaseException) -> str:
+    """`error` as a short phrase for a one-line message: its first line without TensorStore's spec."""
+    text = str(error).split("\n", 1)[0].split(" [tensorstore_spec", 1)[0]
+    return f"{type(error).__name__}: {textwrap.shorten(text, 160, placeholder=' ...')}"
+
+
 def _load_npz(path: Any) -> dict[str, Any]:
     try:
         with path.open("rb") as stream, np.load(stream, allow_pickle=False) as data:
             flat = {key: data[key] for key in data.files if not key.startswith("__")}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
         raise CheckpointError(
-            f"{path}: not a readable .npz ({type(error).__name__}: {error}); the file is corrupt, "
-            "truncated or holds pickled objects (not allowed): re-export it with numpy.savez"
+            f"{path}: not a readable .npz ({_cause(error)}); the file is corrupt, truncated or holds pickled "
+            "objects (not allowed): copy it again or re-export it with numpy.savez"
         ) from None
     return unflatten(flat)
 
 
 def _load_orbax(path: Any) -> Any:
+    """A StandardCheckpointer save at `path`, or the newest step of a CheckpointManager root that restores."""
     import orbax.checkpoint as ocp  # imported lazily: it is slow to import
 
     checkpointer = ocp.StandardCheckpointer()
-    try:
-        if not any(child.name.isdigit() for child in path.iterdir()):
+    steps = sorted((int(child.name) for child in path.iterdir() if child.name.isdigit()), reverse=True)
+    if not steps:
+        try:
             return _restore_here(checkpointer, path)
-        step_dir = path / str(ocp.CheckpointManager(path).latest_step())
-        items = sorted(child.name for child in step_dir.iterdir() if child.is_dir() and not child.name.startswith("_"))
-        if items == ["default"]:
-            return _restore_here(checkpointer, step_dir / "default")
-        if "state" in items:  # a training checkpoint: its "data" item is the input position, not arrays
-            items = ["state"]
-        return {item: _restore_here(checkpointer, step_dir / item) for item in items}
-    except Exception as error:  # Orbax raises many types for a damaged directory
-        raise CheckpointError(
-            f"{path}: cannot restore the Orbax checkpoint ({type(error).__name__}: {error}); "
-            "check that the directory is a complete StandardCheckpointer or CheckpointManager save"
-        ) from None
+        except Exception as error:  # Orbax raises many types for a damaged directory
+            raise CheckpointError(
+                f"{path}: cannot restore the Orbax checkpoint ({_cause(error)}); the directory is damaged or not "
+                "a complete StandardCheckpointer or CheckpointManager save: save or copy it again") from None
+    causes = []
+    for step in steps:
+        try:
+            tree = _restore_step(checkpointer, path / str(step))
+        except Exception as error:  # as above
+            causes.append(_cause(error))
+            continue
+        if causes:
+            logging.warning("%s: step %d does not restore (damaged: %s); reading step %d instead", path, steps[0],
+                            causes[0], step)
+        return tree
+    raise CheckpointError(f"{path}: no checkpoint step restores (step {steps[0]}: {causes[0]}); the checkpoints "
+                          "are damaged: pass another run's checkpoints or a saved .npz")
+
+
+def _restore_step(checkpointer: Any, step_dir: Any) -> Any:
+    """The items of one CheckpointManager step: its "default" item, or for a training checkpoint its "state"
+    (its "data" item is the input position, not arrays)."""
+    items = sorted(child.name for child in step_dir.iterdir() if child.is_dir() and not child.name.startswith("_"))
+    if items == ["default"]:
+        return _restore_here(checkpointer, step_dir / "default")
+    if "state" in items:
+        items = ["state"]
+    return {item: _restore_here(checkpointer, step_dir / item) for item in items}
 
 
 def _restore_here(checkpointer: Any, directory: Any) -> Any:

@@ -49,8 +49,9 @@ def read_fractions(path: str | os.PathLike) -> list[float]:
     try:
         with open(path) as file:
             lines = file.read().splitlines()
-    except OSError as error:
-        raise ValueError(f"structure file {os.fspath(path)!r} cannot be read ({error.strerror}); "
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text: the file is damaged"
+        raise ValueError(f"structure file {os.fspath(path)!r} cannot be read ({reason}); "
                          "pass one of experiments/configs/structure/*.txt") from None
     values = []
     for number, line in enumerate(lines, start=1):

@@ -68,6 +68,7 @@ from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
 from sd_jax.nn.rules import SDRules
 from sd_jax import io as sd_io
 from sd_jax.train import projection, schedules, sharding, swa, workdir as run_files
+from sd_jax.train.config_check import check_config
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
 from sd_jax.train.step import TrainState, create_train_state, make_steps
@@ -98,11 +99,6 @@ def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     dense 8-bit baseline of the paper's training claims)."""
     options = config.model.options.to_dict()
     if config.model.sd:
-        if config.optim.coeff_update in ("latent", "quantize_each_step") and config.sd.mode == "pow2":
-            raise ValueError(f"optim.coeff_update={config.optim.coeff_update!r} trains C as a float, but "
-                             "sd.mode='pow2' uses C as stored, so the weights would leave the powers of two: set "
-                             "sd.mode='latent' (the layer then re-quantizes C every step) or "
-                             "optim.coeff_update='bucket_switch'")
         return models.get(config.model.name, num_classes=num_classes, sd=SDRules.from_config(config), **options)
     if config.sd.activation_bits is None and config.sd.gradient_bits is None:
         return models.get(config.model.name, num_classes=num_classes, **options)
@@ -110,18 +106,14 @@ def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     return models.get(config.model.name, num_classes=num_classes, **layers, **options)
 
 
-REVIVE_RULES = ("nearest", "ceil")
-
-
 def _smallest_magnitude(config: ml_collections.ConfigDict) -> float:
     """The smallest non-zero |C| of the run, resolved once from the threshold and handed to the bucket
     switch and SWA alike: `pow2.min_coeff(threshold)` (the value the threshold rounds to, as the layers
     quantize), or the reference's smallest power of two >= threshold (`optim.revive_at='ceil'`)."""
-    rule = config.optim.revive_at
-    if rule not in REVIVE_RULES:
-        raise ValueError(f"optim.revive_at={rule!r}; pass one of {REVIVE_RULES}")
     threshold = config.sd.threshold
-    return pow2.ceil_pow2(threshold) if rule == "ceil" and threshold > 0 else pow2.min_coeff(threshold)
+    if config.optim.revive_at == "ceil" and threshold > 0:
+        return pow2.ceil_pow2(threshold)
+    return pow2.min_coeff(threshold)
 
 
 def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -137,23 +129,6 @@ def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
         return schedules.step_schedule(config.optim.lr, step_epochs=config.optim.step_epochs,
                                        factor=config.optim.step_factor, steps_per_epoch=steps_per_epoch)
     raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference', 'cosine' or 'step'")
-
-
-def _check_evaluation_options(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError for an `eval`, `swa` or projection option the trainer cannot follow."""
-    if config.eval.every_steps < 0:
-        raise ValueError(f"eval.every_steps={config.eval.every_steps}; pass a number of steps, or 0 for once an epoch")
-    if not 0 <= config.swa.start_epoch <= config.optim.epochs or config.swa.bn_batches < 0:
-        raise ValueError(f"swa.start_epoch={config.swa.start_epoch}, swa.bn_batches={config.swa.bn_batches}: pass "
-                         f"a start epoch from 1 to optim.epochs={config.optim.epochs} (0: no SWA) and bn_batches >= 0 "
-                         "(0: a whole epoch)")
-    if config.optim.project_every_epoch and config.model.sd:
-        raise ValueError("optim.project_every_epoch projects a dense model's kernels onto SD form, but model.sd=True "
-                         "trains the SD form itself: set model.sd=False (the authors' inference-only rule) or "
-                         "optim.project_every_epoch=False")
-    if config.optim.project_every_epoch and config.eval.every_steps:
-        raise ValueError(f"eval.every_steps={config.eval.every_steps} would evaluate weights that are not projected "
-                         "(optim.project_every_epoch projects once an epoch): set eval.every_steps=0")
 
 
 def _initial_variables(config, model, sample, key, from_checkpoint: bool, progress: Progress) -> dict[str, Any]:
@@ -277,13 +252,9 @@ class _Run(NamedTuple):
 
 def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Progress) -> tuple[_Run, TrainState]:
     """The run and its state (restored when the workdir has a checkpoint)."""
-    _check_evaluation_options(config)
     train_data, eval_data = _pipelines(config)
     mesh = sharding.data_mesh()
     sharding.check_batch(config.input.batch_size, mesh)
-    if not 0 <= config.optim.stop_epoch <= config.optim.epochs:
-        raise ValueError(f"optim.stop_epoch={config.optim.stop_epoch} is outside 0..optim.epochs={config.optim.epochs}; "
-                         "pass 0 to train every epoch of the schedule, or the epoch to stop after")
     total_steps = (config.optim.stop_epoch or config.optim.epochs) * train_data.steps_per_epoch
     if total_steps < 1:
         raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
@@ -479,6 +450,7 @@ def _summary(run: _Run, state: TrainState, evaluated: _Evaluated, seconds: float
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Accuracy and loss of the latest checkpoint in `workdir` on the evaluation split."""
+    check_config(config)
     progress = Progress(enabled=run_files.reports())
     run, state = _build(config, run_files.as_path(workdir), progress)
     try:
@@ -492,6 +464,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or fine-tune) as `config` says; return the summary and, from process 0, write it."""
+    check_config(config)
     start, workdir, reports = time.perf_counter(), run_files.as_path(workdir), run_files.reports()
     progress = Progress(enabled=reports)
     if reports:

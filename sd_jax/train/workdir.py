@@ -73,9 +73,36 @@ def describe_run(workdir: epath.Path, config: ml_collections.ConfigDict) -> None
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object at `path`, {} when there is no such file."""
+    """The JSON object at `path`, {} when there is no such file; ValueError naming the file when it is
+    damaged (not UTF-8 JSON, or not an object)."""
     path = epath.Path(path)
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
+        record = error
+    if not isinstance(record, dict):
+        what = f"not JSON ({record})" if isinstance(record, ValueError) else "not a JSON object"
+        raise ValueError(f"{path}: {what}; the file is damaged: restore it from a copy, or delete it and rerun "
+                         "(sd_jax writes it anew)")
+    return record
+
+
+def _metrics_records(path: epath.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each line of a `metrics.jsonl`; ValueError naming the file and line when one is not a
+    record with a step."""
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(keepends=True), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
+            record = error
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise ValueError(f"{path}, line {number}: not a metrics record with a step ({str(record)[:80]}); the file "
+                             "is damaged: delete that line and the ones after it (or the file), then rerun")
+        records.append((line.decode(), record))
+    return records
 
 
 class _EpathRecordFiles:
@@ -103,18 +130,19 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter, record_writer  # no TensorFlow needed
 
+        self._path = workdir / METRICS_FILE
+        records = _metrics_records(self._path) if self._path.exists() else []
+        kept = [(line, record) for line, record in records if record["step"] <= resume_step]
         events = workdir / EVENTS_DIR
         if "://" in str(events):
             record_writer.register_writer_factory(str(events).split("://")[0], _EpathRecordFiles())
         for earlier in events.glob("events.out.tfevents.*"):
             earlier.unlink()
         self._events = SummaryWriter(str(events))
-        self._path = workdir / METRICS_FILE
-        lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
-        self._lines = [line for line in lines if json.loads(line)["step"] <= resume_step]
-        for line in self._lines:
-            self._add_events(json.loads(line))
-        if len(self._lines) < len(lines):
+        self._lines = [line for line, _ in kept]
+        for _, record in kept:
+            self._add_events(record)
+        if len(kept) < len(records):
             write_text(self._path, "".join(self._lines))
 
     def _add_events(self, record: dict[str, float]) -> None:

@@ -3,7 +3,7 @@
 Every case checks: no NaN or inf in C, B or the report; every coefficient is 0 or +-2^e with
 |C| <= max_coeff and the mask is exactly C's non-zero pattern; the reported relative error equals the
 true one (C·B rebuilt in float64 against the float32 weight) and is at most 1. The fast set runs
-`FAST_CASES` cases on shapes that share three compilations, the slow set `SLOW_CASES` on any shape.
+`FAST_CASES` cases on shapes that share one compilation, the slow set `SLOW_CASES` on any shape.
 """
 
 import warnings
@@ -17,7 +17,7 @@ import sd_jax
 from sd_jax.core import blocking
 from sd_jax.core.decompose import LossyDecompositionWarning
 
-FAST_CASES = 300
+FAST_CASES = 500
 SLOW_CASES = 10_000
 # Input dtypes and the decimal exponents of weight scale they represent without overflow.
 DTYPES = {"float32": (-30, 30), "bfloat16": (-30, 30), "float16": (-3, 2)}
@@ -25,7 +25,7 @@ DTYPES = {"float32": (-30, 30), "bfloat16": (-30, 30), "float16": (-3, 2)}
 
 @st.composite
 def cases(draw, outputs, conv_inputs, dense_inputs):
-    """(kind, weight, options); the fast set draws shapes that share one compilation per kind."""
+    """(kind, weight, options); the fast set draws shapes that share one compilation."""
     kind = draw(st.sampled_from(["conv", "dense", "depthwise"]))
     outputs = draw(outputs)
     shape = {"conv": (3, 3, draw(conv_inputs), outputs),
@@ -58,7 +58,7 @@ def _check(kind, weight, options):
 
 
 @settings(max_examples=FAST_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases(st.integers(5, 8), st.just(4), st.integers(10, 12)))  # 8 blocks of (12, 3), (4, 3) or (3, 3)
+@given(cases(st.integers(5, 8), st.just(1), st.integers(7, 9)))  # every kind: 8 blocks of (3, 3)
 def test_decompose_fuzz(case):
     _check(*case)
 

@@ -69,6 +69,16 @@ def test_many_block_counts_compile_a_bounded_number_of_times():
     assert [decompose_module.padded_size(n) for n in (1, 5, 16, 17, 37, 100, 1000)] == [1, 8, 16, 18, 40, 104, 1024]
 
 
+def test_compiled_programs_are_dropped_past_the_limit(monkeypatch):
+    """Each program holds hundreds of memory maps; without a limit a sweep over shapes ends in
+    "LLVM compilation error: Cannot allocate memory" after about 175 programs."""
+    monkeypatch.setattr(decompose_module, "MAX_COMPILED", 1)
+    for rows in (1, 2):  # two (m, k): two programs
+        result = sd_jax.decompose(_weight((3 * rows, 2), 0.1, seed=rows), kind="dense", iterations=1)
+        assert decompose_module._decompose_bucket._cache_size() == 1
+    assert result.report.rel_error < 1
+
+
 def test_padded_blocks_give_the_unpadded_result():
     weight = _weight((12, 37), 0.1, seed=2)
     result = sd_jax.decompose(weight, kind="dense", threshold=4e-3)

@@ -306,9 +306,9 @@ def test_dense_training_projected_onto_sd_form_every_epoch_with_swa(tmp_path, mo
 def test_projection_options_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ValueError, match="model.sd=True trains the SD form itself"):
         trainer.train_and_evaluate(_config(optim__project_every_epoch=True, model__sd=True), str(tmp_path / "a"))
-    with pytest.raises(ValueError, match="eval.every_steps=2 would evaluate weights that are not projected"):
+    with pytest.raises(ValueError, match="eval.every_steps=2: would evaluate weights that are not projected"):
         trainer.train_and_evaluate(_config(optim__project_every_epoch=True, eval__every_steps=2), str(tmp_path / "b"))
-    with pytest.raises(ValueError, match="'reference', 'cosine' or 'step'"):
+    with pytest.raises(ValueError, match="optim.schedule='steps': expected one of 'reference', 'cosine', 'step'"):
         trainer.train_and_evaluate(_config(optim__schedule="steps"), str(tmp_path / "c"))
 
 
@@ -338,5 +338,5 @@ def test_stop_epoch_trains_the_first_epochs_of_the_longer_schedule(tmp_path):
     rates = [line["learning_rate"] for line in lines if "learning_rate" in line]
     # the rate of a 16-step cosine schedule at step 3, not the end of a 4-step one (0 there)
     assert rates[-1] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 3 / 16)), rel=1e-5)
-    with pytest.raises(ValueError, match="stop_epoch=5 is outside 0..optim.epochs=4"):
+    with pytest.raises(ValueError, match=r"optim.stop_epoch=5: after the last epoch \(optim.epochs=4\)"):
         trainer.train_and_evaluate(_config(optim__epochs=4, optim__stop_epoch=5), str(tmp_path / "bad"))
