@@ -22,7 +22,7 @@ from sd_jax.core.decompose import Decomposition
 from sd_jax.core.network import path_name
 from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import layers
-from sd_jax.nn import convert
+from sd_jax.nn import allocate, convert
 from sd_jax.nn.rules import SDRules
 
 
@@ -55,7 +55,8 @@ def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = No
         model = target.build(rules)
         placed = inputs.arranged(variables, model, target, params_path)
         return convert.sd_tree(model, placed, target.sample(), train=False), variables
-    return decomposed(inputs.dense_params(target, params_path), rules).tree, variables
+    params = inputs.dense_params(target, params_path)
+    return decomposed(params, allocate.targeted_rules(config, params)[0]).tree, variables
 
 
 def export(config: Any, params_path: str, output: str, *, model_name: str | None = None,
