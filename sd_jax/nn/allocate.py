@@ -39,7 +39,8 @@ from sd_jax.nn.rules import Rule, SDRules
 # Candidate thresholds in units of the layer's RMS: 2^-4 .. 2^2 in half octaves.
 THRESHOLDS = tuple(2.0 ** (e / 2) for e in range(-8, 5))
 PRUNE_FRACTIONS = (0.0, 0.5)
-SAMPLE_WEIGHTS = 4096
+SAMPLE_WEIGHTS = 16384
+REFINE_STEPS = 6
 ALLOCATION_FILE = "sd_allocation.json"
 
 
@@ -103,13 +104,47 @@ def _first_rule(rules: SDRules, layer: str) -> dict[str, Any]:
     return next((dict(options) for pattern, options in rules.rules if re.search(pattern, layer)), {})
 
 
-def allocate(params: Any, rules: SDRules, target: Target,
-             sensitivity: Mapping[str, float] | None = None) -> Allocation:
+def _measure(job: TensorJob, scale: float) -> tuple[float, float]:
+    """(estimated bits of the whole layer, relative error) of one sampled job."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LossyDecompositionWarning)
+        found = decompose_many([job])[0].report
+    return found.storage_bits * scale, found.rel_error
+
+
+def _spend(job: TensorJob, scale: float, grid: list[tuple[float, float]], costs: list[float], errors: list[float],
+           j: int, spare: float) -> tuple[float, float, float]:
+    """(threshold, bits, relative error) of the layer of `job` with its threshold lowered from candidate j
+    toward the next costlier threshold of the same pruning fraction, spending at most `spare` more bits:
+    geometric bisection of the threshold, `REFINE_STEPS` measurements."""
+    threshold, fraction = grid[j]
+    lower = [i for i, (t, p) in enumerate(grid) if p == fraction and t < threshold]
+    best = (threshold, costs[j], errors[j])
+    if not lower or spare <= 0:
+        return best
+    high, low = threshold, max(grid[i][0] for i in lower)
+    for _ in range(REFINE_STEPS):
+        middle = math.sqrt(high * low)
+        bits, error = _measure(dataclasses.replace(job, options=dataclasses.replace(job.options, threshold=middle)),
+                               scale)
+        if bits - costs[j] <= spare:
+            best, high = (middle, bits, error), middle
+        else:
+            low = middle
+    return best
+
+
+def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[str, float] | None = None, *,
+             thresholds: tuple[float, ...] = THRESHOLDS,
+             prune_fractions: tuple[float, ...] = PRUNE_FRACTIONS) -> Allocation:
     """Choose each selected layer's threshold and pruning fraction so the network meets `target`.
 
     `params`: the dense parameter tree; `rules`: which layers become SD and their other options;
     `sensitivity`: optional {layer: weight of its distortion} (e.g. from a calibration batch), 1 for
-    unnamed layers. Raises ValueError naming the reachable compression range when the target is out of it.
+    unnamed layers; `thresholds` (layer RMS units) and `prune_fractions`: the candidate grid. The
+    discrete choice lands below the budget by at most one grid step; the largest layer's threshold is
+    then bisected between its grid neighbours to spend the rest. Raises ValueError naming the
+    reachable compression range when the target is out of it.
     """
     plan = rules.planner()
     layers, jobs, scales, dense_params = [], [], [], 0
@@ -121,8 +156,8 @@ def allocate(params: Any, rules: SDRules, target: Target,
             continue
         kind, options = chosen
         sample, scale = _sample(np.asarray(leaf, np.float32))
-        fractions = PRUNE_FRACTIONS if options.prune_criterion in ("sd_jax", "population") else (options.prune_fraction,)
-        grid = [(t, p) for p in fractions for t in THRESHOLDS]
+        by_fraction = options.prune_criterion in ("sd_jax", "population")
+        grid = [(t, p) for p in (prune_fractions if by_fraction else (options.prune_fraction,)) for t in thresholds]
         layers.append((name.rpartition("/")[0], np.size(leaf), grid))
         scales.append(scale)
         jobs += [TensorJob(name, sample, kind, dataclasses.replace(options, threshold=t, threshold_scale="layer",
@@ -132,10 +167,11 @@ def allocate(params: Any, rules: SDRules, target: Target,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LossyDecompositionWarning)
         results = iter(decompose_many(jobs))
-    costs, distortions = [], []
+    costs, distortions, errors = [], [], []
     for (layer, size, grid), scale in zip(layers, scales):
         reports = [next(results).report for _ in grid]
         costs.append([r.storage_bits * scale for r in reports])
+        errors.append([r.rel_error for r in reports])
         weight = 1.0 if sensitivity is None else float(sensitivity.get(layer, 1.0))
         distortions.append([weight * r.rel_error ** 2 for r in reports])
     dense_bits = 32.0 * (sum(size for _, size, _ in layers) + dense_params)
@@ -148,19 +184,24 @@ def allocate(params: Any, rules: SDRules, target: Target,
         raise ValueError(
             f"{target.describe()} is out of reach: with these rules the network reaches compression "
             f"{reachable[0]:.3g}x to {reachable[1]:.3g}x (storage {least / 8:,.0f} to {most / 8:,.0f} bytes, thresholds "
-            f"{THRESHOLDS[0]:.3g} to {THRESHOLDS[-1]:.3g} layer RMS, prune fractions {PRUNE_FRACTIONS}); "
+            f"{min(thresholds):.3g} to {max(thresholds):.3g} layer RMS, prune fractions {prune_fractions}); "
             "pass a target inside that range, or keep more layers dense for a lower one")
     choice = allocation.allocate(costs, distortions, budget - fixed)
-    chosen_layers, chosen_rules = [], []
-    for (layer, _, grid), c, d, j in zip(layers, costs, distortions, choice):
-        threshold, fraction = grid[j]
-        chosen_layers.append(LayerChoice(layer, threshold, fraction, c[j], math.sqrt(d[j])))
+    spare = budget - fixed - sum(c[j] for c, j in zip(costs, choice))
+    largest = max(range(len(layers)), key=lambda index: costs[index][choice[index]])
+    chosen_layers, chosen_rules, total = [], [], fixed
+    for index, ((layer, _, grid), c, e, j) in enumerate(zip(layers, costs, errors, choice)):
+        threshold, bits, error = grid[j][0], c[j], e[j]
+        if index == largest:
+            first = sum(len(grid) for _, _, grid in layers[:index])
+            threshold, bits, error = _spend(jobs[first + j], scales[index], grid, c, e, j, spare)
+        fraction = grid[j][1]
+        total += bits
+        chosen_layers.append(LayerChoice(layer, threshold, fraction, bits, error))
         options = {**_first_rule(rules, layer), "threshold": threshold, "threshold_scale": "layer",
                    "prune_fraction": fraction}
         chosen_rules.append((f"^{re.escape(layer)}$", options))
-    estimated = dense_bits / (fixed + sum(c[j] for c, j in zip(costs, choice)))
-    return Allocation(target, tuple(chosen_rules), tuple(chosen_layers), estimated, reachable)
-
+    return Allocation(target, tuple(chosen_rules), tuple(chosen_layers), dense_bits / total, reachable)
 
 
 def targeted_rules(config: Any, params: Any) -> tuple[SDRules, Allocation | None]:
