@@ -140,13 +140,18 @@ def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
 
 
 def _check_evaluation_options(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError for an `eval`, `swa` or projection option the trainer cannot follow."""
+    """Raise ValueError for an `eval`, `swa`, projection or storage-target option the trainer cannot follow."""
     if config.eval.every_steps < 0:
         raise ValueError(f"eval.every_steps={config.eval.every_steps}; pass a number of steps, or 0 for once an epoch")
     if not 0 <= config.swa.start_epoch <= config.optim.epochs or config.swa.bn_batches < 0:
         raise ValueError(f"swa.start_epoch={config.swa.start_epoch}, swa.bn_batches={config.swa.bn_batches}: pass "
                          f"a start epoch from 1 to optim.epochs={config.optim.epochs} (0: no SWA) and bn_batches >= 0 "
                          "(0: a whole epoch)")
+    if SDRules.target_of(config) is not None:
+        raise ValueError("sd.target_compression / sd.target_bytes choose per-layer settings at --mode=decompose "
+                         "(also analyze, export), not in training: decompose the dense model with the target "
+                         "(--output=sd.npz), then train with init.from_params=sd.npz and config.sd.rules = "
+                         "sd_jax.nn.allocate.read_rules('sd.npz.sd_allocation.json'), the target keys at 0")
     if config.optim.project_every_epoch and config.model.sd:
         raise ValueError("optim.project_every_epoch projects a dense model's kernels onto SD form, but model.sd=True "
                          "trains the SD form itself: set model.sd=False (the authors' inference-only rule) or "
