@@ -10,8 +10,9 @@ The method is the Lagrangian one of rate-distortion allocation, then a greedy fi
      budget (its choice is optimal for its own total cost, Everett's theorem);
   2. the Lagrangian reaches only the lower convex hull of each layer's (cost, distortion) points, so
      the chosen total can lie well below the budget when the hull has few points; the greedy fill then
-     repeatedly switches the layer whose move to a costlier, less distorted candidate buys the most
-     distortion per bit and still fits, until none fits. The total then lands at the budget within
+     repeatedly switches the layer whose move to a costlier, no more distorted candidate buys the most
+     distortion per bit and still fits, until none fits (moves that buy nothing still spend the budget:
+     the user asked for that size). The total then lands at the budget within
      about one candidate's step, which a fine candidate grid makes small.
 Layers are independent, so this is linear in layers times candidates per bisection step.
 """
@@ -97,11 +98,11 @@ def _greedy_fill(costs: list[np.ndarray], distortions: list[np.ndarray], choice:
     choice = list(choice)
     spare = budget - _total(costs, choice)
     while True:
-        best, best_gain = None, 0.0
+        best, best_gain = None, -1.0
         for layer, (c, d) in enumerate(zip(costs, distortions)):
             extra = c - c[choice[layer]]
             gain = d[choice[layer]] - d
-            fits = (extra > 0) & (extra <= spare) & (gain > 0)
+            fits = (extra > 0) & (extra <= spare) & (gain >= 0)
             if fits.any():
                 rate = np.where(fits, gain / np.where(extra > 0, extra, 1.0), -np.inf)
                 j = int(np.argmax(rate))

@@ -32,7 +32,7 @@ import numpy as np
 from sd_jax import io as sd_io
 from sd_jax.core import allocation
 from sd_jax.core.allocation import Target
-from sd_jax.core.decompose import LossyDecompositionWarning, TensorJob, decompose_many
+from sd_jax.core.decompose import DecomposeOptions, LossyDecompositionWarning, TensorJob, decompose_many, threshold_unit
 from sd_jax.core.network import path_name
 from sd_jax.nn.rules import Rule, SDRules
 
@@ -93,11 +93,16 @@ def read_rules(path: str) -> list[Rule]:
 
 
 def _sample(weight: np.ndarray) -> tuple[np.ndarray, float]:
-    """(evenly spaced output channels of `weight` holding about SAMPLE_WEIGHTS weights, layer size / sample size)."""
+    """(evenly spaced output channels of `weight` holding about SAMPLE_WEIGHTS weights, layer size / sample size).
+
+    The sample is rescaled by a power of two so that its layer unit (`threshold_unit`) is the whole
+    layer's: its decomposition is then the layer's own on those channels."""
     outputs = weight.shape[-1]
     keep = min(outputs, max(1, math.ceil(SAMPLE_WEIGHTS * outputs / weight.size)))
-    index = np.linspace(0, outputs - 1, keep).round().astype(int)
-    return weight[..., index], outputs / keep
+    sample = weight[..., np.linspace(0, outputs - 1, keep).round().astype(int)]
+    layer = DecomposeOptions(threshold_scale="layer")
+    unit, sample_unit = threshold_unit(weight, layer), threshold_unit(sample, layer)
+    return sample * np.float32(unit / sample_unit if sample_unit else 1.0), outputs / keep
 
 
 def _first_rule(rules: SDRules, layer: str) -> dict[str, Any]:
@@ -115,14 +120,15 @@ def _measure(job: TensorJob, scale: float) -> tuple[float, float]:
 def _spend(job: TensorJob, scale: float, grid: list[tuple[float, float]], costs: list[float], errors: list[float],
            j: int, spare: float) -> tuple[float, float, float]:
     """(threshold, bits, relative error) of the layer of `job` with its threshold lowered from candidate j
-    toward the next costlier threshold of the same pruning fraction, spending at most `spare` more bits:
+    toward the next costlier threshold of the same pruning fraction, spending nearest `spare` more bits:
     geometric bisection of the threshold, `REFINE_STEPS` measurements."""
     threshold, fraction = grid[j]
     lower = [i for i, (t, p) in enumerate(grid) if p == fraction and t < threshold]
     best = (threshold, costs[j], errors[j])
     if not lower or spare <= 0:
         return best
-    high, low = threshold, max(grid[i][0] for i in lower)
+    costlier = max(lower, key=lambda i: grid[i][0])
+    high, low = threshold, grid[costlier][0]
     for _ in range(REFINE_STEPS):
         middle = math.sqrt(high * low)
         bits, error = _measure(dataclasses.replace(job, options=dataclasses.replace(job.options, threshold=middle)),
@@ -131,6 +137,10 @@ def _spend(job: TensorJob, scale: float, grid: list[tuple[float, float]], costs:
             best, high = (middle, bits, error), middle
         else:
             low = middle
+    # Bits jump where a threshold adds an exponent (one more bit per non-zero): the costlier grid point
+    # may then be nearer the budget than anything below it.
+    if costs[costlier] - costs[j] - spare < spare - (best[1] - costs[j]):
+        return grid[costlier][0], costs[costlier], errors[costlier]
     return best
 
 
