@@ -23,7 +23,7 @@ from sd_jax.commands.analyze import decomposed
 from sd_jax.core import packing
 from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import layers
-from sd_jax.nn import convert
+from sd_jax.nn import allocate, convert
 from sd_jax.nn.rules import SDRules
 from sd_jax.serve import integer
 
@@ -53,7 +53,8 @@ def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = No
         model = target.build(rules)
         placed = inputs.arranged(variables, model, target, params_path)
         return convert.sd_tree(model, placed, target.sample(), train=False), placed
-    return decomposed(inputs.dense_params(target, params_path), rules).tree, variables
+    params = inputs.dense_params(target, params_path)
+    return decomposed(params, allocate.targeted_rules(config, params)[0]).tree, variables
 
 
 def integer_model_path(output: str) -> str:

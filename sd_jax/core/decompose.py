@@ -498,7 +498,7 @@ class TensorJob:
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """A checked job: its weight divided by `unit` (see `_threshold_unit`) and structural keep mask."""
+    """A checked job: its weight divided by `unit` (see `threshold_unit`) and structural keep mask."""
 
     job: TensorJob
     options: DecomposeOptions
@@ -523,7 +523,7 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             weight.shape, job.kind, group_size=options.group_size, row_length=options.row_length,
             max_rows=options.max_rows, name=job.name,
         )
-        unit = _threshold_unit(weight, options)
+        unit = threshold_unit(weight, options)
         prepared.append(_Prepared(job, options, spec, weight / np.float32(unit), structural_keep(weight, spec, options),
                                   unit))
 
@@ -580,7 +580,7 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
     return results
 
 
-def _threshold_unit(weight: np.ndarray, options: DecomposeOptions) -> float:
+def threshold_unit(weight: np.ndarray, options: DecomposeOptions) -> float:
     """The power of two the weight is divided by before decomposing (and B multiplied by after).
 
     'absolute': 1. 'layer': the power of two nearest the weight's RMS (1 for a zero weight), so the

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from sd_jax.core import pow2
+from sd_jax.core.allocation import Target
 from sd_jax.core.decompose import DecomposeOptions
 from sd_jax.core.network import MAX_KERNEL_SIZE, KernelPlan, Planner
 from sd_jax.nn.layers import OPTION_NAMES, SDConv, SDDense, SDOptions
@@ -54,6 +55,8 @@ DECOMPOSE_ONLY = ("iterations", "prune_criterion", "prune_fraction", "prune_thre
                   "decay_steps", "threshold_decay", "threshold_scale")
 SHARED = ("threshold", "max_coeff", "group_size", "row_length", "max_rows")
 KNOWN_KEYS = ("skip", *OPTION_NAMES, *DECOMPOSE_ONLY)
+# Config keys of the storage target (`sd_jax.nn.allocate`), read by `target_of`, not by the rules.
+TARGET_KEYS = tuple(f"target_{field.name}" for field in dataclasses.fields(Target))
 # DecomposeOptions fields SD layers cannot represent.
 UNSUPPORTED = {"pow2": "SD layers hold power-of-two coefficients; drop pow2",
                "row_scale": "SD layers store no per-row scale; drop row_scale"}
@@ -112,6 +115,8 @@ class SDRules:
         without one gives the reference defaults. Unknown keys raise ValueError naming them."""
         section = config.get("sd") if config is not None else None
         options = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
+        for key in TARGET_KEYS:
+            options.pop(key, None)
         rules = [tuple(rule) for rule in options.pop("rules", ())]
         return cls(rules, max_kernel_size=options.pop("max_kernel_size", MAX_KERNEL_SIZE), **options)
 
@@ -124,12 +129,12 @@ class SDRules:
     @staticmethod
     def option_defaults() -> dict[str, Any]:
         """Every option of an `sd` section and its default, read from `SDOptions` and `DecomposeOptions`,
-        with `max_kernel_size` and empty `rules`: what a config's `sd` section starts from (`kind` is a
-        per-layer option, for rules only)."""
-        layer, decompose = SDOptions(), DecomposeOptions()
+        with `max_kernel_size`, empty `rules` and the storage target of `Target` (off): what a config's `sd`
+        section starts from (`kind` is a per-layer option, for rules only)."""
+        layer, decompose, target = SDOptions(), DecomposeOptions(), Target()
         return dict({key: getattr(layer, key) for key in OPTION_NAMES if key != "kind"},
                     **{key: getattr(decompose, key) for key in DECOMPOSE_ONLY}, max_kernel_size=MAX_KERNEL_SIZE,
-                    rules=[])
+                    rules=[], **{key: getattr(target, key.removeprefix("target_")) for key in TARGET_KEYS})
 
     @staticmethod
     def option_types() -> dict[str, type]:
@@ -137,6 +142,15 @@ class SDRules:
         hints = typing.get_type_hints(SDOptions)
         return {key: next(t for t in typing.get_args(hints[key]) if t is not type(None))
                 for key in OPTION_NAMES if key != "kind" and getattr(SDOptions, key) is None}
+
+    @staticmethod
+    def target_of(config: Any) -> Target | None:
+        """The storage target of a config's `sd` section (`target_compression`, `target_bytes`), None when
+        none is set; ValueError when both are, or one is negative."""
+        section = config.get("sd") if config is not None else None
+        if section is None:
+            return None
+        return Target(**{key.removeprefix("target_"): section.get(key) or 0.0 for key in TARGET_KEYS}).check()
 
     def __repr__(self) -> str:
         return f"SDRules({list(self.rules)!r}, max_kernel_size={self.max_kernel_size}, **{self.defaults!r})"

@@ -192,3 +192,16 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         _check_sd(config)
     _check_across(config)
     return config
+
+
+def check_training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`check_config`, and what only training refuses: a storage target (it is met by --mode=decompose)."""
+    check_config(config)
+    target = SDRules.target_of(config) if "sd" in config else None
+    if target is not None:
+        raise ValueError("sd.target_compression / sd.target_bytes choose per-layer settings at --mode=decompose "
+                         "(also analyze, export), not in training: decompose the dense model with the target "
+                         "(--output=sd.npz), then train with init.from_params=sd.npz and config.sd.rules = "
+                         "sd_jax.nn.allocate.read_rules('sd.npz.sd_allocation.json'), the target keys at 0")
+    return config
+

@@ -68,7 +68,7 @@ from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
 from sd_jax.nn.rules import SDRules
 from sd_jax import io as sd_io
 from sd_jax.train import projection, schedules, sharding, swa, workdir as run_files
-from sd_jax.train.config_check import check_config
+from sd_jax.train.config_check import check_config, check_training_config
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
 from sd_jax.train.step import TrainState, create_train_state, make_steps
@@ -464,7 +464,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or fine-tune) as `config` says; return the summary and, from process 0, write it."""
-    check_config(config)
+    check_training_config(config)
     start, workdir, reports = time.perf_counter(), run_files.as_path(workdir), run_files.reports()
     progress = Progress(enabled=reports)
     if reports:

@@ -13,6 +13,7 @@ from sd_jax import commands
 from sd_jax import io as sd_io
 from sd_jax.commands import inputs
 from sd_jax.core import packing
+from sd_jax.nn import allocate
 from sd_jax.nn.rules import SDRules
 from sd_jax.train import trainer
 from tests.train.tiny_config import tiny_config
@@ -66,6 +67,21 @@ def test_decompose(runs, kind, tmp_path):
     model = target.build(SDRules.from_config(config))
     variables = inputs.arranged(inputs.read_variables(output), model, target, output)
     assert model.apply(variables, target.sample(), train=False).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_decompose_for_a_compression_target_writes_the_allocation_beside_the_output(runs, tmp_path):
+    config, path, _ = runs["dense_npz"]
+    config = config.copy_and_resolve_references()
+    config.sd.target_compression = 6.0
+    output = str(tmp_path / "sd.npz")
+    report = json.loads(commands.decompose(config, path, output, as_json=True))
+    assert report["total"]["compression"] == pytest.approx(6.0, rel=0.05)
+    rules = allocate.read_rules(allocate.allocation_path(output))
+    assert sorted(pattern for pattern, _ in rules) == sorted(f"^{r['name'].removesuffix('/kernel')}$"
+                                                            for r in report["layers"])
+    with pytest.raises(ValueError, match="not in training"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 @pytest.mark.slow

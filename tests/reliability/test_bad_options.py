@@ -54,6 +54,8 @@ BAD = {
     "sd.threshold": -1e-3,
     "sd.threshold_decay": 2.0,
     "sd.threshold_scale": "block",
+    "sd.target_bytes": -1.0,
+    "sd.target_compression": 0.5,
     "optim.coeff_update": "adam",
     "optim.epochs": 0,
     "optim.lr": -1.0,
