@@ -20,12 +20,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from experiments import benchmarking
 from experiments.benchmarking import machine
 from sd_jax import models
 from sd_jax.cost import analysis, energy, hardware, layers
 
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed sweep calls after the compiling one.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+_REPEATS = 5  # timed runs per function unless --repeats says otherwise
 
 
 def _resnet50_analysis() -> analysis.Analysis:
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     jax.block_until_ready(energy.sweep_energy(counts, swept))
     compile_seconds = time.perf_counter() - start
     times = []
-    for _ in range(_REPEATS.value):
+    for _ in range(benchmarking.repeats(_REPEATS)):
         start = time.perf_counter()
         jax.block_until_ready(energy.sweep_energy(counts, swept))
         times.append(time.perf_counter() - start)
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     )
     print(f"ResNet-50 analysis (fresh process, compilation included): {resnet50_seconds:.2f} s; "
           f"sweep of 10,000: median {out['sweep_10000_seconds'] * 1e3:.1f} ms, first call {compile_seconds:.2f} s")
-    if _JSON.value:
+    if benchmarking.JSON.value:
         print(json.dumps(out))
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import numpy_reference
+from experiments import benchmarking, numpy_reference
 from experiments.benchmarking import machine
 from sd_jax import models
 from sd_jax.models.synthetic import he_normal_params
@@ -40,12 +40,11 @@ NETWORKS = {  # name -> (zoo name, classes, input side)
 }
 
 _NETWORKS = flags.DEFINE_list("networks", list(NETWORKS), f"Networks to run, of {list(NETWORKS)}.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed JAX runs per network (after one compiling run).")
+_REPEATS = 3  # timed runs per function unless --repeats says otherwise
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed NumPy-loop runs per network.")
 _NUMPY_FRACTION = flags.DEFINE_float("numpy_fraction", 1.0, "Fraction of each tensor's blocks the NumPy loop runs.")
 _THRESHOLD = flags.DEFINE_float("threshold", DecomposeOptions.threshold, "Element sparsity threshold.")
 _ITERATIONS = flags.DEFINE_integer("iterations", DecomposeOptions.iterations, "Most alternating rounds per block.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 
 def timed(fn):
@@ -90,8 +89,8 @@ def bench_network(name: str) -> dict:
         sampled_blocks += count
 
     jax_times, numpy_times = [], []
-    for repeat in range(max(_REPEATS.value, _NUMPY_REPEATS.value)):
-        if repeat < _REPEATS.value:
+    for repeat in range(max(benchmarking.repeats(_REPEATS), _NUMPY_REPEATS.value)):
+        if repeat < benchmarking.repeats(_REPEATS):
             seconds, result = timed(lambda: decompose_network(params, **defaults))
             jax_times.append(seconds)
         if repeat < _NUMPY_REPEATS.value:
@@ -170,7 +169,7 @@ def main(argv: list[str]) -> None:
           f"batched LAPACK {solver['lapack_seconds'] * 1e3:.1f} ms ({solver['lapack_over_closed_form']:.1f}x slower)")
     print(f"medians; NumPy loop on {results[_NETWORKS.value[0]]['numpy_fraction']:.0%} of blocks, time scaled "
           f"to all; {results['machine']['backend']} {results['machine']['devices']}, {os.cpu_count()} cores")
-    if _JSON.value:
+    if benchmarking.JSON.value:
         print(json.dumps(results))
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from experiments import benchmarking
 from experiments.benchmarking import report
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
@@ -34,8 +35,7 @@ from sd_jax.nn import SD_MASK
 
 _MODELS = flags.DEFINE_list("models", ["resnet20", "resnet18"], "Zoo models to time (CIFAR forms).")
 _BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per function after the compiling call.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+_REPEATS = 5  # timed runs per function unless --repeats says otherwise
 
 NUM_CLASSES = 10
 SIDE = 32
@@ -103,14 +103,14 @@ def main(argv: list[str]) -> None:
     del argv
     results = {}
     for name in _MODELS.value:
-        results[name] = bench_model(name, _BATCH.value, _REPEATS.value)
+        results[name] = bench_model(name, _BATCH.value, benchmarking.repeats(_REPEATS))
         r = results[name]
         print(f"{name}: forward+backward dense {r['dense_seconds']:.4f} s, SD {r['sd_seconds']:.4f} s, "
               f"SD/dense {r['sd_over_dense']:.3f}; forward dense {r['forward_dense_seconds']:.4f} s, "
               f"SD {r['forward_sd_seconds']:.4f} s, SD/dense {r['forward_sd_over_dense']:.3f}; compile "
               f"fwd+bwd dense {r['forward_backward_dense_compile_seconds']:.1f} s, "
               f"SD {r['forward_backward_sd_compile_seconds']:.1f} s", flush=True)
-    report(results, as_json=_JSON.value)
+    report(results, as_json=benchmarking.JSON.value)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ import jax
 import tensorflow_datasets as tfds
 from absl import app, flags
 
+from experiments import benchmarking
 from experiments.benchmarking import report
 from sd_jax import data
 
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
 _BATCHES = flags.DEFINE_integer("batches", 40, "Timed batches per measurement.")
 _STEP_MS = flags.DEFINE_float("step_ms", 100.0, "Duration of the stand-in train step, in milliseconds.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 REAL = "cifar10_jpeg"
 SYNTHETIC_EXAMPLES = 50_000
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
           f"images/s ({figures['device_over_host']:.1f}x); wait per {_STEP_MS.value:g} ms step: host "
           f"{figures['host_wait_seconds'] * 1e3:.2f} ms (prefetch) / {figures['host_wait_seconds_no_prefetch'] * 1e3:.2f} "
           f"ms (none), device {figures['device_wait_seconds'] * 1e3:.2f} ms")
-    report({"cifar10": figures}, as_json=_JSON.value)
+    report({"cifar10": figures}, as_json=benchmarking.JSON.value)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import benchmarking
 from experiments.benchmarking import report
 from sd_jax.core import blocking
 from sd_jax.core.report import storage_bits
@@ -43,10 +44,9 @@ _DIN = flags.DEFINE_integer("din", 4096, "Inputs of the dense layer.")
 _DOUT = flags.DEFINE_integer("dout", 4096, "Outputs of the dense layer.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "64"], "Batch sizes (rows of x).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes of x (and of the dense W).")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per function after the compiling call.")
+_REPEATS = 20  # timed runs per function unless --repeats says otherwise
 _ROW_TILE = flags.DEFINE_integer("row_tile", None, "Block rows rebuilt per step (default: pack's choice).")
 _COL_TILE = flags.DEFINE_integer("col_tile", None, "Output units per program (default: pack's choice).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 DENSITY = 0.5
 EXPONENTS = (-8, 5)  # the reference's range at threshold 4e-3 and max_C = 32
@@ -135,7 +135,7 @@ def bench(din: int, dout: int, batches: list[int], dtypes: list[str], repeats: i
 
 def main(argv: list[str]) -> None:
     del argv
-    results = bench(_DIN.value, _DOUT.value, [int(b) for b in _BATCHES.value], _DTYPES.value, _REPEATS.value,
+    results = bench(_DIN.value, _DOUT.value, [int(b) for b in _BATCHES.value], _DTYPES.value, benchmarking.repeats(_REPEATS),
                     _ROW_TILE.value, _COL_TILE.value)
     for name, r in results.items():
         b = r["bytes"]
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
         else:
             line += f"; {r['timings']}"
         print(line, flush=True)
-    report(results, as_json=_JSON.value)
+    report(results, as_json=benchmarking.JSON.value)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from experiments import torch_baseline
+from experiments import benchmarking, torch_baseline
 from experiments.benchmarking import report
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
@@ -61,7 +61,7 @@ from sd_jax.train.step import TrainState, create_train_state, make_steps
 
 _MODELS = flags.DEFINE_list("models", ["resnet20", "resnet18"], "Zoo models to time (CIFAR forms).")
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per function after the compiling call.")
+_REPEATS = 5  # timed runs per function unless --repeats says otherwise
 _LR = flags.DEFINE_float("lr", 0.01, "Constant learning rate of both optimizers.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time gradients and optimizer update apart.")
 _BASELINE = flags.DEFINE_enum("baseline", "none", ["none", "torch"],
@@ -70,7 +70,6 @@ _XLA_DEFAULTS = flags.DEFINE_bool(
     "xla_defaults", False, "Also time the SD latent step compiled with XLA's own defaults instead of "
     "make_steps' platform options (sd_jax.train.step.default_compiler_options), alternating with it.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the JAX models.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 NUM_CLASSES = 10
 SIDE = 32
@@ -231,7 +230,7 @@ def main(argv: list[str]) -> None:
     del argv
     results = {}
     for name in _MODELS.value:
-        r = results[name] = bench_model(name, _BATCH.value, _REPEATS.value, _LR.value, _BREAKDOWN.value,
+        r = results[name] = bench_model(name, _BATCH.value, benchmarking.repeats(_REPEATS), _LR.value, _BREAKDOWN.value,
                                         _BASELINE.value, _DTYPE.value, _XLA_DEFAULTS.value)
         print(f"{name}: train step dense {r['dense_seconds']:.4f} s ({r['dense_images_per_second']:.0f} img/s), "
               f"SD {r['sd_seconds']:.4f} s ({r['sd_images_per_second']:.0f} img/s), SD/dense {r['sd_over_dense']:.3f}; "
@@ -247,7 +246,7 @@ def main(argv: list[str]) -> None:
             print(f"{name} breakdown (s): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_seconds"].items())
                   + "; SD/dense " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_sd_over_dense"].items()),
                   flush=True)
-    report(results, as_json=_JSON.value)
+    report(results, as_json=benchmarking.JSON.value)
 
 
 if __name__ == "__main__":

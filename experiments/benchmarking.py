@@ -11,6 +11,17 @@ from typing import Any
 import flax
 import jax
 import optax
+from absl import flags
+
+# Flags every benchmark takes, defined once so that benchmarks import side by side (tests do).
+JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
+REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per measured function after the compiling one "
+                               "(default: the benchmark's own).")
+
+
+def repeats(default: int) -> int:
+    """`--repeats`, or the benchmark's `default` when it is not given."""
+    return default if REPEATS.value is None else REPEATS.value
 
 
 def machine() -> dict[str, Any]:
