@@ -19,7 +19,7 @@ import ml_collections
 from etils import epath
 
 from sd_jax import models
-from sd_jax.data import device, registry, settings
+from sd_jax.data import builders, device, registry, settings
 from sd_jax.nn.rules import TARGET_KEYS, SDRules
 from sd_jax.train.optimizer import COEFF_UPDATES
 
@@ -66,19 +66,15 @@ def _is_regex(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def _empty_or_existing(value: Any, *, directory: bool) -> bool:
-    if not isinstance(value, str):
-        return False
-    return not value or (epath.Path(value).is_dir() if directory else epath.Path(value).exists())
+def _empty_or_existing(value: Any) -> bool:
+    return isinstance(value, str) and (not value or epath.Path(value).exists())
 
 
 RULES: dict[str, _Rule] = {
     "log_every": _integer(1, 50),
-    "data_dir": _Rule(lambda value: _empty_or_existing(value, directory=True),
-                      "'' (TFDS's default folder) or an existing folder of prepared data", ""),
+    "data_dir": _Rule(lambda value: isinstance(value, str), "a folder path ('' for TFDS's default folder)", ""),
     "input.dataset": _choice(registry.names()),
-    "input.data_dir": _Rule(lambda value: _empty_or_existing(value, directory=True),
-                            "'' (TFDS's default folder) or an existing folder of prepared data", ""),
+    "input.data_dir": _Rule(lambda value: isinstance(value, str), "a folder path ('' for TFDS's default folder)", ""),
     "input.batch_size": _integer(1, 128),
     "input.eval_batch_size": _integer(1, 500),
     "input.setting": _choice(settings.SETTINGS),
@@ -89,7 +85,7 @@ RULES: dict[str, _Rule] = {
     "input.decode_threads": _integer(0, 8),
     "model.name": _choice(tuple(models.names())),
     "model.options.dtype": _choice(COMPUTE_DTYPES),
-    "init.from_params": _Rule(lambda value: _empty_or_existing(value, directory=False),
+    "init.from_params": _Rule(lambda value: _empty_or_existing(value),
                               "'' (fresh weights) or the path of an .npz or Orbax checkpoint", ""),
     "init.reset": _Rule(_is_regex, "a regular expression of layer names ('' for none)", "^head/"),
     "sd.group_size": _integer(1, 64),
@@ -186,12 +182,24 @@ def _check_across(config: ml_collections.ConfigDict) -> None:
               "every step) or optim.coeff_update='bucket_switch'")
 
 
+def _check_data_dirs(config: ml_collections.ConfigDict) -> None:
+    """A data folder that does not exist, refused with the command that prepares the dataset into it."""
+    dataset = _lookup(config, "input.dataset")[1]
+    for key in ("data_dir", "input.data_dir"):
+        found, value = _lookup(config, key)
+        if found and value and not epath.Path(value).is_dir():
+            prepare = f"prepare the data there: {builders.command(dataset, value)}" if dataset in registry.names() \
+                else "prepare the data there"
+            _fail(key, value, "no such folder of prepared data", f"{prepare}; or pass '' for TFDS's default folder")
+
+
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` itself when every key it has holds a value sd_jax can follow; else ValueError naming the key."""
     for key, rule in RULES.items():
         found, value = _lookup(config, key)
         if found and not rule.test(value):
             _fail(key, value, f"expected {rule.expected}", f"pass e.g. {key}={rule.example!r}")
+    _check_data_dirs(config)
     if "sd" in config:
         _check_sd(config)
     _check_across(config)

@@ -156,22 +156,16 @@ def test_bad_bits_raise_naming_the_layer(option, value):
         SDRules([("conv", {option: value})])
 
 
-def _config_rules(config):
-    """SDRules built from a config's sd section as the trainer builds them."""
-    options = dict(config.sd.to_dict())
-    return SDRules([tuple(rule) for rule in options.pop("rules")], **options)
-
-
 def test_config_sets_the_bits_and_unknown_keys_still_raise():
     config = default.get_config()
     assert config.sd.activation_bits is None and config.sd.gradient_bits is None
-    assert _config_rules(config).select("conv", (3, 3)).activation_bits is None
+    assert SDRules.from_config(config).select("conv", (3, 3)).activation_bits is None
     config.sd.activation_bits, config.sd.gradient_bits = 8, 6
-    options = _config_rules(config).select("stage1_block0/conv1", (3, 3))
+    options = SDRules.from_config(config).select("stage1_block0/conv1", (3, 3))
     assert (options.activation_bits, options.gradient_bits) == (8, 6)
     config.sd.gradient_bit = 8
     with pytest.raises(ValueError, match="unknown option 'gradient_bit'"):
-        _config_rules(config)
+        SDRules.from_config(config)
 
 
 def _tiny_state(model, images, seed=0):
