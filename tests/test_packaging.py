@@ -32,7 +32,7 @@ def test_every_package_under_the_three_roots_is_installed_and_the_tests_are_not(
 def test_dependencies_are_pinned_and_the_test_tools_are_an_extra():
     dynamic = _setuptools_table()["dynamic"]
     runtime, test = _pins(dynamic["dependencies"]["file"]), _pins(dynamic["optional-dependencies"]["test"]["file"])
-    assert set(test) == {"pytest", "hypothesis"} and not set(test) & set(runtime)
+    assert set(test) == {"pytest", "hypothesis", "pytest-xdist", "execnet"} and not set(test) & set(runtime)
     assert {"jax", "flax", "optax", "orbax-checkpoint", "ml-collections"} <= set(runtime)
 
 
