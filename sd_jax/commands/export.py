@@ -43,18 +43,21 @@ def storage_count_bits(tensors: Mapping[str, packing.SDTensor | np.ndarray]) -> 
     return bits
 
 
-def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = None) -> tuple[Any, dict[str, Any]]:
+def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = None
+                      ) -> tuple[Any, dict[str, Any], SDRules]:
     """(the parameter tree with SD kernels as `Decomposition`s, the variables read, in the SD model's nesting
-    when they are SD) for `params_path`."""
+    when they are SD, the SD rules they follow: the config's, or for dense parameters with a storage target
+    the allocated per-layer rules) for `params_path`."""
     target = inputs.target_of(config, model_name)
     rules = SDRules.from_config(config)
     variables = inputs.read_variables(params_path)
     if inputs.is_sd(variables):
         model = target.build(rules)
         placed = inputs.arranged(variables, model, target, params_path)
-        return convert.sd_tree(model, placed, target.sample(), train=False), placed
+        return convert.sd_tree(model, placed, target.sample(), train=False), placed, rules
     params = inputs.dense_params(target, params_path)
-    return decomposed(params, allocate.targeted_rules(config, params)[0]).tree, variables
+    rules = allocate.targeted_rules(config, params)[0]
+    return decomposed(params, rules).tree, variables, rules
 
 
 def integer_model_path(output: str) -> str:
@@ -70,11 +73,11 @@ def export(config: Any, params_path: str, output: str, *, model_name: str | None
     if not isinstance(integer_calibration, int) or integer_calibration < 0:
         raise ValueError(f"integer_calibration={integer_calibration!r} must be a number of training images "
                          "(0: no integer model)")
-    tree, variables = sd_parameter_tree(config, params_path, model_name)
+    tree, variables, rules = sd_parameter_tree(config, params_path, model_name)
     tensors = serve.model_tensors(tree, variables)
     target = inputs.target_of(config, model_name)
     description = serve.ModelDescription(target.name, target.num_classes, target.input_shape,
-                                         SDRules.from_config(config).as_section(), dict(target.options))
+                                         rules.as_section(), dict(target.options))
     data = serve.pack_model(tensors, description, basis_dtype=basis_dtype)
     sd_io.atomic_write(output, lambda stream: stream.write(data))
     size, header = len(data), packing.header_bytes(data)

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from sd_jax import commands
 from sd_jax import io as sd_io
+from sd_jax import serve
 from sd_jax.commands import inputs
 from sd_jax.core import packing
 from sd_jax.nn import allocate
@@ -80,6 +81,10 @@ def test_decompose_for_a_compression_target_writes_the_allocation_beside_the_out
     rules = allocate.read_rules(allocate.allocation_path(output))
     assert sorted(pattern for pattern, _ in rules) == sorted(f"^{r['name'].removesuffix('/kernel')}$"
                                                             for r in report["layers"])
+    packed = str(tmp_path / "model.sdpack")  # an export for the target describes the allocated rules
+    commands.export(config, path, packed)
+    described = serve.load(packed).description.sd["rules"]
+    assert {pattern for pattern, _ in rules} <= {pattern for pattern, _ in described}
     with pytest.raises(ValueError, match="not in training"):
         trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
