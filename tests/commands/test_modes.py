@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from sd_jax import commands
 from sd_jax import io as sd_io
@@ -23,10 +22,7 @@ KINDS = ("dense_npz", "dense_orbax", "sd_orbax", "decomposed_npz")
 LAYERS = 3  # the MLP's dense layers: hidden0/dense, hidden1/dense, head/dense
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _mock():
-    with tfds.testing.mock_data(num_examples=64):
-        yield
+pytestmark = pytest.mark.usefixtures("mock_tfds")
 
 
 @pytest.fixture(scope="module")

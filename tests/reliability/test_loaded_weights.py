@@ -6,7 +6,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from sd_jax import commands
 from sd_jax import io as sd_io
@@ -35,10 +34,7 @@ def _save(path, config, poison=None):
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _mock():
-    with tfds.testing.mock_data(num_examples=64):
-        yield
+pytestmark = pytest.mark.usefixtures("mock_tfds")
 
 
 @pytest.fixture(scope="module")

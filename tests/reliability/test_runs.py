@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow_datasets as tfds
 
 from sd_jax.io import CheckpointError
 from sd_jax.train import trainer
@@ -16,18 +15,14 @@ from tests.train.tiny_config import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True)
-def _mock():
-    with tfds.testing.mock_data(num_examples=64):
-        yield
+pytestmark = pytest.mark.usefixtures("mock_tfds")
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished tiny run (4 steps, checkpoints of steps 2 and 4) and the text of its metrics."""
     workdir = tmp_path_factory.mktemp("finished")
-    with tfds.testing.mock_data(num_examples=64):
-        trainer.train_and_evaluate(tiny_config(), workdir)
+    trainer.train_and_evaluate(tiny_config(), workdir)
     return workdir
 
 

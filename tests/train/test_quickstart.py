@@ -2,17 +2,13 @@ import json
 import os
 
 import pytest
-import tensorflow_datasets as tfds
 
 from experiments import quickstart
 from experiments.configs import paper
 from experiments.configs import quickstart as quickstart_config
 
 
-@pytest.fixture(autouse=True)
-def _mock():
-    with tfds.testing.mock_data(num_examples=64):
-        yield
+pytestmark = pytest.mark.usefixtures("mock_tfds")
 
 
 def test_the_stages_are_the_paper_settings_of_one_dense_config():

@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from sd_jax.train import trainer
 from sd_jax.io import CheckpointError
@@ -12,10 +11,7 @@ from sd_jax.train.workdir import as_path
 from tests.train.tiny_config import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _mock():
-    with tfds.testing.mock_data(num_examples=64):
-        yield
+pytestmark = pytest.mark.usefixtures("mock_tfds")
 
 
 def _config(**changes):
