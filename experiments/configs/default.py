@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # kernel the `sd` rules select replaced by C·B of its decomposition with the `sd` options, before
         # the evaluation; with SWA the average too (the authors' inference-only rule).
         project_every_epoch=False,
+        # The weight of the compressibility loss of C (mean over SD layers of ||C||_1 / (sqrt(n) ||C||_2)
+        # inside the mask, sd_jax.core.compressibility) added to the cross-entropy; 0 = off. SD models only.
+        compressibility_weight=0.0,
     ))
     # A checkpoint every every_steps steps and at each evaluation; the keep_last newest and the keep_best
     # best by eval accuracy stay.

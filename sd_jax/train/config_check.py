@@ -105,6 +105,7 @@ RULES: dict[str, _Rule] = {
     "optim.switch_bar": _integer(1, 1),
     "optim.update_threshold": _number(0.0),
     "optim.revive_at": _choice(REVIVE_RULES),
+    "optim.compressibility_weight": _number(0.0),
     "ckpt.every_steps": _integer(1, 1000),
     "ckpt.keep_last": _integer(1, 2),
     "ckpt.keep_best": _integer(0, 1),
@@ -176,6 +177,10 @@ def _check_across(config: ml_collections.ConfigDict) -> None:
     if optim.project_every_epoch and "eval" in config and config.eval.every_steps:
         _fail("eval.every_steps", config.eval.every_steps, "would evaluate weights that are not projected "
               "(optim.project_every_epoch projects once an epoch)", "set eval.every_steps=0")
+    if optim.get("compressibility_weight", 0.0) > 0 and not sd_model:
+        _fail("optim.compressibility_weight", optim.compressibility_weight, "acts on the coefficients C of SD "
+              "layers, but model.sd=False trains a dense model", "set model.sd=True or "
+              "optim.compressibility_weight=0")
     if sd_model and optim.coeff_update in ("latent", "quantize_each_step") and config.sd.mode == "pow2":
         _fail("optim.coeff_update", optim.coeff_update, "trains C as a float, but sd.mode='pow2' uses C as stored, "
               "so the weights would leave the powers of two", "set sd.mode='latent' (the layer then re-quantizes C "

@@ -3,6 +3,9 @@
 Variables are split by collection: `trainable` (params, sd_basis, sd_coeff) goes through the
 optimizer; `frozen` (batch_stats and sd_quant, the running activation ranges of low-precision SD
 layers, updated by the forward pass, and sd_mask, never changed) does not.
+With a `compressibility_weight` > 0 the train step adds that times the compressibility loss of C
+(`sd_jax.core.compressibility`) to the cross-entropy it differentiates; for an SD model the step
+reports the term as `compressibility` beside `loss` (the cross-entropy alone) whatever the weight.
 `make_steps` jits both steps with `NamedSharding` on a "data" mesh: the batch is split over the
 devices, the state is replicated and donated, so one program serves 1 device, 8 devices or several
 processes. On CPU it compiles them with `CPU_COMPILER_OPTIONS` (see there why).
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from sd_jax.core.compressibility import mean_compressibility
 from sd_jax.train import sharding
 from sd_jax.train.optimizer import TRAINABLE
 
@@ -71,8 +75,18 @@ def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
     return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on the global batch; returns the new state and mean loss and accuracy."""
+def coefficient_pairs(variables: dict[str, Any]) -> list[tuple[jax.Array, jax.Array]]:
+    """(C, mask) of every SD layer in `variables` (the `sd_coeff` and `sd_mask` collections), paired by layer."""
+    masks = flax.traverse_util.flatten_dict(variables.get("sd_mask", {}))  # {(*layer, "mask"): mask}
+    return [(coeff, masks[(*path[:-1], "mask")])
+            for path, coeff in flax.traverse_util.flatten_dict(variables.get("sd_coeff", {})).items()]
+
+
+def train_step(state: TrainState, batch: Batch, compressibility_weight: float = 0.0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on the global batch; returns the new state and mean loss and accuracy (and, for an
+    SD model, the compressibility of C before the step). The step minimises the cross-entropy plus
+    `compressibility_weight` times the compressibility; at 0 the term is not differentiated at all."""
     dropout_key, quant_key = jax.random.split(jax.random.fold_in(state.key, state.step))
     rngs = {"dropout": dropout_key, "quant": quant_key}  # quant: stochastic rounding of SD layers' gradients
 
@@ -82,7 +96,12 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
             rngs=rngs,
         )
         metrics = _metrics(logits, batch["label"])
-        return metrics["loss"], (metrics, updates)
+        objective = metrics["loss"]
+        if "sd_coeff" in trainable:
+            metrics["compressibility"] = mean_compressibility(coefficient_pairs({**trainable, **state.frozen}))
+            if compressibility_weight:
+                objective = objective + compressibility_weight * metrics["compressibility"]
+        return objective, (metrics, updates)
 
     (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     changes, opt_state = state.tx.update(grads, state.opt_state, state.trainable)
@@ -122,12 +141,13 @@ def default_compiler_options(mesh: Mesh) -> dict[str, Any]:
 
 
 def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
-               compiler_options: dict[str, Any] | None = None) -> tuple[Callable, Callable, TrainState]:
+               compiler_options: dict[str, Any] | None = None, compressibility_weight: float = 0.0
+               ) -> tuple[Callable, Callable, TrainState]:
     """Jitted train and eval steps for `mesh`, and `state` placed on it: replicated, except that
     with `shard_min_size` > 0 arrays of at least that many entries (large kernels and their
     optimizer buffers) are split over "data" along their last axis (`sharding.shard_large`).
     `compiler_options`: XLA options of both steps; None: `default_compiler_options(mesh)`, {}: XLA's
-    own defaults."""
+    own defaults. `compressibility_weight`: the weight of the compressibility loss (`train_step`)."""
     if compiler_options is None:
         compiler_options = default_compiler_options(mesh)
     replicated = sharding.replicated(mesh)
@@ -140,7 +160,8 @@ def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
     # contributes its (identical) copy to one global, replicated state.
     host = jax.device_get(state.replace(key=jax.random.key_data(state.key)))
     state = jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)), out_shardings=state_sharding)(host)
-    train = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
+    train = jax.jit(functools.partial(train_step, compressibility_weight=compressibility_weight),
+                    in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
                     donate_argnums=0, compiler_options=compiler_options or None)
     evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated,
                        compiler_options=compiler_options or None)

@@ -6,8 +6,10 @@ when the model is SD; `init.reset` re-initialises matching layers, e.g. the clas
 the latest good checkpoint in `workdir` when there is one (a finished run with its `summary.json` says
 so and returns that summary). `workdir` is any path `etils.epath` reaches (a
 local folder, gs://...). The run describes itself there (`config.json`, and the command line and the
-commit in `run.json`), writes TensorBoard events and `metrics.jsonl` (loss, accuracy, learning rate;
-at each evaluation its figures and, for SD and projected models, the density of C), prints progress
+commit in `run.json`), writes TensorBoard events and `metrics.jsonl` (loss, accuracy, learning rate,
+for an SD model the compressibility of C (`optim.compressibility_weight` weighs it in the loss, see
+`sd_jax.core.compressibility`); at each evaluation its figures and, for SD and projected models, the
+density of C), prints progress
 lines (stage, step of total, images/s, ETA) and each evaluation's result, and returns a summary (also
 written to `summary.json`); all of that from process 0 only (`sd_jax.train.workdir`), while every
 process takes part in Orbax's checkpoints. A non-finite loss stops the run with a message; the last
@@ -279,7 +281,8 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
     if resuming:
         state, data_state = checkpoints.restore(state)
         train_data.set_state(data_state)
-    train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size)
+    train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size,
+                                              compressibility_weight=config.optim.compressibility_weight)
     run = _Run(config, train_data, eval_data, mesh, checkpoints, total_steps, train_step, eval_step, model, sample,
                schedule)
     return run, state

@@ -57,6 +57,7 @@ BAD = {
     "sd.target_bytes": -1.0,
     "sd.target_compression": 0.5,
     "optim.coeff_update": "adam",
+    "optim.compressibility_weight": -0.1,
     "optim.epochs": 0,
     "optim.lr": -1.0,
     "optim.momentum": 1.5,
@@ -97,6 +98,7 @@ ACROSS = {
     "optim.project_every_epoch": {"optim.project_every_epoch": True, "model.sd": True},
     "eval.every_steps": {"optim.project_every_epoch": True, "eval.every_steps": 10},
     "optim.coeff_update": {"optim.coeff_update": "latent", "model.sd": True},
+    "optim.compressibility_weight": {"optim.compressibility_weight": 0.1, "model.sd": False},
 }
 
 
@@ -143,6 +145,11 @@ def test_a_bad_value_is_refused_naming_its_key(key):
 @pytest.mark.parametrize("key", sorted(ACROSS))
 def test_values_that_do_not_go_together_are_refused(key):
     _assert_refused(ACROSS[key], key)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_a_non_finite_compressibility_weight_is_refused(weight):
+    _assert_refused({"optim.compressibility_weight": weight}, "optim.compressibility_weight")
 
 
 def test_sd_options_that_do_not_go_together_are_refused():

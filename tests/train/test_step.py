@@ -1,15 +1,20 @@
+import functools
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sd_jax import models
+from sd_jax.core import pow2
+from sd_jax.core.compressibility import mean_compressibility
+from sd_jax.nn.rules import SDRules
 from sd_jax.train import sharding
 from sd_jax.train.optimizer import sd_optimizer
-from sd_jax.train.step import create_train_state, make_steps
+from sd_jax.train.step import coefficient_pairs, create_train_state, make_steps, train_step
 
 
 class _Tiny(nn.Module):
@@ -138,3 +143,73 @@ def test_cpu_options_are_dropped_where_xla_does_not_know_them(monkeypatch):
         assert np.isfinite(float(train(state, batch)[1]["loss"]))
     finally:
         step._cpu_options_known.cache_clear()
+
+
+THRESHOLD = 2.0**-5
+
+
+@functools.cache
+def _sd_mlp_state(mode):
+    """A tiny SD MLP (C at LeCun scale, threshold 2^-5, as the tuned from-scratch recipe) and its state;
+    latent C trains by SGD through the STE, pow2 C by the bucket switch; no weight decay, which alone
+    would shrink latent C."""
+    rules = SDRules(mode=mode, threshold=THRESHOLD, init_scheme="lecun")
+    model = models.get("mlp", num_classes=10, sd=rules, hidden=(32,))
+    images = jax.random.normal(jax.random.key(3), (16, 8, 8, 1))
+    variables = jax.jit(lambda key: model.init(key, images[:1], train=False))(jax.random.key(0))
+    coeff_update = "latent" if mode == "latent" else "bucket_switch"
+    tx = sd_optimizer(0.05, weight_decay=0.0, coeff_update=coeff_update, threshold=THRESHOLD)
+    return create_train_state(model.apply, variables, tx, jax.random.key(4)), {"image": images,
+                                                                              "label": jnp.arange(16) % 10}
+
+
+@functools.cache
+def _jitted_step(compressibility_weight):
+    return jax.jit(functools.partial(train_step, compressibility_weight=compressibility_weight))
+
+
+def _cross_entropy_step(state, batch):
+    """The trainable variables after one step of the cross-entropy alone (the step before the
+    compressibility loss)."""
+    dropout_key, quant_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+
+    def loss(trainable):
+        logits, _ = state.apply_fn({**trainable, **state.frozen}, batch["image"], train=True,
+                                   mutable=["batch_stats", "sd_quant"], rngs={"dropout": dropout_key, "quant": quant_key})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    changes, _ = state.tx.update(jax.grad(loss)(state.trainable), state.opt_state, state.trainable)
+    return optax.apply_updates(state.trainable, changes)
+
+
+def test_compressibility_weight_zero_gives_the_cross_entropy_step_bit_for_bit():
+    state, batch = _sd_mlp_state("latent")
+    stepped, metrics = _jitted_step(0.0)(state, batch)
+    jax.tree.map(np.testing.assert_array_equal, stepped.trainable, jax.jit(_cross_entropy_step)(state, batch))
+    assert float(metrics["compressibility"]) == pytest.approx(
+        float(mean_compressibility(coefficient_pairs(state.variables))))
+
+
+def _zero_fraction(state):
+    """The fraction of C inside the mask that the SD layers quantize to zero."""
+    pairs = coefficient_pairs(state.variables)
+    zeros = sum(int(jnp.sum(mask & (pow2.quantize_pow2(coeff, THRESHOLD, 32.0) == 0))) for coeff, mask in pairs)
+    return zeros / sum(int(jnp.sum(mask)) for _, mask in pairs)
+
+
+@pytest.mark.parametrize("mode", ["latent", "pow2"])
+def test_a_large_compressibility_weight_makes_c_more_compressible(mode):
+    """Ten steps with weight 5 against weight 0: the ratio falls below where it started and where the
+    cross-entropy alone takes it; in latent mode more of C falls under the threshold."""
+    start, batch = _sd_mlp_state(mode)
+    ends = {}
+    for weight in (0.0, 5.0):
+        state = start
+        for _ in range(10):
+            state, metrics = _jitted_step(weight)(state, batch)
+            assert np.isfinite(float(metrics["loss"]))
+        ends[weight] = state
+    ratio = lambda state: float(mean_compressibility(coefficient_pairs(state.variables)))
+    assert ratio(ends[5.0]) < min(ratio(start), ratio(ends[0.0])) - 0.02
+    if mode == "latent":
+        assert _zero_fraction(ends[5.0]) > _zero_fraction(ends[0.0]) + 0.02
