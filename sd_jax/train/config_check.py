@@ -105,7 +105,7 @@ RULES: dict[str, _Rule] = {
     "optim.switch_bar": _integer(1, 1),
     "optim.update_threshold": _number(0.0),
     "optim.revive_at": _choice(REVIVE_RULES),
-    "optim.compressibility_weight": _number(0.0),
+    "optim.compressibility_weight": _number(10.0),
     "ckpt.every_steps": _integer(1, 1000),
     "ckpt.keep_last": _integer(1, 2),
     "ckpt.keep_best": _integer(0, 1),

@@ -154,11 +154,15 @@ def test_swa_with_batch_norm_resumes_bitwise(tmp_path, monkeypatch):
     assert not np.allclose(jax.tree.leaves(final["batch_stats"])[0], jax.tree.leaves(trained["frozen"]["batch_stats"])[0])
 
 
-def test_sd_from_scratch_with_8_bit_activations_and_gradients(tmp_path):
+def test_sd_from_scratch_with_8_bit_activations_gradients_and_the_compressibility_loss(tmp_path):
     summary = trainer.train_and_evaluate(
-        _config(model__sd=True, sd__activation_bits=8, sd__gradient_bits=8, optim__switch_bar=4), str(tmp_path))
+        _config(model__sd=True, sd__activation_bits=8, sd__gradient_bits=8, optim__switch_bar=4,
+                optim__compressibility_weight=0.5), str(tmp_path))
     assert 0 <= summary["accuracy"] <= 1 and summary["sd"] is True
     assert summary["compression_ratio"] > 1
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [line["compressibility"] for line in lines if "loss" in line]
+    assert len(logged) == summary["steps"] and all(0 < value <= 1 for value in logged)
 
 
 def test_latent_update_of_stored_power_of_two_coefficients_is_refused(tmp_path):
