@@ -23,8 +23,12 @@ import jax.numpy as jnp
 from sd_jax import data
 from sd_jax import io as sd_io
 from sd_jax import models
+from sd_jax.cost import layers
+from sd_jax.cost.comparison import cost_options
+from sd_jax.cost.pricing import energy_pricing
 from sd_jax.data import registry, settings
 from sd_jax.models.synthetic import he_normal_params
+from sd_jax.nn import allocate
 from sd_jax.nn.layers import SD_COEFF, SD_COLLECTIONS
 from sd_jax.nn.rules import SDRules
 
@@ -66,6 +70,19 @@ def target_of(config: Any, model_name: str | None = None) -> Target:
                                    source_classes=spec.source_classes, split_rule=config.input.split_rule)
     options = config.model.options.to_dict() if "options" in config.model else {}
     return Target(name, classes, (1, spec.image_size, spec.image_size, spec.channels), options)
+
+
+def targeted_rules(config: Any, params: Any, model_name: str | None = None
+                   ) -> tuple[SDRules, allocate.Allocation | None]:
+    """`allocate.targeted_rules` for dense `params` of the model (`target_of`), its layers' inference
+    energy priced (`sd_jax.cost.pricing`) when the config sets `sd.target_energy_ratio`."""
+    wanted = SDRules.target_of(config)
+    pricing = None
+    if wanted is not None and wanted.counts_energy:
+        target = target_of(config, model_name)
+        network = layers.extract_layers(target.build(), target.input_shape, train=False)
+        pricing = energy_pricing(network, cost_options(config))
+    return allocate.targeted_rules(config, params, pricing)
 
 
 def pipeline(config: Any, split: str, batch_size: int, **options: Any) -> data.Pipeline:
