@@ -76,7 +76,7 @@ class Allocation:
 
     def sd_rules(self, base: SDRules) -> SDRules:
         """`base` with the allocation's rules placed first."""
-        return SDRules([*self.rules, *base.rules], max_kernel_size=base.max_kernel_size, **base.defaults)
+        return placed_first(self.rules, base)
 
     def to_json(self) -> str:
         """The allocation as JSON: `rules` (the rules format of `sd.rules`), per-layer figures, the target."""
@@ -91,14 +91,36 @@ class Allocation:
         sd_io.as_path(path).write_text(self.to_json())
 
 
+def placed_first(rules: Sequence[Rule], base: SDRules) -> SDRules:
+    """`base` with `rules` (an allocation's) placed before its own, so they decide the layers they name."""
+    return SDRules([*rules, *base.rules], max_kernel_size=base.max_kernel_size, **base.defaults)
+
+
+def _read(path: str, key: str) -> Any:
+    try:
+        return json.loads(sd_io.as_path(path).read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not an allocation file with a {key!r} entry ({error}); pass a file that "
+                         f"--mode=decompose wrote as {ALLOCATION_FILE}") from None
+
+
 def read_rules(path: str) -> list[Rule]:
     """The rules of an allocation file (`Allocation.write`), for `config.sd.rules`."""
+    rules = _read(path, "rules")
     try:
-        data = json.loads(sd_io.as_path(path).read_text())
-        return [(pattern, dict(options)) for pattern, options in data["rules"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not an allocation file with a 'rules' list ({error}); pass a file that "
+        return [(pattern, dict(options)) for pattern, options in rules]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: its 'rules' are not [pattern, options] pairs ({error}); pass a file that "
                          f"--mode=decompose wrote as {ALLOCATION_FILE}") from None
+
+
+def read_target(path: str) -> Target:
+    """The target an allocation file (`Allocation.write`) was chosen for."""
+    try:
+        return Target(**_read(path, "target"))
+    except TypeError as error:
+        raise ValueError(f"{path}: its 'target' is not a target ({error}); pass a file that --mode=decompose "
+                         f"wrote as {ALLOCATION_FILE}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,6 +152,10 @@ class SDRules:
             return None
         return Target(**{key.removeprefix("target_"): section.get(key) or 0.0 for key in TARGET_KEYS}).check()
 
+    def threshold_of(self, layer: str) -> float:
+        """The decomposition threshold of `layer`: its first matching rule's, else the defaults'."""
+        return float({**self.defaults, **(self._rule(layer) or {})}.get("threshold", DecomposeOptions.threshold))
+
     def __repr__(self) -> str:
         return f"SDRules({list(self.rules)!r}, max_kernel_size={self.max_kernel_size}, **{self.defaults!r})"
 
