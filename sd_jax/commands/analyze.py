@@ -34,7 +34,7 @@ def network_of(config: Any, target: inputs.Target, params_path: str | None) -> t
         placed = inputs.arranged(variables, model, target, params_path)
         return layers.extract_layers(model, target.input_shape, variables=placed, train=False), True
     params = inputs.dense_params(target, params_path)
-    rules = inputs.targeted_rules(config, params, target.name)[0]
+    rules = inputs.targeted_rules(config, {"params": params}, target.name)[0]
     return layers.extract_layers(target.build(), target.input_shape, decomposition=decomposed(params, rules),
                                  train=False), False
 

@@ -26,7 +26,7 @@ def decompose(config: Any, params_path: str, output: str | None = None, *, as_js
     variables = inputs.read_variables(params_path)
     if inputs.is_sd(variables):
         raise ValueError(f"{params_path}: holds SD variables already; pass a dense model's parameters")
-    rules, allocation = inputs.targeted_rules(config, variables.get("params", {}))
+    rules, allocation = inputs.targeted_rules(config, variables)
     sd_variables, result = convert.to_sd(variables, rules)
     report_json = report.to_json(result.reports, result.dense_params)
     if output:

@@ -56,7 +56,7 @@ def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = No
         placed = inputs.arranged(variables, model, target, params_path)
         return convert.sd_tree(model, placed, target.sample(), train=False), placed, rules
     params = inputs.dense_params(target, params_path)
-    rules = inputs.targeted_rules(config, params, model_name)[0]
+    rules = inputs.targeted_rules(config, {**variables, "params": params}, model_name)[0]
     return decomposed(params, rules).tree, variables, rules
 
 

@@ -27,7 +27,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -36,13 +36,15 @@ import numpy as np
 from sd_jax import io as sd_io
 from sd_jax.core import allocation, blocking, report
 from sd_jax.core.allocation import Target
-from sd_jax.core.decompose import DecomposeOptions, LossyDecompositionWarning, TensorJob, decompose_many, threshold_unit
+from sd_jax.core.decompose import (Decomposition, DecomposeOptions, LossyDecompositionWarning, TensorJob,
+                                   decompose_many, threshold_unit)
 from sd_jax.core.network import path_name
 from sd_jax.core.report import TensorReport
 from sd_jax.nn.rules import Rule, SDRules
 
 # Candidate thresholds in units of the layer's RMS: 2^-4 .. 2^2 in half octaves.
 THRESHOLDS = tuple(2.0 ** (e / 2) for e in range(-8, 5))
+MIDDLE_THRESHOLD = 0.5  # where `calibrated_sensitivity` measures each layer
 PRUNE_FRACTIONS = (0.0, 0.5)
 SAMPLE_WEIGHTS = 16384
 REFINE_STEPS = 6
@@ -206,10 +208,10 @@ class _Layer:
                               spec.num_blocks * spec.k * spec.k, spec.k, found.storage_bits * scale)
 
 
-def _decompose(jobs: list[TensorJob]) -> list[TensorReport]:
+def _decompose(jobs: list[TensorJob]) -> list[Decomposition]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LossyDecompositionWarning)
-        return [result.report for result in decompose_many(jobs)]
+        return decompose_many(jobs)
 
 
 def _may_gain_a_bit(stats: CandidateStats) -> bool:
@@ -231,7 +233,7 @@ def _spend(layer: _Layer, pricing: Pricing, costs: np.ndarray, errors: list[floa
     high, low = threshold, layer.grid[costlier][0]
     for _ in range(REFINE_STEPS):
         middle = math.sqrt(high * low)
-        found = _decompose([layer.job(middle, fraction)])[0]
+        found = _decompose([layer.job(middle, fraction)])[0].report
         cost = float(pricing.costs(layer.name, [layer.stats(found)])[0])
         if cost - costs[j] <= spare:
             best, high = (middle, cost, found.rel_error), middle
@@ -306,7 +308,8 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
                          "pricing=sd_jax.cost.pricing.energy_pricing(...) (the commands do)")
     pricing = pricing or StoragePricing()
     layers, dense_params = _layers(params, rules, thresholds, prune_fractions)
-    found = iter(_decompose([layer.job(*candidate) for layer in layers for candidate in layer.grid]))
+    found = iter(result.report for result in
+                 _decompose([layer.job(*candidate) for layer in layers for candidate in layer.grid]))
     reports = [[next(found) for _ in layer.grid] for layer in layers]
     stats = [[layer.stats(r) for r in layer_reports] for layer, layer_reports in zip(layers, reports)]
     costs = [pricing.costs(layer.name, layer_stats) for layer, layer_stats in zip(layers, stats)]
@@ -327,7 +330,8 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
                     and (index, j) not in full and _may_gain_a_bit(stats[index][j])]
         if not suspects:
             break
-        measured = _decompose([layers[index].job(*layers[index].grid[j], full=True) for index, j in suspects])
+        measured = [result.report for result in
+                    _decompose([layers[index].job(*layers[index].grid[j], full=True) for index, j in suspects])]
         for (index, j), report_ in zip(suspects, measured):
             full.add((index, j))
             stats[index][j] = layers[index].stats(report_, full=True)
@@ -350,14 +354,36 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
                       reachable)
 
 
-def targeted_rules(config: Any, params: Any, pricing: Pricing | None = None) -> tuple[SDRules, Allocation | None]:
+def calibrated_sensitivity(params: Any, rules: SDRules, loss: Callable[[Any], float], *,
+                           threshold: float = MIDDLE_THRESHOLD) -> dict[str, float]:
+    """{layer: sensitivity} for `allocate`: the increase of `loss` (a function of the parameter tree, e.g.
+    the cross entropy on a calibration batch) when only that layer is decomposed at `threshold` layer RMS
+    (the middle of the grid), over that decomposition's squared relative error, so that sensitivity times
+    a candidate's squared error estimates the loss the candidate adds. Floored at a thousandth of the
+    largest: a layer whose decomposition did not raise the loss still costs something."""
+    layers = _layers(params, rules, (threshold,), (0.0,))[0]
+    decompositions = _decompose([layer.job(*layer.grid[0], full=True) for layer in layers])
+    base = loss(params)
+    raw = {}
+    for layer, decomposition in zip(layers, decompositions):
+        weight, kernel = decomposition.reconstruct(), f"{layer.name}/kernel"
+        only = jax.tree_util.tree_map_with_path(lambda path, x: weight if path_name(path) == kernel else x, params)
+        raw[layer.name] = max(loss(only) - base, 0.0) / max(decomposition.report.rel_error ** 2, 1e-12)
+    floor = 1e-3 * max(max(raw.values()), 1e-12)
+    return {layer: max(value, floor) for layer, value in raw.items()}
+
+
+def targeted_rules(config: Any, params: Any, pricing: Pricing | None = None,
+                   calibration_loss: Callable[[Any], float] | None = None) -> tuple[SDRules, Allocation | None]:
     """The rules of `config`'s `sd` section, with the per-layer allocation for its target (if one is set;
-    an energy target needs `pricing`) placed first; the allocation too, for writing beside the run."""
+    an energy target needs `pricing`) placed first; the allocation too, for writing beside the run. With
+    `calibration_loss` the layers are weighted by `calibrated_sensitivity`."""
     rules = SDRules.from_config(config)
     target = SDRules.target_of(config)
     if target is None:
         return rules, None
-    found = allocate(params, rules, target, pricing=pricing)
+    sensitivity = None if calibration_loss is None else calibrated_sensitivity(params, rules, calibration_loss)
+    found = allocate(params, rules, target, sensitivity, pricing=pricing)
     return found.sd_rules(rules), found
 
 

@@ -20,7 +20,7 @@ from etils import epath
 
 from sd_jax import models
 from sd_jax.data import builders, device, registry, settings
-from sd_jax.nn.rules import TARGET_KEYS, SDRules
+from sd_jax.nn.rules import ALLOCATION_KEYS, SDRules
 from sd_jax.train.optimizer import COEFF_UPDATES
 
 SCHEDULES = ("reference", "cosine", "step")
@@ -137,7 +137,7 @@ def _check_sd(config: ml_collections.ConfigDict) -> None:
     """Each `sd` option alone (the checks of `SDRules`, which name the option), then all of them together."""
     defaults = SDRules.option_defaults()
     for key, value in config.sd.items():
-        if f"sd.{key}" in RULES or key in TARGET_KEYS:
+        if f"sd.{key}" in RULES or key in ALLOCATION_KEYS:
             continue
         try:
             SDRules([tuple(rule) for rule in value]) if key == "rules" else SDRules(**{key: value})
@@ -152,6 +152,7 @@ def _check_sd(config: ml_collections.ConfigDict) -> None:
         SDRules.target_of(config)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{error}; pass e.g. sd.target_compression=12.0, or 0 for no target") from None
+    SDRules.calibration_of(config)
     try:
         SDRules.from_config(config)
     except ValueError as error:

@@ -94,11 +94,31 @@ def test_an_energy_target_without_pricing_is_refused():
         allocate.allocate(he_normal_params(model, SHAPE), RULES, Target(energy_ratio=0.2), **COARSE)
 
 
+def test_a_layer_made_more_sensitive_gets_more_bits():
+    """A calibration loss that weighs the conv's change 100 times the dense's gives the conv more bits
+    than the reverse weighting does, at the same target."""
+    params = _params()
+    change = lambda new, layer: float(np.sum((np.asarray(new[layer]["kernel"]) - params[layer]["kernel"]) ** 2))
+    bits = {}
+    for sensitive, other in (("conv", "dense"), ("dense", "conv")):
+        loss = lambda new: 100 * change(new, sensitive) + change(new, other)
+        sensitivity = allocate.calibrated_sensitivity(params, RULES, loss, threshold=0.5)
+        assert sensitivity[sensitive] > sensitivity[other] > 0
+        found = allocate.allocate(params, RULES, Target(compression=6.0), sensitivity, **COARSE)
+        bits[sensitive] = {choice.layer: choice.estimated_cost for choice in found.layers}
+    assert bits["conv"]["conv"] > bits["dense"]["conv"]
+    assert bits["dense"]["dense"] > bits["conv"]["dense"]
+
+
 def test_the_config_target_keys_are_read_and_checked():
     sd = ml_collections.ConfigDict(dict(SDRules.option_defaults(), target_compression=8.0))
     config = ml_collections.ConfigDict(dict(sd=sd))
     assert SDRules.target_of(config) == Target(compression=8.0)
     SDRules.from_config(config)  # the target keys are not layer options
+    assert SDRules.calibration_of(config) == 0
+    config.sd.target_calibration = -1
+    with pytest.raises(ValueError, match="whole number of training images"):
+        SDRules.calibration_of(config)
     config.sd.target_bytes = 1e6
     with pytest.raises(ValueError, match="set only one target"):
         SDRules.target_of(config)
