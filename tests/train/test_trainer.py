@@ -375,10 +375,12 @@ def test_a_storage_target_allocates_on_the_dense_checkpoint_and_a_resumed_run_re
                  load_variables(str(tmp_path / "resumed" / "checkpoints")))
 
 
-def test_a_target_needs_a_dense_checkpoint_to_start_from():
+def test_a_target_needs_a_dense_checkpoint_to_start_from(tmp_path):
     from sd_jax.train.config_check import check_training_config
 
+    dense = tmp_path / "dense.npz"
+    dense.write_bytes(b"")
     with pytest.raises(ValueError, match="start from a dense checkpoint"):
         check_training_config(_config(model__sd=True, sd__target_compression=6.0))
     with pytest.raises(ValueError, match="training meets storage targets only"):
-        check_training_config(_config(model__sd=True, init__from_params="x.npz", sd__target_energy_ratio=0.2))
+        check_training_config(_config(model__sd=True, init__from_params=str(dense), sd__target_energy_ratio=0.2))
