@@ -2,7 +2,9 @@
 
 `train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD with
 `model.sd`) from scratch or from `init.from_params` (a dense checkpoint is decomposed on the way in
-when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from
+when the model is SD, with the per-layer settings of a storage target (`sd.target_compression`,
+`sd.target_bytes`) chosen on its kernels and written to the workdir as `sd_allocation.json`;
+`init.reset` re-initialises matching layers, e.g. the classifier), resuming from
 the latest good checkpoint in `workdir` when there is one (a finished run with its `summary.json` says
 so and returns that summary). `workdir` is any path `etils.epath` reaches (a
 local folder, gs://...). The run describes itself there (`config.json`, and the command line and the
