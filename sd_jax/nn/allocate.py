@@ -49,8 +49,10 @@ PRUNE_FRACTIONS = (0.0, 0.5)
 SAMPLE_WEIGHTS = 16384
 REFINE_STEPS = 6
 # Rounds of choosing and measuring in full the sampled layers whose chosen candidate may hold an
-# exponent more than their sample (a bit more per non-zero).
+# exponent more than their sample (a bit more per non-zero), when that bit would add at least
+# FULL_SHARE of the chosen SD storage (smaller misses stay within the target's tolerance).
 FULL_ROUNDS = 3
+FULL_SHARE = 0.03
 ALLOCATION_FILE = "sd_allocation.json"
 
 
@@ -326,8 +328,10 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
     full: set[tuple[int, int]] = set()
     for _ in range(FULL_ROUNDS):
         choice = allocation.allocate(costs, distortions, budget - fixed)
+        bits = sum(stats[index][j].storage_bits for index, j in enumerate(choice))
         suspects = [(index, j) for index, j in enumerate(choice) if layers[index].scale > 1
-                    and (index, j) not in full and _may_gain_a_bit(stats[index][j])]
+                    and (index, j) not in full and _may_gain_a_bit(stats[index][j])
+                    and stats[index][j].nonzeros >= FULL_SHARE * bits]
         if not suspects:
             break
         measured = [result.report for result in
