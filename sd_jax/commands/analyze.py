@@ -1,9 +1,9 @@
 """`--mode=analyze`: energy and storage of a model, dense (float32 and 8-bit) and SD side by side.
 
 The SD side is, by what `params_path` holds: nothing (He-normal random weights) or dense parameters,
-decomposed with the config's `sd` rules (per layer for its storage target, `sd_jax.nn.allocate`); or SD
-variables (a trained SD run, `--mode=decompose --output`), counted as they are, in the SD model the config's
-`sd` section describes.
+decomposed with the config's `sd` rules (per layer for its storage or energy target,
+`sd_jax.nn.allocate`); or SD variables (a trained SD run, `--mode=decompose --output`), counted as they
+are, in the SD model the config's `sd` section describes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sd_jax.core.network import NetworkDecomposition
 from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import layers
 from sd_jax.cost.comparison import analysis_of, cost_options
-from sd_jax.nn import allocate, convert
+from sd_jax.nn import convert
 from sd_jax.nn.rules import SDRules
 
 
@@ -34,7 +34,7 @@ def network_of(config: Any, target: inputs.Target, params_path: str | None) -> t
         placed = inputs.arranged(variables, model, target, params_path)
         return layers.extract_layers(model, target.input_shape, variables=placed, train=False), True
     params = inputs.dense_params(target, params_path)
-    rules = allocate.targeted_rules(config, params)[0]
+    rules = inputs.targeted_rules(config, {"params": params}, target.name)[0]
     return layers.extract_layers(target.build(), target.input_shape, decomposition=decomposed(params, rules),
                                  train=False), False
 

@@ -5,9 +5,9 @@ in the layers' layout (`sd_coeff/<layer>/coeff`, ...), with the other collection
 statistics) beside them and the per-layer report: an SD model applies it as it is, and analyze, export
 and evaluate read it like a trained SD checkpoint.
 
-With a storage target (`sd.target_compression` or `sd.target_bytes`) each layer's threshold and
-pruning fraction are chosen for it first (`sd_jax.nn.allocate`) and written, as rules, to
-`<output>.sd_allocation.json`.
+With a target (`sd.target_compression`, `sd.target_bytes` or `sd.target_energy_ratio`) each layer's
+threshold and pruning fraction are chosen for it first (`sd_jax.nn.allocate`) and written, as rules,
+to `<output>.sd_allocation.json`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def decompose(config: Any, params_path: str, output: str | None = None, *, as_js
     variables = inputs.read_variables(params_path)
     if inputs.is_sd(variables):
         raise ValueError(f"{params_path}: holds SD variables already; pass a dense model's parameters")
-    rules, allocation = allocate.targeted_rules(config, variables.get("params", {}))
+    rules, allocation = inputs.targeted_rules(config, variables)
     sd_variables, result = convert.to_sd(variables, rules)
     report_json = report.to_json(result.reports, result.dense_params)
     if output:

@@ -23,7 +23,7 @@ from sd_jax.commands.analyze import decomposed
 from sd_jax.core import packing
 from sd_jax.cost import analysis as analysis_lib
 from sd_jax.cost import layers
-from sd_jax.nn import allocate, convert
+from sd_jax.nn import convert
 from sd_jax.nn.rules import SDRules
 from sd_jax.serve import integer
 
@@ -56,7 +56,7 @@ def sd_parameter_tree(config: Any, params_path: str, model_name: str | None = No
         placed = inputs.arranged(variables, model, target, params_path)
         return convert.sd_tree(model, placed, target.sample(), train=False), placed, rules
     params = inputs.dense_params(target, params_path)
-    rules = allocate.targeted_rules(config, params)[0]
+    rules = inputs.targeted_rules(config, {**variables, "params": params}, model_name)[0]
     return decomposed(params, rules).tree, variables, rules
 
 

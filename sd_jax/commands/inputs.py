@@ -14,17 +14,22 @@ read from them (an `sd_coeff` collection), not from the config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sd_jax import data
 from sd_jax import io as sd_io
 from sd_jax import models
+from sd_jax.cost import layers
+from sd_jax.cost.comparison import cost_options
+from sd_jax.cost.pricing import energy_pricing
 from sd_jax.data import registry, settings
 from sd_jax.models.synthetic import he_normal_params
+from sd_jax.nn import allocate
 from sd_jax.nn.layers import SD_COEFF, SD_COLLECTIONS
 from sd_jax.nn.rules import SDRules
 
@@ -68,6 +73,41 @@ def target_of(config: Any, model_name: str | None = None) -> Target:
     return Target(name, classes, (1, spec.image_size, spec.image_size, spec.channels), options)
 
 
+def targeted_rules(config: Any, variables: Mapping[str, Any], model_name: str | None = None
+                   ) -> tuple[SDRules, allocate.Allocation | None]:
+    """`allocate.targeted_rules` for the dense `variables` of the model (`target_of`): its layers' inference
+    energy priced (`sd_jax.cost.pricing`) when the config sets `sd.target_energy_ratio`, its layers weighed
+    by their loss on `sd.target_calibration` training images when that is set."""
+    wanted = SDRules.target_of(config)
+    if wanted is None:
+        return SDRules.from_config(config), None
+    target = target_of(config, model_name) if wanted.counts_energy or SDRules.calibration_of(config) else None
+    pricing = None
+    if wanted.counts_energy:
+        network = layers.extract_layers(target.build(), target.input_shape, train=False)
+        pricing = energy_pricing(network, cost_options(config))
+    count = SDRules.calibration_of(config)
+    loss = calibration_loss(config, variables, target, count) if count else None
+    return allocate.targeted_rules(config, variables.get("params", {}), pricing, loss)
+
+
+def calibration_loss(config: Any, variables: Mapping[str, Any], target: Target, count: int
+                     ) -> Callable[[Any], float]:
+    """The mean cross entropy of the dense model of `target` on the first `count` training images, as a
+    function of its parameter tree (the other collections from `variables`, or initial where missing)."""
+    batch = calibration_batch(config, count)
+    model = target.build()
+    fresh = jax.jit(lambda key: model.init(key, target.sample(), train=False))(jax.random.key(0))
+    others = {name: variables.get(name, tree) for name, tree in fresh.items() if name != "params"}
+
+    @jax.jit
+    def loss(params: Any) -> jax.Array:
+        logits = model.apply({**others, "params": params}, batch["image"], train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    return lambda params: float(loss(params))
+
+
 def pipeline(config: Any, split: str, batch_size: int, **options: Any) -> data.Pipeline:
     """The `split` ('train' or 'eval') of the config's dataset, in its setting, part and split rule;
     `options` go to `sd_jax.data.input_pipeline` (e.g. training=False)."""
@@ -80,12 +120,18 @@ def pipeline(config: Any, split: str, batch_size: int, **options: Any) -> data.P
                                split_rule=common.split_rule, data_dir=common.data_dir or None, **options)
 
 
-def calibration_images(config: Any, count: int) -> jax.Array:
-    """The first `count` training images of the config's dataset, in order and not augmented (preprocessed
-    as in training): what sets an integer model's activation ranges (`sd_jax.serve.integer.quantize`)."""
+def calibration_batch(config: Any, count: int) -> dict[str, jax.Array]:
+    """The first `count` training images and labels of the config's dataset, in order and not augmented
+    (preprocessed as in training)."""
     if not isinstance(count, int) or count < 1:
         raise ValueError(f"calibration needs a positive number of images, got {count!r}")
-    return next(iter(pipeline(config, "train", count, training=False)))["image"]
+    return next(iter(pipeline(config, "train", count, training=False)))
+
+
+def calibration_images(config: Any, count: int) -> jax.Array:
+    """`calibration_batch`'s images: what sets an integer model's activation ranges
+    (`sd_jax.serve.integer.quantize`)."""
+    return calibration_batch(config, count)["image"]
 
 
 def read_variables(path: str) -> dict[str, Any]:

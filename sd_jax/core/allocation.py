@@ -1,6 +1,6 @@
-"""Budgeted allocation: one setting per layer, least total distortion within a storage budget.
+"""Budgeted allocation: one setting per layer, least total distortion within a budget.
 
-Each layer offers candidate settings, each with a cost (storage bits) and a distortion (e.g. its
+Each layer offers candidate settings, each with a cost (storage bits, or inference energy) and a distortion (e.g. its
 squared relative reconstruction error times the layer's sensitivity). `allocate` picks one candidate
 per layer so that the total cost stays within the budget and the summed distortion is small.
 
@@ -34,10 +34,13 @@ class Target:
     compression: dense 32-bit storage of the whole network over its SD storage (the ratio the decompose
         report prints), e.g. 12.
     bytes: total storage in bytes of the SD network (dense leftovers at 32 bits included).
+    energy_ratio: inference energy of the SD network over the dense float32 network's, as the analyzer
+        (`sd_jax.cost`) prices them, e.g. 0.8.
     """
 
     compression: float = 0.0
     bytes: float = 0.0
+    energy_ratio: float = 0.0
 
     def check(self) -> "Target | None":
         """The target when one is set, None when none is; ValueError for two, or a negative or non-finite one."""
@@ -52,13 +55,22 @@ class Target:
             raise ValueError(f"sd.target_compression={self.compression} must be above 1 (dense storage is 1x)")
         return self if chosen else None
 
-    def budget_bits(self, dense_bits: float) -> float:
-        """The storage budget in bits of a network whose dense 32-bit storage is `dense_bits`."""
-        return dense_bits / self.compression if self.compression else 8.0 * self.bytes
+    @property
+    def counts_energy(self) -> bool:
+        """True when the target is an inference energy, False when it is a storage."""
+        return bool(self.energy_ratio)
+
+    def budget(self, dense_total: float) -> float:
+        """The budget (storage bits, or energy) of a network whose dense total (32-bit storage in bits, or
+        float32 inference energy) is `dense_total`."""
+        if self.energy_ratio:
+            return dense_total * self.energy_ratio
+        return dense_total / self.compression if self.compression else 8.0 * self.bytes
 
     def describe(self) -> str:
-        """'target_compression=12' or 'target_bytes=1e6', for messages."""
-        return f"target_compression={self.compression:g}" if self.compression else f"target_bytes={self.bytes:g}"
+        """'target_compression=12', 'target_bytes=1e6' or 'target_energy_ratio=0.8', for messages."""
+        name = next(f.name for f in dataclasses.fields(self) if getattr(self, f.name))
+        return f"target_{name}={getattr(self, name):g}"
 
 
 def _lagrangian_choice(costs: list[np.ndarray], distortions: list[np.ndarray], multiplier: float) -> list[int]:

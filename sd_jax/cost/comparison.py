@@ -31,22 +31,34 @@ def cost_options(config: Any) -> dict[str, Any]:
     return dict(COST_DEFAULTS, **given)
 
 
+def _accelerator(options: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(buffer_kib=options["buffer_kib"], pe_count=options["pe_count"], dataflow=options["dataflow"],
+                skip_zeros=options["skip_zeros"])
+
+
+def views_hardware(options: Mapping[str, Any]) -> dict[str, hardware.Hardware]:
+    """The accelerator description of each view ('dense', 'dense_int8', 'sd') under `cost` options."""
+    table = tables.get(options["table"])
+    common = dict(_accelerator(options), basis_bits=options["basis_bits"])
+    return dict(
+        dense=hardware.hardware(table, weight_bits=options["dense_bits"], activation_bits=options["dense_bits"],
+                                **common),
+        dense_int8=hardware.hardware(table, weight_bits=INT8_BITS, activation_bits=INT8_BITS,
+                                     gradient_bits=INT8_BITS, **common),
+        sd=hardware.hardware(table, weight_bits=options["sd_weight_bits"],
+                             activation_bits=options["sd_activation_bits"], **common))
+
+
 def analysis_of(network: layers.Network, model_name: str, options: Mapping[str, Any]) -> analysis_lib.Analysis:
     """Dense (options.dense_bits, float at 32) and dense 8-bit (int) against SD (8-bit int by default) and
     integer-only SD inference, all on one table and one accelerator."""
     table = tables.get(options["table"])
-    accelerator = dict(buffer_kib=options["buffer_kib"], pe_count=options["pe_count"], dataflow=options["dataflow"],
-                       skip_zeros=options["skip_zeros"])
-    common = dict(accelerator, basis_bits=options["basis_bits"])
-    dense_hw = hardware.hardware(table, weight_bits=options["dense_bits"], activation_bits=options["dense_bits"],
-                                 **common)
-    int8_hw = hardware.hardware(table, weight_bits=INT8_BITS, activation_bits=INT8_BITS, gradient_bits=INT8_BITS,
-                                **common)
-    sd_hw = hardware.hardware(table, weight_bits=options["sd_weight_bits"],
-                              activation_bits=options["sd_activation_bits"], **common)
+    accelerator = _accelerator(options)
+    views = views_hardware(options)
     steps = math.ceil(options["dataset_size"] / options["training_batch"])
-    return analysis_lib.analyze(network, model_name, unit=table.unit, dense_hardware=dense_hw, sd_hardware=sd_hw,
-                                int8_hardware=int8_hw, inference_batch=options["inference_batch"],
+    return analysis_lib.analyze(network, model_name, unit=table.unit, dense_hardware=views["dense"],
+                                sd_hardware=views["sd"], int8_hardware=views["dense_int8"],
+                                inference_batch=options["inference_batch"],
                                 training_batch=options["training_batch"], steps_per_epoch=steps,
                                 integer=integer.integer_view(network, table, batch=options["inference_batch"],
                                                              **accelerator))

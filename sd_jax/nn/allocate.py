@@ -1,14 +1,18 @@
-"""Per-layer SD settings for a storage target (`sd.target_compression`, `sd.target_bytes`).
+"""Per-layer SD settings for a target: a storage (`sd.target_compression`, `sd.target_bytes`) or an
+inference energy (`sd.target_energy_ratio`, priced by `sd_jax.cost.pricing`).
 
 `allocate(params, rules, target)` measures, for every kernel the rules select, a grid of candidate
 settings (`THRESHOLDS` in units of the layer's RMS, `threshold_scale='layer'`, times
 `PRUNE_FRACTIONS` of structural pruning) and picks one per layer by the budgeted allocation of
 `sd_jax.core.allocation`: least summed distortion (squared relative reconstruction error times the
-layer's sensitivity, 1 unless given) within the storage budget the target sets.
+layer's sensitivity, 1 unless given) within the budget the target sets; a candidate's cost is its
+layer's storage bits (`StoragePricing`) or inference energy (a `Pricing` from `sd_jax.cost`).
 
 Speed: all candidates of all layers go to one `decompose_many` call (a few compilations). Layers with
 more than `SAMPLE_WEIGHTS` weights are measured on evenly spaced output channels (blocks never span
-output channels, so the sample's blocks are the layer's own) and their bits scaled up.
+output channels, so the sample's blocks are the layer's own) and their counts scaled up; a sample can
+miss an exponent the whole layer holds (a bit more per non-zero), so a sampled layer whose chosen
+candidate would then cost more is measured in full and the choice repeated (`FULL_ROUNDS`).
 
 The result is rules: one `(^layer$, {threshold, threshold_scale, prune_fraction, ...})` per layer,
 placed before the config's own rules (whose options for that layer it carries), so
@@ -23,24 +27,32 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from sd_jax import io as sd_io
-from sd_jax.core import allocation
+from sd_jax.core import allocation, blocking, report
 from sd_jax.core.allocation import Target
-from sd_jax.core.decompose import DecomposeOptions, LossyDecompositionWarning, TensorJob, decompose_many, threshold_unit
+from sd_jax.core.decompose import (Decomposition, DecomposeOptions, LossyDecompositionWarning, TensorJob,
+                                   decompose_many, threshold_unit)
 from sd_jax.core.network import path_name
+from sd_jax.core.report import TensorReport
 from sd_jax.nn.rules import Rule, SDRules
 
 # Candidate thresholds in units of the layer's RMS: 2^-4 .. 2^2 in half octaves.
 THRESHOLDS = tuple(2.0 ** (e / 2) for e in range(-8, 5))
+MIDDLE_THRESHOLD = 0.5  # where `calibrated_sensitivity` measures each layer
 PRUNE_FRACTIONS = (0.0, 0.5)
 SAMPLE_WEIGHTS = 16384
 REFINE_STEPS = 6
+# Rounds of choosing and measuring in full the sampled layers whose chosen candidate may hold an
+# exponent more than their sample (a bit more per non-zero), when that bit would add at least
+# FULL_SHARE of the chosen SD storage (smaller misses stay within the target's tolerance).
+FULL_ROUNDS = 3
+FULL_SHARE = 0.03
 ALLOCATION_FILE = "sd_allocation.json"
 
 
@@ -51,30 +63,31 @@ class LayerChoice:
     layer: str
     threshold: float  # in units of the layer's RMS
     prune_fraction: float
-    estimated_bits: float
+    estimated_cost: float  # storage bits, or inference energy for an energy target
     rel_error: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Allocation:
-    """The chosen per-layer settings as rules, and the storage they were estimated to reach."""
+    """The chosen per-layer settings as rules, and what they were estimated to reach: a compression, or
+    for an energy target an inference energy ratio."""
 
     target: Target
     rules: tuple[Rule, ...]
     layers: tuple[LayerChoice, ...]
-    estimated_compression: float
-    reachable: tuple[float, float]  # (least, most) compression of the candidate grid
+    estimated: float
+    reachable: tuple[float, float]  # (least, most) compression or energy ratio of the candidate grid
 
     def sd_rules(self, base: SDRules) -> SDRules:
         """`base` with the allocation's rules placed first."""
-        return SDRules([*self.rules, *base.rules], max_kernel_size=base.max_kernel_size, **base.defaults)
+        return placed_first(self.rules, base)
 
     def to_json(self) -> str:
         """The allocation as JSON: `rules` (the rules format of `sd.rules`), per-layer figures, the target."""
         return json.dumps(dict(
             target=dataclasses.asdict(self.target), rules=[list(rule) for rule in self.rules],
             layers=[dataclasses.asdict(choice) for choice in self.layers],
-            estimated_compression=self.estimated_compression, reachable_compression=list(self.reachable),
+            estimated=self.estimated, reachable=list(self.reachable),
         ), indent=1)
 
     def write(self, path: str) -> None:
@@ -82,14 +95,76 @@ class Allocation:
         sd_io.as_path(path).write_text(self.to_json())
 
 
+def placed_first(rules: Sequence[Rule], base: SDRules) -> SDRules:
+    """`base` with `rules` (an allocation's) placed before its own, so they decide the layers they name."""
+    return SDRules([*rules, *base.rules], max_kernel_size=base.max_kernel_size, **base.defaults)
+
+
+def _read(path: str, key: str) -> Any:
+    try:
+        return json.loads(sd_io.as_path(path).read_text())[key]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not an allocation file with a {key!r} entry ({error}); pass a file that "
+                         f"--mode=decompose wrote as {ALLOCATION_FILE}") from None
+
+
 def read_rules(path: str) -> list[Rule]:
     """The rules of an allocation file (`Allocation.write`), for `config.sd.rules`."""
+    rules = _read(path, "rules")
     try:
-        data = json.loads(sd_io.as_path(path).read_text())
-        return [(pattern, dict(options)) for pattern, options in data["rules"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not an allocation file with a 'rules' list ({error}); pass a file that "
+        return [(pattern, dict(options)) for pattern, options in rules]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: its 'rules' are not [pattern, options] pairs ({error}); pass a file that "
                          f"--mode=decompose wrote as {ALLOCATION_FILE}") from None
+
+
+def read_target(path: str) -> Target:
+    """The target an allocation file (`Allocation.write`) was chosen for."""
+    try:
+        return Target(**_read(path, "target"))
+    except TypeError as error:
+        raise ValueError(f"{path}: its 'target' is not a target ({error}); pass a file that --mode=decompose "
+                         f"wrote as {ALLOCATION_FILE}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateStats:
+    """What one candidate setting makes of a whole layer: the counts `sd_jax.cost` prices (estimated from
+    a sample of output channels for large layers, so `nonzeros` and `storage_bits` may be fractional)."""
+
+    nonzeros: float
+    distinct_exponents: int
+    coeff_entries: int
+    basis_entries: int
+    k: int
+    storage_bits: float
+
+
+class Pricing(Protocol):
+    """What a target counts: storage bits (`StoragePricing`) or inference energy (`sd_jax.cost.pricing`)."""
+
+    def dense_total(self, sizes: Mapping[str, int], dense_params: int) -> float:
+        """The dense network's total: `sizes` are the weights of each allocated layer's kernel,
+        `dense_params` the other parameters."""
+
+    def fixed(self, sizes: Mapping[str, int], dense_params: int) -> float:
+        """The part of the SD network's total that no candidate changes."""
+
+    def costs(self, layer: str, candidates: Sequence[CandidateStats]) -> np.ndarray:
+        """The cost of each candidate of `layer`."""
+
+
+class StoragePricing:
+    """Storage in bits, as the decompose report counts it: SD tensors, other parameters at 32 bits."""
+
+    def dense_total(self, sizes: Mapping[str, int], dense_params: int) -> float:
+        return 32.0 * (sum(sizes.values()) + dense_params)
+
+    def fixed(self, sizes: Mapping[str, int], dense_params: int) -> float:
+        return 32.0 * dense_params
+
+    def costs(self, layer: str, candidates: Sequence[CandidateStats]) -> np.ndarray:
+        return np.array([candidate.storage_bits for candidate in candidates], np.float64)
 
 
 def _sample(weight: np.ndarray) -> tuple[np.ndarray, float]:
@@ -109,55 +184,75 @@ def _first_rule(rules: SDRules, layer: str) -> dict[str, Any]:
     return next((dict(options) for pattern, options in rules.rules if re.search(pattern, layer)), {})
 
 
-def _measure(job: TensorJob, scale: float) -> tuple[float, float]:
-    """(estimated bits of the whole layer, relative error) of one sampled job."""
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """One allocated layer: its name, full kernel, sample, scale (layer / sample outputs) and candidate grid."""
+
+    name: str
+    kernel: np.ndarray
+    sample: np.ndarray
+    scale: float
+    kind: str
+    options: DecomposeOptions
+    grid: tuple[tuple[float, float], ...]  # (threshold in layer RMS, prune fraction)
+
+    def job(self, threshold: float, fraction: float, *, full: bool = False) -> TensorJob:
+        options = dataclasses.replace(self.options, threshold=threshold, threshold_scale="layer",
+                                      prune_fraction=fraction)
+        return TensorJob(self.name, self.kernel if full else self.sample, self.kind, options)
+
+    def stats(self, found: TensorReport, *, full: bool = False) -> CandidateStats:
+        """The whole layer's counts from the report of its sample (or, `full`, of the layer itself)."""
+        spec = blocking.block_spec(self.kernel.shape, self.kind, group_size=self.options.group_size,
+                                   row_length=self.options.row_length, max_rows=self.options.max_rows)
+        scale = 1.0 if full else self.scale
+        return CandidateStats(found.nonzeros * scale, found.distinct_exponents, spec.num_blocks * spec.rows * spec.k,
+                              spec.num_blocks * spec.k * spec.k, spec.k, found.storage_bits * scale)
+
+
+def _decompose(jobs: list[TensorJob]) -> list[Decomposition]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LossyDecompositionWarning)
-        found = decompose_many([job])[0].report
-    return found.storage_bits * scale, found.rel_error
+        return decompose_many(jobs)
 
 
-def _spend(job: TensorJob, scale: float, grid: list[tuple[float, float]], costs: list[float], errors: list[float],
-           j: int, spare: float) -> tuple[float, float, float]:
-    """(threshold, bits, relative error) of the layer of `job` with its threshold lowered from candidate j
-    toward the next costlier threshold of the same pruning fraction, spending nearest `spare` more bits:
-    geometric bisection of the threshold, `REFINE_STEPS` measurements."""
-    threshold, fraction = grid[j]
-    lower = [i for i, (t, p) in enumerate(grid) if p == fraction and t < threshold]
+def _may_gain_a_bit(stats: CandidateStats) -> bool:
+    """Whether one more distinct exponent (which a sample can miss) costs a bit per non-zero."""
+    return report.coefficient_bits(stats.distinct_exponents + 1) > report.coefficient_bits(stats.distinct_exponents)
+
+
+def _spend(layer: _Layer, pricing: Pricing, costs: np.ndarray, errors: list[float], j: int, spare: float
+           ) -> tuple[float, float, float]:
+    """(threshold, cost, relative error) of `layer` with its threshold lowered from candidate j toward the
+    next costlier threshold of the same pruning fraction, spending nearest `spare` more: geometric
+    bisection of the threshold, `REFINE_STEPS` measurements of the sample."""
+    threshold, fraction = layer.grid[j]
+    lower = [i for i, (t, p) in enumerate(layer.grid) if p == fraction and t < threshold]
     best = (threshold, costs[j], errors[j])
     if not lower or spare <= 0:
         return best
-    costlier = max(lower, key=lambda i: grid[i][0])
-    high, low = threshold, grid[costlier][0]
+    costlier = max(lower, key=lambda i: layer.grid[i][0])
+    high, low = threshold, layer.grid[costlier][0]
     for _ in range(REFINE_STEPS):
         middle = math.sqrt(high * low)
-        bits, error = _measure(dataclasses.replace(job, options=dataclasses.replace(job.options, threshold=middle)),
-                               scale)
-        if bits - costs[j] <= spare:
-            best, high = (middle, bits, error), middle
+        found = _decompose([layer.job(middle, fraction)])[0].report
+        cost = float(pricing.costs(layer.name, [layer.stats(found)])[0])
+        if cost - costs[j] <= spare:
+            best, high = (middle, cost, found.rel_error), middle
         else:
             low = middle
     # Bits jump where a threshold adds an exponent (one more bit per non-zero): the costlier grid point
     # may then be nearer the budget than anything below it.
     if costs[costlier] - costs[j] - spare < spare - (best[1] - costs[j]):
-        return grid[costlier][0], costs[costlier], errors[costlier]
+        return layer.grid[costlier][0], costs[costlier], errors[costlier]
     return best
 
 
-def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[str, float] | None = None, *,
-             thresholds: tuple[float, ...] = THRESHOLDS,
-             prune_fractions: tuple[float, ...] = PRUNE_FRACTIONS) -> Allocation:
-    """Choose each selected layer's threshold and pruning fraction so the network meets `target`.
-
-    `params`: the dense parameter tree; `rules`: which layers become SD and their other options;
-    `sensitivity`: optional {layer: weight of its distortion} (e.g. from a calibration batch), 1 for
-    unnamed layers; `thresholds` (layer RMS units) and `prune_fractions`: the candidate grid. The
-    discrete choice lands below the budget by at most one grid step; the largest layer's threshold is
-    then bisected between its grid neighbours to spend the rest. Raises ValueError naming the
-    reachable compression range when the target is out of it.
-    """
+def _layers(params: Any, rules: SDRules, thresholds: tuple[float, ...], prune_fractions: tuple[float, ...]
+            ) -> tuple[list[_Layer], int]:
+    """(the kernels `rules` select, with their candidate grids; the number of other parameters)."""
     plan = rules.planner()
-    layers, jobs, scales, dense_params = [], [], [], 0
+    layers, dense_params = [], 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = path_name(path)
         chosen = plan(name, tuple(np.shape(leaf))) if name.endswith("/kernel") else None
@@ -165,63 +260,134 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
             dense_params += int(np.size(leaf))
             continue
         kind, options = chosen
-        sample, scale = _sample(np.asarray(leaf, np.float32))
+        kernel = np.asarray(leaf, np.float32)
+        sample, scale = _sample(kernel)
         by_fraction = options.prune_criterion in ("sd_jax", "population")
-        grid = [(t, p) for p in (prune_fractions if by_fraction else (options.prune_fraction,)) for t in thresholds]
-        layers.append((name.rpartition("/")[0], np.size(leaf), grid))
-        scales.append(scale)
-        jobs += [TensorJob(name, sample, kind, dataclasses.replace(options, threshold=t, threshold_scale="layer",
-                                                                   prune_fraction=p)) for t, p in grid]
+        grid = tuple((t, p) for p in (prune_fractions if by_fraction else (options.prune_fraction,))
+                     for t in thresholds)
+        layers.append(_Layer(name.rpartition("/")[0], kernel, sample, scale, kind, options, grid))
     if not layers:
         raise ValueError("allocate: the rules select no kernel; nothing to allocate")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LossyDecompositionWarning)
-        results = iter(decompose_many(jobs))
-    costs, distortions, errors = [], [], []
-    for (layer, size, grid), scale in zip(layers, scales):
-        reports = [next(results).report for _ in grid]
-        costs.append([r.storage_bits * scale for r in reports])
-        errors.append([r.rel_error for r in reports])
-        weight = 1.0 if sensitivity is None else float(sensitivity.get(layer, 1.0))
-        distortions.append([weight * r.rel_error ** 2 for r in reports])
-    dense_bits = 32.0 * (sum(size for _, size, _ in layers) + dense_params)
-    fixed = 32.0 * dense_params
-    least = fixed + sum(min(c) for c in costs)
-    most = fixed + sum(max(c) for c in costs)
-    reachable = (dense_bits / most, dense_bits / least)
-    budget = target.budget_bits(dense_bits)
+    return layers, dense_params
+
+
+def _reach(target: Target, dense_total: float, least: float, most: float) -> tuple[float, float]:
+    """The (least, most) of the target's measure the candidate grid reaches: compression or energy ratio."""
+    if target.counts_energy:
+        return least / dense_total, most / dense_total
+    return dense_total / most, dense_total / least
+
+
+def _out_of_reach(target: Target, reachable: tuple[float, float], least: float, most: float,
+                  thresholds: tuple[float, ...], prune_fractions: tuple[float, ...]) -> ValueError:
+    if target.counts_energy:
+        reached = f"inference energy ratio {reachable[0]:.3g} to {reachable[1]:.3g} of the dense float32 network ("
+    else:
+        reached = (f"compression {reachable[0]:.3g}x to {reachable[1]:.3g}x (storage {least / 8:,.0f} to "
+                   f"{most / 8:,.0f} bytes, ")
+    return ValueError(f"{target.describe()} is out of reach: with these rules the network reaches {reached}"
+                      f"thresholds {min(thresholds):.3g} to {max(thresholds):.3g} layer RMS, prune fractions "
+                      f"{prune_fractions}); pass a target inside that range, or keep more layers dense for a "
+                      "lower one")
+
+
+def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[str, float] | None = None, *,
+             pricing: Pricing | None = None, thresholds: tuple[float, ...] = THRESHOLDS,
+             prune_fractions: tuple[float, ...] = PRUNE_FRACTIONS) -> Allocation:
+    """Choose each selected layer's threshold and pruning fraction so the network meets `target`.
+
+    `params`: the dense parameter tree; `rules`: which layers become SD and their other options;
+    `sensitivity`: optional {layer: weight of its distortion} (e.g. from a calibration batch), 1 for
+    unnamed layers; `pricing`: what a candidate costs, storage bits unless given (an energy target needs
+    `sd_jax.cost.pricing.energy_pricing`); `thresholds` (layer RMS units) and `prune_fractions`: the
+    candidate grid. The discrete choice lands below the budget by at most one grid step; the largest
+    layer's threshold is then bisected between its grid neighbours to spend the rest. Sampled layers
+    whose chosen candidate a missed exponent would make costlier are measured in full. Raises
+    ValueError naming the reachable range when the target is out of it.
+    """
+    if target.counts_energy and pricing is None:
+        raise ValueError(f"{target.describe()} needs the model's layers to price energy; pass "
+                         "pricing=sd_jax.cost.pricing.energy_pricing(...) (the commands do)")
+    pricing = pricing or StoragePricing()
+    layers, dense_params = _layers(params, rules, thresholds, prune_fractions)
+    found = iter(result.report for result in
+                 _decompose([layer.job(*candidate) for layer in layers for candidate in layer.grid]))
+    reports = [[next(found) for _ in layer.grid] for layer in layers]
+    stats = [[layer.stats(r) for r in layer_reports] for layer, layer_reports in zip(layers, reports)]
+    costs = [pricing.costs(layer.name, layer_stats) for layer, layer_stats in zip(layers, stats)]
+    errors = [[r.rel_error for r in layer_reports] for layer_reports in reports]
+    distortions = [[(1.0 if sensitivity is None else float(sensitivity.get(layer.name, 1.0))) * e ** 2 for e in error]
+                   for layer, error in zip(layers, errors)]
+    sizes = {layer.name: layer.kernel.size for layer in layers}
+    dense_total, fixed = pricing.dense_total(sizes, dense_params), pricing.fixed(sizes, dense_params)
+    least, most = fixed + sum(min(c) for c in costs), fixed + sum(max(c) for c in costs)
+    reachable = _reach(target, dense_total, least, most)
+    budget = target.budget(dense_total)
     if not least <= budget <= most * 1.0000001:
-        raise ValueError(
-            f"{target.describe()} is out of reach: with these rules the network reaches compression "
-            f"{reachable[0]:.3g}x to {reachable[1]:.3g}x (storage {least / 8:,.0f} to {most / 8:,.0f} bytes, thresholds "
-            f"{min(thresholds):.3g} to {max(thresholds):.3g} layer RMS, prune fractions {prune_fractions}); "
-            "pass a target inside that range, or keep more layers dense for a lower one")
-    choice = allocation.allocate(costs, distortions, budget - fixed)
+        raise _out_of_reach(target, reachable, least, most, thresholds, prune_fractions)
+    full: set[tuple[int, int]] = set()
+    for _ in range(FULL_ROUNDS):
+        choice = allocation.allocate(costs, distortions, budget - fixed)
+        bits = sum(stats[index][j].storage_bits for index, j in enumerate(choice))
+        suspects = [(index, j) for index, j in enumerate(choice) if layers[index].scale > 1
+                    and (index, j) not in full and _may_gain_a_bit(stats[index][j])
+                    and stats[index][j].nonzeros >= FULL_SHARE * bits]
+        if not suspects:
+            break
+        measured = [result.report for result in
+                    _decompose([layers[index].job(*layers[index].grid[j], full=True) for index, j in suspects])]
+        for (index, j), report_ in zip(suspects, measured):
+            full.add((index, j))
+            stats[index][j] = layers[index].stats(report_, full=True)
+            costs[index][j] = pricing.costs(layers[index].name, [stats[index][j]])[0]
+            errors[index][j] = report_.rel_error
     spare = budget - fixed - sum(c[j] for c, j in zip(costs, choice))
     largest = max(range(len(layers)), key=lambda index: costs[index][choice[index]])
     chosen_layers, chosen_rules, total = [], [], fixed
-    for index, ((layer, _, grid), c, e, j) in enumerate(zip(layers, costs, errors, choice)):
-        threshold, bits, error = grid[j][0], c[j], e[j]
+    for index, (layer, c, e, j) in enumerate(zip(layers, costs, errors, choice)):
+        threshold, cost, error = layer.grid[j][0], c[j], e[j]
         if index == largest:
-            first = sum(len(grid) for _, _, grid in layers[:index])
-            threshold, bits, error = _spend(jobs[first + j], scales[index], grid, c, e, j, spare)
-        fraction = grid[j][1]
-        total += bits
-        chosen_layers.append(LayerChoice(layer, threshold, fraction, bits, error))
-        options = {**_first_rule(rules, layer), "threshold": threshold, "threshold_scale": "layer",
+            threshold, cost, error = _spend(layer, pricing, c, e, j, spare)
+        fraction = layer.grid[j][1]
+        total += cost
+        chosen_layers.append(LayerChoice(layer.name, threshold, fraction, float(cost), error))
+        options = {**_first_rule(rules, layer.name), "threshold": threshold, "threshold_scale": "layer",
                    "prune_fraction": fraction}
-        chosen_rules.append((f"^{re.escape(layer)}$", options))
-    return Allocation(target, tuple(chosen_rules), tuple(chosen_layers), dense_bits / total, reachable)
+        chosen_rules.append((f"^{re.escape(layer.name)}$", options))
+    return Allocation(target, tuple(chosen_rules), tuple(chosen_layers), _reach(target, dense_total, total, total)[0],
+                      reachable)
 
 
-def targeted_rules(config: Any, params: Any) -> tuple[SDRules, Allocation | None]:
-    """The rules of `config`'s `sd` section, with the per-layer allocation for its storage target (if one
-    is set) placed first; the allocation too, for writing beside the run."""
+def calibrated_sensitivity(params: Any, rules: SDRules, loss: Callable[[Any], float], *,
+                           threshold: float = MIDDLE_THRESHOLD) -> dict[str, float]:
+    """{layer: sensitivity} for `allocate`: the increase of `loss` (a function of the parameter tree, e.g.
+    the cross entropy on a calibration batch) when only that layer is decomposed at `threshold` layer RMS
+    (the middle of the grid), over that decomposition's squared relative error, so that sensitivity times
+    a candidate's squared error estimates the loss the candidate adds. Floored at a thousandth of the
+    largest: a layer whose decomposition did not raise the loss still costs something."""
+    layers = _layers(params, rules, (threshold,), (0.0,))[0]
+    decompositions = _decompose([layer.job(*layer.grid[0], full=True) for layer in layers])
+    base = loss(params)
+    raw = {}
+    for layer, decomposition in zip(layers, decompositions):
+        weight, kernel = decomposition.reconstruct(), f"{layer.name}/kernel"
+        only = jax.tree_util.tree_map_with_path(lambda path, x: weight if path_name(path) == kernel else x, params)
+        raw[layer.name] = max(loss(only) - base, 0.0) / max(decomposition.report.rel_error ** 2, 1e-12)
+    floor = 1e-3 * max(max(raw.values()), 1e-12)
+    return {layer: max(value, floor) for layer, value in raw.items()}
+
+
+def targeted_rules(config: Any, params: Any, pricing: Pricing | None = None,
+                   calibration_loss: Callable[[Any], float] | None = None) -> tuple[SDRules, Allocation | None]:
+    """The rules of `config`'s `sd` section, with the per-layer allocation for its target (if one is set;
+    an energy target needs `pricing`) placed first; the allocation too, for writing beside the run. With
+    `calibration_loss` the layers are weighted by `calibrated_sensitivity`."""
     rules = SDRules.from_config(config)
     target = SDRules.target_of(config)
     if target is None:
         return rules, None
-    found = allocate(params, rules, target)
+    sensitivity = None if calibration_loss is None else calibrated_sensitivity(params, rules, calibration_loss)
+    found = allocate(params, rules, target, sensitivity, pricing=pricing)
     return found.sd_rules(rules), found
 
 

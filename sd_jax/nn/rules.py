@@ -57,6 +57,9 @@ SHARED = ("threshold", "max_coeff", "group_size", "row_length", "max_rows")
 KNOWN_KEYS = ("skip", *OPTION_NAMES, *DECOMPOSE_ONLY)
 # Config keys of the storage target (`sd_jax.nn.allocate`), read by `target_of`, not by the rules.
 TARGET_KEYS = tuple(f"target_{field.name}" for field in dataclasses.fields(Target))
+# Training images whose loss weighs the layers of a target's allocation (0: the reconstruction error alone).
+CALIBRATION_KEY = "target_calibration"
+ALLOCATION_KEYS = (*TARGET_KEYS, CALIBRATION_KEY)
 # DecomposeOptions fields SD layers cannot represent.
 UNSUPPORTED = {"pow2": "SD layers hold power-of-two coefficients; drop pow2",
                "row_scale": "SD layers store no per-row scale; drop row_scale"}
@@ -115,7 +118,7 @@ class SDRules:
         without one gives the reference defaults. Unknown keys raise ValueError naming them."""
         section = config.get("sd") if config is not None else None
         options = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
-        for key in TARGET_KEYS:
+        for key in ALLOCATION_KEYS:
             options.pop(key, None)
         rules = [tuple(rule) for rule in options.pop("rules", ())]
         return cls(rules, max_kernel_size=options.pop("max_kernel_size", MAX_KERNEL_SIZE), **options)
@@ -134,7 +137,8 @@ class SDRules:
         layer, decompose, target = SDOptions(), DecomposeOptions(), Target()
         return dict({key: getattr(layer, key) for key in OPTION_NAMES if key != "kind"},
                     **{key: getattr(decompose, key) for key in DECOMPOSE_ONLY}, max_kernel_size=MAX_KERNEL_SIZE,
-                    rules=[], **{key: getattr(target, key.removeprefix("target_")) for key in TARGET_KEYS})
+                    rules=[], **{key: getattr(target, key.removeprefix("target_")) for key in TARGET_KEYS},
+                    **{CALIBRATION_KEY: 0})
 
     @staticmethod
     def option_types() -> dict[str, type]:
@@ -151,6 +155,21 @@ class SDRules:
         if section is None:
             return None
         return Target(**{key.removeprefix("target_"): section.get(key) or 0.0 for key in TARGET_KEYS}).check()
+
+    def threshold_of(self, layer: str) -> float:
+        """The decomposition threshold of `layer`: its first matching rule's, else the defaults'."""
+        return float({**self.defaults, **(self._rule(layer) or {})}.get("threshold", DecomposeOptions.threshold))
+
+    @staticmethod
+    def calibration_of(config: Any) -> int:
+        """`sd.target_calibration` of a config: how many training images weigh the layers of a target's
+        allocation by their loss (0 when unset); ValueError for a negative or fractional count."""
+        section = config.get("sd") if config is not None else None
+        count = (section.get(CALIBRATION_KEY) if section is not None else 0) or 0
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"sd.{CALIBRATION_KEY}={count!r} must be a whole number of training images >= 0 "
+                             f"(0 turns the calibration off); pass e.g. sd.{CALIBRATION_KEY}=256")
+        return count
 
     def __repr__(self) -> str:
         return f"SDRules({list(self.rules)!r}, max_kernel_size={self.max_kernel_size}, **{self.defaults!r})"

@@ -16,6 +16,7 @@ which are exact for powers of two, so `optax.apply_updates` lands exactly on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ import optax
 
 from sd_jax.core import pow2
 from sd_jax.core.decompose import DecomposeOptions
+from sd_jax.core.network import path_name
 
 
 class BucketSwitchState(NamedTuple):
@@ -44,7 +46,7 @@ def bucket_switch(
     update_threshold: float = 0.0,
     threshold: float = DecomposeOptions.threshold,
     max_coeff: float = DecomposeOptions.max_coeff,
-    smallest: float | None = None,
+    smallest: float | Callable[[str], float] | None = None,
     reset_every: int = 0,
     mask: Any = None,
 ) -> optax.GradientTransformation:
@@ -52,7 +54,9 @@ def bucket_switch(
 
     threshold: the decomposition's sparsity threshold; the smallest magnitude is
         `pow2.min_coeff(threshold)`, where revived entries start and below which halved ones vanish.
-    smallest: that magnitude given directly (the reference: `pow2.ceil_pow2(threshold)`).
+    smallest: that magnitude given directly (the reference: `pow2.ceil_pow2(threshold)`), or a function
+        from a coefficient's path in the updated tree ('sd_coeff/stage1/conv1/coeff') to its layer's, for
+        layers decomposed with thresholds of their own.
     reset_every: steps between resets of all counters (the steps of an epoch in the reference); 0: never.
     mask: a pytree of booleans shaped like the coefficients; default: their non-zero pattern at init.
     """
@@ -68,8 +72,18 @@ def bucket_switch(
         raise ValueError(f"reset_every={reset_every!r} must be an integer >= 0 (0: never reset the counters)")
     if smallest is None:
         smallest = pow2.min_coeff(threshold)
-    elif not pow2.is_power_of_two(float(smallest)):
-        raise ValueError(f"smallest={smallest!r} is not a power of two; pass e.g. pow2.ceil_pow2(threshold)")
+    smallest_at = smallest if callable(smallest) else (lambda _: smallest)
+
+    def magnitude(path: tuple) -> float:
+        name = path_name(path)
+        value = smallest_at(name)
+        if not pow2.is_power_of_two(float(value)):
+            where = f" (of {name})" if name else ""
+            raise ValueError(f"smallest={value!r}{where} is not a power of two; pass e.g. pow2.ceil_pow2(threshold)")
+        return value
+
+    if not callable(smallest):
+        magnitude(())
     schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def init_fn(params):
@@ -87,7 +101,8 @@ def bucket_switch(
         rate = schedule(state.count)
         fresh = (state.count % reset_every == 0) if reset_every else False
 
-        def per_leaf(grad, c, buffer, counter, allowed):
+        def per_leaf(path, grad, c, buffer, counter, allowed):
+            smallest = magnitude(path)
             counter = jnp.where(fresh, 0, counter)
             buffer = momentum * buffer + grad + weight_decay * c
             step = -rate * buffer  # what SGD with momentum and weight decay would add to C
@@ -101,7 +116,8 @@ def bucket_switch(
             new_c = jnp.where(fire & allowed, moved, c)
             return new_c - c, buffer, jnp.where(fire, 0, counter)
 
-        results = jax.tree.map(per_leaf, updates, params, state.momentum, state.counters, state.mask)
+        results = jax.tree_util.tree_map_with_path(per_leaf, updates, params, state.momentum, state.counters,
+                                                   state.mask)
         pick = lambda i: jax.tree.map(lambda _, r: r[i], updates, results)
         return pick(0), BucketSwitchState(state.count + 1, pick(1), pick(2), state.mask)
 

@@ -20,7 +20,7 @@ from etils import epath
 
 from sd_jax import models
 from sd_jax.data import builders, device, registry, settings
-from sd_jax.nn.rules import TARGET_KEYS, SDRules
+from sd_jax.nn.rules import ALLOCATION_KEYS, SDRules
 from sd_jax.train.optimizer import COEFF_UPDATES
 
 SCHEDULES = ("reference", "cosine", "step")
@@ -138,7 +138,7 @@ def _check_sd(config: ml_collections.ConfigDict) -> None:
     """Each `sd` option alone (the checks of `SDRules`, which name the option), then all of them together."""
     defaults = SDRules.option_defaults()
     for key, value in config.sd.items():
-        if f"sd.{key}" in RULES or key in TARGET_KEYS:
+        if f"sd.{key}" in RULES or key in ALLOCATION_KEYS:
             continue
         try:
             SDRules([tuple(rule) for rule in value]) if key == "rules" else SDRules(**{key: value})
@@ -153,6 +153,7 @@ def _check_sd(config: ml_collections.ConfigDict) -> None:
         SDRules.target_of(config)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{error}; pass e.g. sd.target_compression=12.0, or 0 for no target") from None
+    SDRules.calibration_of(config)
     try:
         SDRules.from_config(config)
     except ValueError as error:
@@ -212,13 +213,18 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`check_config`, and what only training refuses: a storage target (it is met by --mode=decompose)."""
+    """`check_config`, and what only training refuses: a target that is not a storage target of an SD model
+    fine-tuned from a dense checkpoint (its per-layer settings are chosen on those dense kernels)."""
     check_config(config)
     target = SDRules.target_of(config) if "sd" in config else None
-    if target is not None:
-        raise ValueError("sd.target_compression / sd.target_bytes choose per-layer settings at --mode=decompose "
-                         "(also analyze, export), not in training: decompose the dense model with the target "
-                         "(--output=sd.npz), then train with init.from_params=sd.npz and config.sd.rules = "
+    if target is None:
+        return config
+    if target.counts_energy:
+        raise ValueError(f"sd.{target.describe()}: training meets storage targets only; decompose the dense model "
+                         "for the energy target (--mode=decompose --output=sd.npz), then train with "
+                         "init.from_params=sd.npz and config.sd.rules = "
                          "sd_jax.nn.allocate.read_rules('sd.npz.sd_allocation.json'), the target keys at 0")
+    if not (config.model.sd and config.init.from_params):
+        raise ValueError(f"sd.{target.describe()} chooses per-layer settings on dense weights: start from a dense "
+                         "checkpoint (model.sd=True, init.from_params=<dense checkpoint or .npz>)")
     return config
-

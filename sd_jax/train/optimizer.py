@@ -10,6 +10,7 @@ SGD and then a snap to the quantized value (`coeff_update="quantize_each_step"`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -57,7 +58,7 @@ def sd_optimizer(
     update_threshold: float = 0.0,
     threshold: float = DecomposeOptions.threshold,
     max_coeff: float = DecomposeOptions.max_coeff,
-    smallest: float | None = None,
+    smallest: float | Callable[[str], float] | None = None,
     reset_every: int = 0,
 ) -> optax.GradientTransformation:
     """`optax.multi_transform` over the collections of a trainable-variables dict.

@@ -2,7 +2,9 @@
 
 `train_and_evaluate(config, workdir)` trains the model the config names (dense, or SD with
 `model.sd`) from scratch or from `init.from_params` (a dense checkpoint is decomposed on the way in
-when the model is SD; `init.reset` re-initialises matching layers, e.g. the classifier), resuming from
+when the model is SD, with the per-layer settings of a storage target (`sd.target_compression`,
+`sd.target_bytes`) chosen on its kernels and written to the workdir as `sd_allocation.json`;
+`init.reset` re-initialises matching layers, e.g. the classifier), resuming from
 the latest good checkpoint in `workdir` when there is one (a finished run with its `summary.json` says
 so and returns that summary). `workdir` is any path `etils.epath` reaches (a
 local folder, gs://...). The run describes itself there (`config.json`, and the command line and the
@@ -64,9 +66,9 @@ from sd_jax.core import report as decomposition_report
 from sd_jax.core.decompose import Decomposition
 from sd_jax.core.network import NetworkDecomposition
 from sd_jax.models.common import BN_MOMENTUM
-from sd_jax.nn import convert
+from sd_jax.nn import allocate, convert
 from sd_jax.nn import report as sd_report
-from sd_jax.nn.layers import QUANTIZER_OPTIONS, low_precision_factories
+from sd_jax.nn.layers import QUANTIZER_OPTIONS, SD_COEFF, low_precision_factories
 from sd_jax.nn.rules import SDRules
 from sd_jax import io as sd_io
 from sd_jax.train import projection, schedules, sharding, swa, workdir as run_files
@@ -95,27 +97,65 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
     return train, evaluation
 
 
-def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-    """The model the config names: SD layers by its rules, or dense; a dense model with
-    `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
+def _model(config: ml_collections.ConfigDict, num_classes: int, rules: SDRules) -> Any:
+    """The model the config names: SD layers by `rules` (the run's, `_run_rules`), or dense; a dense model
+    with `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
     dense 8-bit baseline of the paper's training claims)."""
     options = config.model.options.to_dict()
     if config.model.sd:
-        return models.get(config.model.name, num_classes=num_classes, sd=SDRules.from_config(config), **options)
+        return models.get(config.model.name, num_classes=num_classes, sd=rules, **options)
     if config.sd.activation_bits is None and config.sd.gradient_bits is None:
         return models.get(config.model.name, num_classes=num_classes, **options)
     layers = low_precision_factories(**{key: config.sd[key] for key in QUANTIZER_OPTIONS if key in config.sd})
     return models.get(config.model.name, num_classes=num_classes, **layers, **options)
 
 
-def _smallest_magnitude(config: ml_collections.ConfigDict) -> float:
-    """The smallest non-zero |C| of the run, resolved once from the threshold and handed to the bucket
-    switch and SWA alike: `pow2.min_coeff(threshold)` (the value the threshold rounds to, as the layers
-    quantize), or the reference's smallest power of two >= threshold (`optim.revive_at='ceil'`)."""
-    threshold = config.sd.threshold
+def _run_rules(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Progress) -> SDRules:
+    """The SD rules of the run: the config's; with a storage target, the per-layer allocation for it
+    (`sd_jax.nn.allocate`) on the dense kernels of `init.from_params` placed first, chosen on the first
+    start and written to the workdir (`sd_allocation.json`, reusable as `sd.rules` by `read_rules`), read
+    back from there when the run resumes, so a resumed run decomposes and trains exactly as it began."""
+    rules = SDRules.from_config(config)
+    target = SDRules.target_of(config)
+    if target is None or not config.model.sd:
+        return rules
+    path = workdir / allocate.ALLOCATION_FILE
+    if path.exists():
+        written = allocate.read_target(str(path))
+        if written != target:
+            raise ValueError(f"{path} holds the allocation for {written.describe()}, not the config's "
+                             f"{target.describe()}; pass a fresh --workdir, or the target it was started with")
+        return allocate.placed_first(allocate.read_rules(str(path)), rules)
+    loaded = models.upgrade_layout(sd_io.load_variables(config.init.from_params))
+    if SD_COEFF in loaded:
+        raise ValueError(f"init.from_params={config.init.from_params} holds SD variables, but sd.{target.describe()} "
+                         "allocates per-layer settings on dense kernels; pass a dense checkpoint")
+    progress.report(f"allocate: per-layer thresholds for {target.describe()} on the dense kernels of "
+                    f"{config.init.from_params}")
+    found = allocate.allocate(loaded["params"], rules, target)
+    progress.report(f"allocate: estimated compression {found.estimated:.2f}x; the rules go to {path}")
+    if run_files.reports():
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_files.write_text(path, found.to_json())
+    return found.sd_rules(rules)
+
+
+def _smallest_magnitude(config: ml_collections.ConfigDict, threshold: float) -> float:
+    """The smallest non-zero |C| of a layer decomposed with `threshold`, resolved once and handed to the
+    bucket switch and SWA alike: `pow2.min_coeff(threshold)` (the value the threshold rounds to, as the
+    layers quantize), or the reference's smallest power of two >= threshold (`optim.revive_at='ceil'`)."""
     if config.optim.revive_at == "ceil" and threshold > 0:
         return pow2.ceil_pow2(threshold)
     return pow2.min_coeff(threshold)
+
+
+def _smallest_of(config: ml_collections.ConfigDict, rules: SDRules) -> Callable[[str], float]:
+    """The smallest magnitude of each coefficient tensor, by its path ('sd_coeff/<layer>/coeff', or
+    '<layer>/coeff' within the collection): that of its layer's threshold under `rules`."""
+    def smallest(path: str) -> float:
+        layer = path.removeprefix(f"{SD_COEFF}/").removesuffix("/coeff")
+        return _smallest_magnitude(config, rules.threshold_of(layer))
+    return smallest
 
 
 def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -133,7 +173,8 @@ def _schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     raise ValueError(f"optim.schedule={config.optim.schedule!r}; pass 'reference', 'cosine' or 'step'")
 
 
-def _initial_variables(config, model, sample, key, from_checkpoint: bool, progress: Progress) -> dict[str, Any]:
+def _initial_variables(config, model, rules: SDRules, sample, key, from_checkpoint: bool, progress: Progress
+                       ) -> dict[str, Any]:
     """Fresh variables, or those of `init.from_params`: an SD checkpoint as it is, a dense one as it is
     for a dense model or decomposed (`to_sd`, the "decompose" stage) for an SD model. Layers whose name
     matches `init.reset` (e.g. the classifier, for the adaptation setting) keep their fresh values.
@@ -147,7 +188,7 @@ def _initial_variables(config, model, sample, key, from_checkpoint: bool, progre
     sd_io.check_finite(loaded, config.init.from_params)
     loaded = {name: tree for name, tree in loaded.items() if name in fresh}
     if config.model.sd and "sd_coeff" not in loaded:
-        loaded = _decompose(loaded, SDRules.from_config(config), config.init.from_params, progress)
+        loaded = _decompose(loaded, rules, config.init.from_params, progress)
     if "sd_quant" in fresh and "sd_quant" not in loaded:  # low-precision ranges start fresh
         loaded["sd_quant"] = fresh["sd_quant"]
     if config.init.reset:
@@ -240,6 +281,7 @@ class _Run(NamedTuple):
     """What `_build` makes of a config: everything a run needs but its train state."""
 
     config: ml_collections.ConfigDict
+    rules: SDRules  # the SD rules of the run (`_run_rules`)
     train_data: data.Pipeline
     eval_data: data.Pipeline
     mesh: Any
@@ -260,19 +302,21 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
     total_steps = (config.optim.stop_epoch or config.optim.epochs) * train_data.steps_per_epoch
     if total_steps < 1:
         raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
-    model = _model(config, train_data.num_classes)
+    rules = _run_rules(config, workdir, progress)
+    model = _model(config, train_data.num_classes, rules)
     sample = jnp.zeros((1,) + next(iter(eval_data))["image"].shape[1:], jnp.float32)
     key = jax.random.key(config.seed)
     checkpoints = TrainCheckpoints(workdir / "checkpoints", every_steps=config.ckpt.every_steps,
                                    keep_last=config.ckpt.keep_last, keep_best=config.ckpt.keep_best)
     resuming = checkpoints.latest_step() is not None
-    variables = _initial_variables(config, model, sample, key, from_checkpoint=not resuming, progress=progress)
+    variables = _initial_variables(config, model, rules, sample, key, from_checkpoint=not resuming,
+                                   progress=progress)
     schedule = _schedule(config, train_data.steps_per_epoch)
     tx = sd_optimizer(schedule, momentum=config.optim.momentum,
                       weight_decay=config.optim.weight_decay, coeff_update=config.optim.coeff_update,
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold, max_coeff=config.sd.max_coeff,
-                      smallest=_smallest_magnitude(config),
+                      smallest=_smallest_of(config, rules),
                       reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0)
     if config.swa.start_epoch > 0:
         tx = optax.chain(tx, swa.swa(config.swa.start_epoch * train_data.steps_per_epoch,
@@ -283,8 +327,8 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
         train_data.set_state(data_state)
     train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size,
                                               compressibility_weight=config.optim.compressibility_weight)
-    run = _Run(config, train_data, eval_data, mesh, checkpoints, total_steps, train_step, eval_step, model, sample,
-               schedule)
+    run = _Run(config, rules, train_data, eval_data, mesh, checkpoints, total_steps, train_step, eval_step, model,
+               sample, schedule)
     return run, state
 
 
@@ -297,16 +341,17 @@ def _training_epoch(train_data: data.Pipeline, epoch: int, batches: int) -> Iter
         yield next(cursor)
 
 
-def _swa_model(config: ml_collections.ConfigDict, state: TrainState, bn_forward: Callable[..., Any],
-               images: Iterable[jax.Array]) -> TrainState:
+def _swa_model(config: ml_collections.ConfigDict, rules: SDRules, state: TrainState,
+               bn_forward: Callable[..., Any], images: Iterable[jax.Array]) -> TrainState:
     """`state` with the SWA average in SD form (coefficients projected back to powers of two inside the
     mask) and, for batch norm, statistics recomputed over `images` by `bn_forward` (docs/method.md 1.6)."""
     trainable = dict(swa.find_state(state.opt_state).average)
+    smallest = _smallest_of(config, rules)
     if "sd_coeff" in trainable:
         masks = flax.traverse_util.flatten_dict(state.frozen["sd_mask"])  # {(*layer, "mask"): mask}
         trainable["sd_coeff"] = flax.traverse_util.unflatten_dict({
             path: swa.project_coefficients(coeff, masks[(*path[:-1], "mask")],
-                                           smallest=_smallest_magnitude(config), max_coeff=config.sd.max_coeff)
+                                           smallest=smallest("/".join(path)), max_coeff=config.sd.max_coeff)
             for path, coeff in flax.traverse_util.flatten_dict(trainable["sd_coeff"]).items()
         })
     state = state.replace(trainable=trainable)
@@ -362,7 +407,7 @@ def _swa_average(run: _Run, state: TrainState, step: int, bn_forward: Callable[.
     batches = _training_epoch(run.train_data, step // steps_per_epoch - 1, config.swa.bn_batches)
     images = (_global_batch(batch, run.mesh)["image"] for batch in
               progress.track("swa batch norm", batches, config.swa.bn_batches or steps_per_epoch))
-    swa_state = _swa_model(config, state, bn_forward, images)
+    swa_state = _swa_model(config, run.rules, state, bn_forward, images)
     if project_rules is None:
         return state, swa_state, None
     params, decomposition = _projected(swa_state.trainable["params"], project_rules)  # after the batch norm, as the authors

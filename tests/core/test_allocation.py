@@ -39,8 +39,10 @@ def test_a_budget_below_the_cheapest_choice_says_the_least_cost():
 
 
 def test_target_budget_and_checks():
-    assert Target(compression=4).budget_bits(320.0) == 80.0
-    assert Target(bytes=10).budget_bits(320.0) == 80.0
+    assert Target(compression=4).budget(320.0) == 80.0
+    assert Target(bytes=10).budget(320.0) == 80.0
+    assert Target(energy_ratio=0.25).budget(320.0) == 80.0
+    assert Target(energy_ratio=0.25).describe() == "target_energy_ratio=0.25"
     assert Target().check() is None
     with pytest.raises(ValueError, match="set only one target"):
         Target(compression=4, bytes=10).check()

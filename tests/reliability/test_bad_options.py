@@ -56,6 +56,8 @@ BAD = {
     "sd.threshold_scale": "block",
     "sd.target_bytes": -1.0,
     "sd.target_compression": 0.5,
+    "sd.target_energy_ratio": -0.5,
+    "sd.target_calibration": -1,
     "optim.coeff_update": "adam",
     "optim.compressibility_weight": -0.1,
     "optim.epochs": 0,

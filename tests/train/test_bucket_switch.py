@@ -107,6 +107,27 @@ def test_revived_entries_start_at_the_given_smallest_magnitude():
     assert float(optax.apply_updates(params, updates)["c"][0]) == 2.0**-7
 
 
+def test_each_layer_revives_and_drops_at_its_own_smallest_magnitude():
+    """Layers decomposed with thresholds of their own (a storage target's allocation) keep their own
+    smallest |C|: revived entries start there and halved ones below it vanish."""
+    params = {"a": {"coeff": jnp.array([0.0, 0.25])}, "b": {"coeff": jnp.array([0.0, 0.25])}}
+    mask = jax.tree.map(lambda c: jnp.ones(c.shape, bool), params)
+    smallest = {"a/coeff": 0.25, "b/coeff": 2.0**-5}
+    optimizer = bucket_switch(1.0, momentum=0.0, weight_decay=0.0, mask=mask, smallest=smallest.__getitem__)
+    grads = jax.tree.map(lambda _: jnp.array([-1.0, 1.0]), params)  # revive the zero, halve the 0.25
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    moved = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(moved["a"]["coeff"], [0.25, 0.0])
+    np.testing.assert_array_equal(moved["b"]["coeff"], [2.0**-5, 0.125])
+
+
+def test_a_layer_smallest_that_is_not_a_power_of_two_is_named():
+    params = {"a": {"coeff": jnp.array([0.5])}}
+    optimizer = bucket_switch(0.1, smallest=lambda path: 0.3)
+    with pytest.raises(ValueError, match=r"smallest=0.3 \(of a/coeff\) is not a power of two"):
+        optimizer.update(params, optimizer.init(params), params)
+
+
 @pytest.mark.parametrize("kwargs, message", [({"reset_every": -1}, "reset_every"), ({"smallest": 0.003}, "smallest")])
 def test_bad_reset_or_smallest_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -48,12 +48,13 @@ def test_trainer_swa_model_projects_with_the_bucket_switch_smallest_magnitude(re
     """The SWA average keeps exactly the magnitudes the run's bucket switch keeps: with the reference's
     revive_at='ceil' (smallest 2^-7 for threshold 4e-3), an average of 1.2 * 2^-8 is 0, not 2^-8."""
     from sd_jax.core import pow2
+    from sd_jax.nn.rules import SDRules
     from sd_jax.train import optimizer, trainer
     from sd_jax.train.step import create_train_state
     from tests.train.tiny_config import tiny_config
 
     config = tiny_config(sd__threshold=4e-3, optim__revive_at=revive_at, swa__start_epoch=1)
-    smallest = trainer._smallest_magnitude(config)
+    smallest = trainer._smallest_magnitude(config, config.sd.threshold)
     assert smallest == (pow2.ceil_pow2(4e-3) if revive_at == "ceil" else pow2.min_coeff(4e-3))
     average = jnp.array([1.2 * 2**-8, 2**-7, 0.3, -(2**-8)])
     variables = {"params": {}, "sd_coeff": {"fc": {"coeff": average}}, "sd_mask": {"fc": {"mask": jnp.ones(4, bool)}}}
@@ -62,7 +63,7 @@ def test_trainer_swa_model_projects_with_the_bucket_switch_smallest_magnitude(re
     state = state.replace(opt_state=jax.tree.map(
         lambda node: node._replace(average=state.trainable) if isinstance(node, swa.SWAState) else node,
         state.opt_state, is_leaf=lambda node: isinstance(node, swa.SWAState)))
-    projected = trainer._swa_model(config, state, None, [])
+    projected = trainer._swa_model(config, SDRules.from_config(config), state, None, [])
     kept = np.asarray(projected.trainable["sd_coeff"]["fc"]["coeff"])
     expected = [2**-8, 2**-7, 0.25, -(2**-8)] if revive_at == "nearest" else [0.0, 2**-7, 0.25, 0.0]
     np.testing.assert_array_equal(kept, expected)

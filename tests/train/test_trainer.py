@@ -340,3 +340,51 @@ def test_stop_epoch_trains_the_first_epochs_of_the_longer_schedule(tmp_path):
     assert rates[-1] == pytest.approx(0.05 * 0.5 * (1 + np.cos(np.pi * 3 / 16)), rel=1e-5)
     with pytest.raises(ValueError, match=r"optim.stop_epoch=5: after the last epoch \(optim.epochs=4\)"):
         trainer.train_and_evaluate(_config(optim__epochs=4, optim__stop_epoch=5), str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_a_storage_target_allocates_on_the_dense_checkpoint_and_a_resumed_run_reuses_it(tmp_path, monkeypatch):
+    """The allocation is chosen once on the dense kernels, written to the workdir and read back on resume
+    (bit-for-bit); the bucket switch keeps each layer's C at or above its own smallest magnitude.
+    About 3 minutes on 2 loaded cores (the search compiles a decomposition per candidate shape)."""
+    import jax
+
+    from sd_jax import models
+    from sd_jax.core import pow2
+    from sd_jax.io import atomic_savez, flatten, load_variables
+    from sd_jax.models.synthetic import he_normal_params
+    from sd_jax.nn import allocate
+
+    npz = str(tmp_path / "dense.npz")
+    params = he_normal_params(models.get("mlp", num_classes=10), (1, 28, 28, 1))
+    atomic_savez(npz, {f"params/{key}": value for key, value in flatten(params).items()})
+    config = _config(model__sd=True, init__from_params=npz, sd__target_compression=6.0, sd__iterations=4,
+                     optim__epochs=2, optim__lr=0.01, optim__switch_bar=3, ckpt__every_steps=3)
+    full = trainer.train_and_evaluate(config, str(tmp_path / "full"))
+    rules = allocate.read_rules(str(tmp_path / "full" / allocate.ALLOCATION_FILE))
+    assert len({options["threshold"] for _, options in rules}) > 1
+    assert full["compression_ratio"] == pytest.approx(6.0, rel=0.15)
+    coefficients = flatten(load_variables(str(tmp_path / "full" / "checkpoints"))["sd_coeff"])
+    thresholds = {pattern.strip("^$"): options["threshold"] for pattern, options in rules}
+    for path, coeff in coefficients.items():
+        nonzero = np.abs(coeff[coeff != 0])
+        assert nonzero.min() >= pow2.min_coeff(thresholds[path.removesuffix("/coeff")])
+
+    searches, search = [], allocate.allocate
+    monkeypatch.setattr(allocate, "allocate", lambda *args, **kwargs: searches.append(1) or search(*args, **kwargs))
+    resumed = _preempted_then_resumed(config, str(tmp_path / "resumed"), monkeypatch, at_call=6)
+    assert len(searches) == 1
+    assert resumed["loss"] == full["loss"] and resumed["accuracy"] == full["accuracy"]
+    jax.tree.map(np.testing.assert_array_equal, load_variables(str(tmp_path / "full" / "checkpoints")),
+                 load_variables(str(tmp_path / "resumed" / "checkpoints")))
+
+
+def test_a_target_needs_a_dense_checkpoint_to_start_from(tmp_path):
+    from sd_jax.train.config_check import check_training_config
+
+    dense = tmp_path / "dense.npz"
+    dense.write_bytes(b"")
+    with pytest.raises(ValueError, match="start from a dense checkpoint"):
+        check_training_config(_config(model__sd=True, sd__target_compression=6.0))
+    with pytest.raises(ValueError, match="training meets storage targets only"):
+        check_training_config(_config(model__sd=True, init__from_params=str(dense), sd__target_energy_ratio=0.2))
