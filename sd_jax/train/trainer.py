@@ -96,11 +96,12 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
 def _model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     """The model the config names: SD layers by its rules, or dense; a dense model with
     `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
-    dense 8-bit baseline of the paper's training claims)."""
+    dense 8-bit baseline of the paper's training claims), and with `sd.stored_activation_bits` their
+    low-bit stored activations."""
     options = config.model.options.to_dict()
     if config.model.sd:
         return models.get(config.model.name, num_classes=num_classes, sd=SDRules.from_config(config), **options)
-    if config.sd.activation_bits is None and config.sd.gradient_bits is None:
+    if not any(config.sd.get(key) for key in ("activation_bits", "gradient_bits", "stored_activation_bits")):
         return models.get(config.model.name, num_classes=num_classes, **options)
     layers = low_precision_factories(**{key: config.sd[key] for key in QUANTIZER_OPTIONS if key in config.sd})
     return models.get(config.model.name, num_classes=num_classes, **layers, **options)
