@@ -17,6 +17,9 @@ COST_DEFAULTS = dict(
     table="horowitz45nm", dense_bits=32, sd_weight_bits=8, sd_activation_bits=8, basis_bits=32,
     buffer_kib=108.0, pe_count=168, dataflow="weight_stationary", skip_zeros=True,
     inference_batch=1, training_batch=128, dataset_size=50000,
+    # Width of the activations kept for the backward pass in the dense and SD views; 0: their
+    # activation width (`analyze` fills in a trained run's sd.stored_activation_bits).
+    stored_activation_bits=0,
 )
 # The dense low-precision baseline: weights, activations and gradients at this width, integer arithmetic.
 INT8_BITS = 8
@@ -33,17 +36,19 @@ def cost_options(config: Any) -> dict[str, Any]:
 
 def analysis_of(network: layers.Network, model_name: str, options: Mapping[str, Any]) -> analysis_lib.Analysis:
     """Dense (options.dense_bits, float at 32) and dense 8-bit (int) against SD (8-bit int by default) and
-    integer-only SD inference, all on one table and one accelerator."""
+    integer-only SD inference, all on one table and one accelerator; the dense and SD views keep the
+    activations for the backward pass at options.stored_activation_bits (0: their activation width)."""
     table = tables.get(options["table"])
     accelerator = dict(buffer_kib=options["buffer_kib"], pe_count=options["pe_count"], dataflow=options["dataflow"],
                        skip_zeros=options["skip_zeros"])
     common = dict(accelerator, basis_bits=options["basis_bits"])
+    stored = dict(stored_activation_bits=options["stored_activation_bits"] or None)
     dense_hw = hardware.hardware(table, weight_bits=options["dense_bits"], activation_bits=options["dense_bits"],
-                                 **common)
+                                 **stored, **common)
     int8_hw = hardware.hardware(table, weight_bits=INT8_BITS, activation_bits=INT8_BITS, gradient_bits=INT8_BITS,
                                 **common)
     sd_hw = hardware.hardware(table, weight_bits=options["sd_weight_bits"],
-                              activation_bits=options["sd_activation_bits"], **common)
+                              activation_bits=options["sd_activation_bits"], **stored, **common)
     steps = math.ceil(options["dataset_size"] / options["training_batch"])
     return analysis_lib.analyze(network, model_name, unit=table.unit, dense_hardware=dense_hw, sd_hardware=sd_hw,
                                 int8_hardware=int8_hw, inference_batch=options["inference_batch"],
