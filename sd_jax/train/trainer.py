@@ -71,7 +71,8 @@ from sd_jax.train import projection, schedules, sharding, swa, workdir as run_fi
 from sd_jax.train.config_check import check_config, check_training_config
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
-from sd_jax.train.step import TrainState, create_train_state, make_steps, step_memory
+from sd_jax.train import step as step_lib
+from sd_jax.train.step import TrainState, create_train_state, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
 
 
@@ -288,7 +289,7 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
 
 def _stored_activation_memory(run: _Run, state: TrainState) -> dict[str, Any]:
     """The run's `stored_activation_bits` (None: exact) and `peak_memory_ratio`: the peak bytes of its
-    compiled train step (`step_memory`) over those of the same step with exact stored activations,
+    compiled train step (`step_lib.step_memory`) over those of the same step with exact stored activations,
     compiled beside it before the first step (1.0 for an exact run, which compiles nothing more)."""
     bits = run.config.sd.get("stored_activation_bits") or None
     if bits is None:
@@ -296,11 +297,14 @@ def _stored_activation_memory(run: _Run, state: TrainState) -> dict[str, Any]:
     exact_config = copy.deepcopy(run.config)
     exact_config.sd.stored_activation_bits = None
     exact_model = _model(exact_config, run.train_data.num_classes)
-    size = run.config.input.batch_size
-    batch = {"image": jax.ShapeDtypeStruct((size, *run.sample.shape[1:]), jnp.float32),
-             "label": jax.ShapeDtypeStruct((size,), jnp.int32)}
-    peak = step_memory(run.train_step, state, batch)["peak_bytes"]
-    exact_peak = step_memory(run.train_step, state.replace(apply_fn=exact_model.apply), batch)["peak_bytes"]
+    size, placed = run.config.input.batch_size, sharding.batch_sharding(run.mesh)
+    batch = {"image": jax.ShapeDtypeStruct((size, *run.sample.shape[1:]), jnp.float32, sharding=placed),
+             "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=placed)}
+    # One jit for both (the state's arrays carry their placement): make_steps' fixes the model.
+    step = jax.jit(step_lib.train_step, donate_argnums=0,
+                   compiler_options=step_lib.default_compiler_options(run.mesh) or None)
+    peak = step_lib.step_memory(step, state, batch)["peak_bytes"]
+    exact_peak = step_lib.step_memory(step, state.replace(apply_fn=exact_model.apply), batch)["peak_bytes"]
     return {"stored_activation_bits": bits, "peak_memory_ratio": peak / exact_peak}
 
 
