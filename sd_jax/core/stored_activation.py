@@ -81,7 +81,8 @@ def _stored_before_use(x: Array, stored: StoredActivation) -> tuple[Array, Store
     the backward pass's use of x̂ and keeps x at full precision until then; with the codes alone in
     the loop its scheduler still quantizes late, keeping x as long.
     """
-    never = stored.low[0] != stored.low[0]  # true only for NaN, which neither folds away
+    # False for every input, NaN included (steps are > 0 or NaN), but neither folds it away.
+    never = stored.step[0] < 0
     # A body that changes both, so that neither is loop-invariant (and hoisted out of the loop).
     change = lambda carry: (-carry[0], carry[1] ^ jnp.uint8(255))
     x, codes = jax.lax.while_loop(lambda carry: never, change, (x, stored.codes))

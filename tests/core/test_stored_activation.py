@@ -121,6 +121,12 @@ def test_sd_rules_carry_the_option():
     assert SDRules(stored_activation_bits=4).select("conv1", (5, 5)).stored_activation_bits == 4
 
 
+def test_a_nan_input_gives_nan_gradients_and_ends():
+    x = jnp.full((4, 3), jnp.nan)
+    _, dw = _gradients(DENSE, x, jnp.ones((3, 2)), jnp.ones((4, 2)), 8)
+    assert bool(jnp.all(jnp.isnan(dw)))
+
+
 def test_compiled_gradient_of_a_conv_chain_has_a_smaller_peak_at_4_bits():
     """Six 3x3 convolutions, batch 32: the compiled gradient keeps uint8 codes instead of float32 inputs."""
     x = jnp.zeros((32, 16, 16, 16))
