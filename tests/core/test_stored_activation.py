@@ -25,7 +25,7 @@ def _inputs(x_shape, w_shape, seed=0):
 def _gradients(op, x, kernel, cotangent, bits):
     """(dx, dkernel) of <op(x, kernel), cotangent>, exact (bits None) or with x stored at `bits`."""
     apply = op if bits is None else lambda x, k: stored_activation.linear_with_stored_input(op, x, k, bits)
-    return jax.jit(jax.grad(lambda x, k: jnp.vdot(apply(x, k), cotangent), (0, 1)))(x, kernel)
+    return jax.grad(lambda x, k: jnp.vdot(apply(x, k), cotangent), (0, 1))(x, kernel)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -52,12 +52,15 @@ def test_forward_is_exact_and_kernel_gradient_within_bound(op, x_shape, w_shape)
     the input gradient needs only W, so it is exact; 8 bits is tighter than 4."""
     x, kernel, key = _inputs(x_shape, w_shape)
     cotangent = jax.random.normal(key, op(x, kernel).shape)
-    stored_op = jax.jit(lambda x, k: stored_activation.linear_with_stored_input(op, x, k, 4))
-    np.testing.assert_array_equal(stored_op(x, kernel), jax.jit(op)(x, kernel))
-    exact_dx, exact_dw = _gradients(op, x, kernel, cotangent, None)
+    # One compiled program for the forward passes and all three gradients.
+    outputs, gradients = jax.jit(lambda x, k: (
+        (op(x, k), stored_activation.linear_with_stored_input(op, x, k, 4)),
+        {bits or 32: _gradients(op, x, k, cotangent, bits) for bits in (None, 4, 8)}))(x, kernel)
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    exact_dx, exact_dw = gradients[32]  # exact: float32
     errors = {}
     for bits in (4, 8):
-        dx, dw = _gradients(op, x, kernel, cotangent, bits)
+        dx, dw = gradients[bits]
         np.testing.assert_allclose(dx, exact_dx, rtol=1e-6, atol=1e-6)
         step = stored_activation.quantize(x, bits).step  # (channels,)
         # Σ over rows / positions of |dy| per output channel; every tap of the kernel sees at most all of them.
@@ -123,7 +126,7 @@ def test_sd_rules_carry_the_option():
 
 def test_a_nan_input_gives_nan_gradients_and_ends():
     x = jnp.full((4, 3), jnp.nan)
-    _, dw = _gradients(DENSE, x, jnp.ones((3, 2)), jnp.ones((4, 2)), 8)
+    _, dw = jax.jit(_gradients, static_argnums=(0, 4))(DENSE, x, jnp.ones((3, 2)), jnp.ones((4, 2)), 8)
     assert bool(jnp.all(jnp.isnan(dw)))
 
 
