@@ -4,7 +4,8 @@
     python -m experiments.tables --runs=runs --json   # one JSON object: {"rows": [...]}
 
 Every `summary.json` below `--runs` counts: trainer runs (accuracy, best_accuracy, compression_ratio,
-density, seconds, dataset, model, setting, recipe) and quickstart runs (dense_accuracy, sd_accuracy,
+density, seconds, dataset, model, setting, recipe, stored_activation_bits, peak_memory_ratio) and
+quickstart runs (dense_accuracy, sd_accuracy,
 ...). A file that is not valid JSON or lacks the figures is reported and skipped; the stage summaries
 inside a quickstart run are left to the quickstart's own row. A run describes itself (the trainer and
 the quickstart write `config.json` and `run.json`, `sd_jax.train.workdir`): its command is the last
@@ -49,9 +50,11 @@ LEGACY_COMMAND_FILE = "command.txt"  # what runs from before run.json kept by ha
 PREAMBLE_FILE = "NOTES.md"
 ENERGY_RATIOS = ("inference_energy_ratio", "training_energy_ratio", "inference_energy_ratio_vs_int8",
                  "training_energy_ratio_vs_int8")
+# The stored activations of a trainer run and its train step's peak memory against exact (summary.json).
+MEMORY_KEYS = ("stored_activation_bits", "peak_memory_ratio")
 # What `--json` gives of each row, in this order; the markdown also shows dense_accuracy, machine, command.
 ROW_KEYS = ("dataset", "model", "setting", "recipe", "epochs", "accuracy", "best_accuracy", "compression_ratio",
-            "density", *ENERGY_RATIOS, "seconds", "run")
+            "density", *ENERGY_RATIOS, *MEMORY_KEYS, "seconds", "run")
 
 
 def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -109,6 +112,7 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
                 setting=_setting(summary, config, command), recipe=summary.get("recipe"), epochs=summary.get("epochs"),
                 dense_accuracy=None, accuracy=summary["accuracy"], best_accuracy=summary.get("best_accuracy"),
                 compression_ratio=summary.get("compression_ratio"), density=summary.get("density"),
+                **{key: summary.get(key) for key in MEMORY_KEYS},
                 seconds=summary.get("seconds"), machine=machine, command=command)
 
 

@@ -45,7 +45,9 @@ def analyze(config: Any, params_path: str | None = None, *, model_name: str | No
 
     Trained SD variables with no `cost` section in `config` are counted at the run's own numerics:
     `sd.activation_bits` (e.g. 8) or, without it, `dense_bits` for weights and activations, so only the
-    SD weight storage, traffic and rebuild differ from the dense view at those numerics."""
+    SD weight storage, traffic and rebuild differ from the dense view at those numerics. The training
+    storage counts the activations kept for the backward pass at `cost.stored_activation_bits`, or else
+    the run's `sd.stored_activation_bits` (both 0: at the activation width)."""
     if output_format not in analysis_lib.FORMATS:
         raise ValueError(f"output format {output_format!r} is not one of {sorted(analysis_lib.FORMATS)}")
     options = cost_options(config)
@@ -55,6 +57,8 @@ def analyze(config: Any, params_path: str | None = None, *, model_name: str | No
         bits = (config.sd.get("activation_bits") if config is not None and "sd" in config else None) \
             or options["dense_bits"]
         options.update(sd_weight_bits=bits, sd_activation_bits=bits)
+    if config is not None and "sd" in config and not options["stored_activation_bits"]:
+        options["stored_activation_bits"] = config.sd.get("stored_activation_bits") or 0
     name = target.name
     result = analysis_of(network, name, options)
     if plots_dir:

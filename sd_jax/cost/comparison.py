@@ -17,6 +17,9 @@ COST_DEFAULTS = dict(
     table="horowitz45nm", dense_bits=32, sd_weight_bits=8, sd_activation_bits=8, basis_bits=32,
     buffer_kib=108.0, pe_count=168, dataflow="weight_stationary", skip_zeros=True,
     inference_batch=1, training_batch=128, dataset_size=50000,
+    # Width of the activations kept for the backward pass in the dense and SD views; 0: their
+    # activation width (`analyze` fills in a trained run's sd.stored_activation_bits).
+    stored_activation_bits=0,
 )
 # The dense low-precision baseline: weights, activations and gradients at this width, integer arithmetic.
 INT8_BITS = 8
@@ -37,21 +40,24 @@ def _accelerator(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def views_hardware(options: Mapping[str, Any]) -> dict[str, hardware.Hardware]:
-    """The accelerator description of each view ('dense', 'dense_int8', 'sd') under `cost` options."""
+    """The accelerator description of each view ('dense', 'dense_int8', 'sd') under `cost` options; the
+    dense and SD views keep the activations for the backward pass at options.stored_activation_bits (0:
+    their activation width)."""
     table = tables.get(options["table"])
     common = dict(_accelerator(options), basis_bits=options["basis_bits"])
+    stored = dict(stored_activation_bits=options["stored_activation_bits"] or None)
     return dict(
         dense=hardware.hardware(table, weight_bits=options["dense_bits"], activation_bits=options["dense_bits"],
-                                **common),
+                                **stored, **common),
         dense_int8=hardware.hardware(table, weight_bits=INT8_BITS, activation_bits=INT8_BITS,
                                      gradient_bits=INT8_BITS, **common),
         sd=hardware.hardware(table, weight_bits=options["sd_weight_bits"],
-                             activation_bits=options["sd_activation_bits"], **common))
+                             activation_bits=options["sd_activation_bits"], **stored, **common))
 
 
 def analysis_of(network: layers.Network, model_name: str, options: Mapping[str, Any]) -> analysis_lib.Analysis:
     """Dense (options.dense_bits, float at 32) and dense 8-bit (int) against SD (8-bit int by default) and
-    integer-only SD inference, all on one table and one accelerator."""
+    integer-only SD inference, all on one table and one accelerator (`views_hardware`)."""
     table = tables.get(options["table"])
     accelerator = _accelerator(options)
     views = views_hardware(options)

@@ -25,11 +25,12 @@ PEs), once when stationary.
   buffer rebuilds it with k shift-and-adds per non-zero coefficient (per entry without zero skipping).
 Training step (batch = hw.batch): forward as inference; backward to activations with the same
 weights, X the output gradients, Y the input gradients; backward to weights with A the stored
-activations, X the output gradients, Y the weight gradient (SD: plus k MACs and k shift-and-adds per
+activations (moved at `stored_activation_bits`, read into the PEs at the activation width), X the output gradients, Y the weight gradient (SD: plus k MACs and k shift-and-adds per
 non-zero to project dW onto C and B); update reads and writes weights and optimizer state and reads
 the gradient, three MAC-priced operations per trainable value (momentum, decay, step).
 Storage: inference = stored weights; training = weights, gradients and optimizer state of the
-trainable values (SD: non-zeros of C and B) and the activations kept for the backward pass.
+trainable values (SD: non-zeros of C and B) and the activations kept for the backward pass, at the
+width they are stored (`stored_activation_bits`).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def energy(counts: Counts, hw: Hardware) -> dict[str, dict[str, Array]]:
     backward_activations = _pass(hw, macs, weight_bits, c.weights, hw.weight_bits, outputs, hw.gradient_bits,
                                  inputs, hw.gradient_bits, coefficient_steps)
     trainable = jnp.where(c.sd > 0, c.nonzeros + c.basis_entries, c.weights)
-    backward_weights = _pass(hw, macs, inputs * hw.activation_bits, inputs, hw.activation_bits, outputs,
+    backward_weights = _pass(hw, macs, inputs * hw.stored_activation_bits, inputs, hw.activation_bits, outputs,
                              hw.gradient_bits, trainable, hw.gradient_bits, 0.0)
     projection = c.nonzeros * c.k * c.sd  # dC = dW B^T on the mask (MACs), dB = C^T dW (shift-adds)
     backward_weights = dict(backward_weights, mac=backward_weights["mac"] + projection * hw.mac,
@@ -140,7 +141,7 @@ def energy(counts: Counts, hw: Hardware) -> dict[str, dict[str, Array]]:
         training=dict(forward=forward, backward_activations=backward_activations,
                       backward_weights=backward_weights, update=update),
         storage=dict(weights=weight_bits, gradients=trainable * hw.gradient_bits,
-                     optimizer=trainable * hw.optimizer_bits, activations=inputs * hw.activation_bits),
+                     optimizer=trainable * hw.optimizer_bits, activations=inputs * hw.stored_activation_bits),
     )
 
 

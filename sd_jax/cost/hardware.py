@@ -38,6 +38,7 @@ class Hardware:
     pe_count: jax.Array
     weight_bits: jax.Array
     activation_bits: jax.Array
+    stored_activation_bits: jax.Array  # the activations kept for the backward pass, as stored
     gradient_bits: jax.Array
     accumulator_bits: jax.Array
     basis_bits: jax.Array
@@ -56,6 +57,7 @@ def hardware(
     *,
     weight_bits: int = 32,
     activation_bits: int = 32,
+    stored_activation_bits: int | None = None,
     gradient_bits: int | None = None,
     accumulator_bits: int | None = None,
     basis_bits: int = 32,
@@ -69,16 +71,19 @@ def hardware(
 ) -> Hardware:
     """One description; defaults follow Eyeriss (108 KiB global buffer, 168 PEs), batch 1.
 
-    `arithmetic` is "float" or "int" (default: float at 32 bits, int below). Gradients default to the
-    activation width, the accumulator to 32 bits. Raises ValueError for a bad size or a width the
+    `arithmetic` is "float" or "int" (default: float at 32 bits, int below). Gradients and the
+    activations stored for the backward pass (`stored_activation_bits`: e.g. 4 for a run with
+    `sd.stored_activation_bits=4`) default to the activation width, the accumulator to 32 bits. Raises ValueError for a bad size or a width the
     table has no energy for.
     """
     table = tables.get(table) if isinstance(table, str) else table
     if dataflow not in DATAFLOWS:
         raise ValueError(f"dataflow {dataflow!r} is not one of {DATAFLOWS}")
     gradient_bits = activation_bits if gradient_bits is None else gradient_bits
+    stored_activation_bits = stored_activation_bits or activation_bits
     accumulator_bits = 32 if accumulator_bits is None else accumulator_bits
-    sizes = dict(weight_bits=weight_bits, activation_bits=activation_bits, gradient_bits=gradient_bits,
+    sizes = dict(weight_bits=weight_bits, activation_bits=activation_bits,
+                 stored_activation_bits=stored_activation_bits, gradient_bits=gradient_bits,
                  accumulator_bits=accumulator_bits, basis_bits=basis_bits, optimizer_bits=optimizer_bits,
                  buffer_kib=buffer_kib, pe_count=pe_count, batch=batch)
     for name, value in sizes.items():
@@ -98,7 +103,8 @@ def hardware(
         register_per_bit=table.per_bit("register"), mac=mac,
         add=table.operation("add", _dtype(weight_bits, arithmetic)),
         buffer_bits=buffer_kib * 8192, pe_count=pe_count, weight_bits=weight_bits,
-        activation_bits=activation_bits, gradient_bits=gradient_bits, accumulator_bits=accumulator_bits,
+        activation_bits=activation_bits, stored_activation_bits=stored_activation_bits,
+        gradient_bits=gradient_bits, accumulator_bits=accumulator_bits,
         basis_bits=basis_bits, optimizer_bits=optimizer_bits,
         output_stationary=float(dataflow == "output_stationary"), skip_zeros=float(skip_zeros), batch=batch,
     )

@@ -45,6 +45,11 @@ Low precision (docs/method.md 1.4, the paper's energy experiments; both off by d
       sd_quant / <layer> / low, high   () float32, the running range
       sd_quant / <layer> / count       () int32, training steps seen (0: evaluation leaves x as is)
 
+- `stored_activation_bits=N` (4 or 8): the forward pass is exact, but the copy of the layer input
+  kept for the backward pass is N bits per entry (`sd_jax.core.stored_activation`): the input
+  gradient stays exact and the kernel gradient is taken at the dequantized input. Unlike the two
+  quantizers around it this is no training numerics choice but a memory saving; it needs no
+  variables and works the same in training and evaluation (where no backward pass runs).
 - `gradient_bits=N`: in training the layer output goes through `fixed_point.quantize_gradient`, so the
   cotangent reaching the layer (and with it the gradients of B, C, the bias and the layer input) is
   N bits per sample with unbiased stochastic rounding. The noise comes from the 'quant' rng stream
@@ -72,7 +77,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
-from sd_jax.core import blocking, fixed_point, pow2
+from sd_jax.core import blocking, fixed_point, pow2, stored_activation
 from sd_jax.core.decompose import DecomposeOptions
 
 Array = jax.Array
@@ -179,6 +184,9 @@ class SDOptions:
     # its old value per step (authors: 0.1).
     activation_range: str = "sample"
     range_momentum: float = RANGE_MOMENTUM
+    # Bits of the input copy kept for the backward pass (4 or 8; None or 0: exact); the forward pass
+    # stays exact (`sd_jax.core.stored_activation`).
+    stored_activation_bits: int | None = None
 
     def check(self, layer: str) -> "SDOptions":
         """Return self, or raise ValueError naming `layer`, the option and the fix."""
@@ -201,6 +209,8 @@ class SDOptions:
             if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS):
                 raise ValueError(f"layer '{layer}': {option}={bits!r} is not None or an integer in [1, {MAX_BITS}]; "
                                  f"pass e.g. {option}=8, or None for full precision")
+        if self.stored_activation_bits:
+            stored_activation.check_bits(self.stored_activation_bits, f"layer '{layer}': stored_activation_bits")
         return self
 
 
@@ -343,6 +353,13 @@ def _quantize_output_gradient(module: nn.Module, y: Array, layer: str, options: 
     return fixed_point.quantize_gradient(y.astype(jnp.float32), bits, key).astype(y.dtype)
 
 
+def stored_input_op(op: Callable[..., Array], options: SDOptions) -> Callable[..., Array]:
+    """`op` (lax.conv_general_dilated or lax.dot_general), keeping its input at the options'
+    `stored_activation_bits` for the backward pass (`op` itself when they are None or 0)."""
+    bits = options.stored_activation_bits
+    return stored_activation.with_stored_input(op, bits) if bits else op
+
+
 def sd_conv_forward(
     module: nn.Module,
     x: Array,
@@ -382,7 +399,7 @@ def sd_conv_forward(
     bias = _bias(module, features, use_bias, bias_init)
     x = _quantize_input(module, x, layer, options)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
-    y = jax.lax.conv_general_dilated(
+    y = stored_input_op(jax.lax.conv_general_dilated, options)(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
     )
@@ -410,7 +427,7 @@ def sd_dense_forward(
     bias = _bias(module, features, use_bias, bias_init)
     x = _quantize_input(module, x, layer, options)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    y = stored_input_op(jax.lax.dot_general, options)(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     return _quantize_output_gradient(module, y if bias is None else y + bias, layer, options)
 
 
@@ -430,8 +447,8 @@ class SDConv(nn.Module):
     `threshold` and `max_coeff` of the quantizer, `init_scheme` (one of INIT_SCHEMES), the blocking
     (`group_size`, `row_length`, `max_rows`), `kind` (default: 'depthwise' for one input channel
     per group and group count = features, else 'conv'), and the low-precision options
-    `activation_bits` and `gradient_bits` (None: off), `activation_range` and `range_momentum` (see
-    the module docstring).
+    `activation_bits` and `gradient_bits` (None: off), `activation_range`, `range_momentum` and
+    `stored_activation_bits` (see the module docstring).
     """
 
     features: int
@@ -454,6 +471,7 @@ class SDConv(nn.Module):
     gradient_bits: int | None = _DEFAULT.gradient_bits
     activation_range: str = _DEFAULT.activation_range
     range_momentum: float = _DEFAULT.range_momentum
+    stored_activation_bits: int | None = _DEFAULT.stored_activation_bits
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -485,6 +503,7 @@ class SDDense(nn.Module):
     gradient_bits: int | None = _DEFAULT.gradient_bits
     activation_range: str = _DEFAULT.activation_range
     range_momentum: float = _DEFAULT.range_momentum
+    stored_activation_bits: int | None = _DEFAULT.stored_activation_bits
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -503,7 +522,8 @@ class LowPrecisionConv(nn.Conv):
     """nn.Conv with the SD layers' low-precision numerics and a dense kernel: the input at
     `quantizer.activation_bits`, the cotangent at `quantizer.gradient_bits` (see the module
     docstring; only the quantizer fields of the SDOptions count). The dense 8-bit baseline of the
-    paper's training claims is a network of these."""
+    paper's training claims is a network of these. `quantizer.stored_activation_bits` goes in as
+    the layer's `conv_general_dilated` (`low_precision_factories`)."""
 
     quantizer: SDOptions = _DEFAULT
 
@@ -522,7 +542,8 @@ class LowPrecisionDense(nn.Dense):
         return _low_precision_call(self, super().__call__, inputs)
 
 
-QUANTIZER_OPTIONS = ("activation_bits", "gradient_bits", "activation_range", "range_momentum")
+QUANTIZER_OPTIONS = ("activation_bits", "gradient_bits", "activation_range", "range_momentum",
+                     "stored_activation_bits")
 
 
 def low_precision_factories(**quantizer: Any) -> dict[str, Callable[..., nn.Module]]:
@@ -532,5 +553,7 @@ def low_precision_factories(**quantizer: Any) -> dict[str, Callable[..., nn.Modu
     if unknown:
         raise ValueError(f"low-precision dense layers: unknown option(s) {unknown}; pass {QUANTIZER_OPTIONS}")
     options = SDOptions(**quantizer).check("low-precision dense layers")
-    return {"conv": lambda **kwargs: LowPrecisionConv(**kwargs, quantizer=options),
-            "dense": lambda **kwargs: LowPrecisionDense(**kwargs, quantizer=options)}
+    conv_op = stored_input_op(jax.lax.conv_general_dilated, options)
+    dense_op = stored_input_op(jax.lax.dot_general, options)
+    return {"conv": lambda **kwargs: LowPrecisionConv(**kwargs, quantizer=options, conv_general_dilated=conv_op),
+            "dense": lambda **kwargs: LowPrecisionDense(**kwargs, quantizer=options, dot_general=dense_op)}

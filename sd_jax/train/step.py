@@ -122,6 +122,18 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
 
 
+def step_memory(step: Callable[..., Any], *args: Any) -> dict[str, int]:
+    """Bytes XLA assigns to one call of the jitted `step` on `args` (arrays or jax.ShapeDtypeStruct),
+    from the compiled program's memory analysis: arguments, outputs, the outputs that alias donated
+    arguments, temporaries, and `peak_bytes` = arguments + outputs - aliased + temporaries."""
+    stats = step.lower(*args).compile().memory_analysis()
+    figures = dict(argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
+                   alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes)
+    figures["peak_bytes"] = (figures["argument_bytes"] + figures["output_bytes"] - figures["alias_bytes"]
+                             + figures["temp_bytes"])
+    return figures
+
+
 @functools.cache
 def _cpu_options_known() -> bool:
     """Whether this jaxlib's XLA:CPU takes CPU_COMPILER_OPTIONS (another version may name them otherwise)."""

@@ -75,6 +75,7 @@ from sd_jax.train import projection, schedules, sharding, swa, workdir as run_fi
 from sd_jax.train.config_check import check_config, check_training_config
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
+from sd_jax.train import step as step_lib
 from sd_jax.train.step import TrainState, create_train_state, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
 
@@ -100,11 +101,12 @@ def _pipelines(config: ml_collections.ConfigDict) -> tuple[data.Pipeline, data.P
 def _model(config: ml_collections.ConfigDict, num_classes: int, rules: SDRules) -> Any:
     """The model the config names: SD layers by `rules` (the run's, `_run_rules`), or dense; a dense model
     with `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
-    dense 8-bit baseline of the paper's training claims)."""
+    dense 8-bit baseline of the paper's training claims), and with `sd.stored_activation_bits` their
+    low-bit stored activations."""
     options = config.model.options.to_dict()
     if config.model.sd:
         return models.get(config.model.name, num_classes=num_classes, sd=rules, **options)
-    if config.sd.activation_bits is None and config.sd.gradient_bits is None:
+    if not any(config.sd.get(key) for key in ("activation_bits", "gradient_bits", "stored_activation_bits")):
         return models.get(config.model.name, num_classes=num_classes, **options)
     layers = low_precision_factories(**{key: config.sd[key] for key in QUANTIZER_OPTIONS if key in config.sd})
     return models.get(config.model.name, num_classes=num_classes, **layers, **options)
@@ -332,6 +334,29 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
     return run, state
 
 
+def _stored_activation_memory(run: _Run, state: TrainState) -> dict[str, Any]:
+    """The run's `stored_activation_bits` (None: exact) and `peak_memory_ratio`: the peak bytes of its
+    compiled train step (`step_lib.step_memory`) over those of the same step with exact stored activations,
+    compiled beside it before the first step (1.0 for an exact run, which compiles nothing more)."""
+    bits = run.config.sd.get("stored_activation_bits") or None
+    if bits is None:
+        return {"stored_activation_bits": None, "peak_memory_ratio": 1.0}
+    exact_config = copy.deepcopy(run.config)
+    exact_config.sd.stored_activation_bits = None
+    exact_rules = SDRules(run.rules.rules, max_kernel_size=run.rules.max_kernel_size,
+                          **dict(run.rules.defaults, stored_activation_bits=None))
+    exact_model = _model(exact_config, run.train_data.num_classes, exact_rules)
+    size, placed = run.config.input.batch_size, sharding.batch_sharding(run.mesh)
+    batch = {"image": jax.ShapeDtypeStruct((size, *run.sample.shape[1:]), jnp.float32, sharding=placed),
+             "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=placed)}
+    # One jit for both (the state's arrays carry their placement): make_steps' fixes the model.
+    step = jax.jit(step_lib.train_step, donate_argnums=0,
+                   compiler_options=step_lib.default_compiler_options(run.mesh) or None)
+    peak = step_lib.step_memory(step, state, batch)["peak_bytes"]
+    exact_peak = step_lib.step_memory(step, state.replace(apply_fn=exact_model.apply), batch)["peak_bytes"]
+    return {"stored_activation_bits": bits, "peak_memory_ratio": peak / exact_peak}
+
+
 def _training_epoch(train_data: data.Pipeline, epoch: int, batches: int) -> Iterator[dict[str, np.ndarray]]:
     """The first `batches` batches (0: all) of training epoch `epoch`, read by a second cursor over the
     training data, so that the training order does not move."""
@@ -481,13 +506,15 @@ def _log_step(run: _Run, step: int, first_step: int, metrics: dict[str, jax.Arra
         writer.write(step, dict(metrics, learning_rate=float(run.schedule(step - 1)), steps_per_second=progress.rate))
 
 
-def _summary(run: _Run, state: TrainState, evaluated: _Evaluated, seconds: float) -> dict[str, Any]:
-    """The run's summary: final and best figures, storage, and what ran where."""
+def _summary(run: _Run, state: TrainState, evaluated: _Evaluated, seconds: float,
+             memory: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary: final and best figures, storage, stored activations and the peak memory of
+    the train step (`_stored_activation_memory`), and what ran where."""
     config, record = run.config, evaluated.record
     best = {key: record[key] for key in ("best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step")
             if key in record}
     return dict(accuracy=evaluated.result["accuracy"], loss=evaluated.result["loss"], **best, steps=run.total_steps,
-                seconds=seconds, **_storage(run.model, state, run.sample, evaluated.decomposition),
+                seconds=seconds, **_storage(run.model, state, run.sample, evaluated.decomposition), **memory,
                 dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                 setting=config.setting or config.input.setting, recipe=config.recipe or None,
                 part=config.input.part, epochs=config.optim.epochs,
@@ -526,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         f"{run_files.SUMMARY_FILE} follows (a fresh --workdir trains anew)")
         progress.close()
         return finished
+    memory = _stored_activation_memory(run, state)
     writer = run_files.MetricsWriter(workdir, enabled=reports, resume_step=first_step)
     eval_every = config.eval.every_steps or steps_per_epoch
     # Read before the steps donate `state`; the train steps fold in their step number, not 2^32 - 1.
@@ -556,7 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         run.checkpoints.close()
         writer.close()
         progress.close()
-    summary = _summary(run, state, evaluated, time.perf_counter() - start)
+    summary = _summary(run, state, evaluated, time.perf_counter() - start, memory)
     if reports:
         run_files.write_text(workdir / run_files.SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary

@@ -48,6 +48,19 @@ def test_sd_that_stores_and_trains_what_dense_does_costs_what_dense_does(network
                  energy.energy(like_dense, hw), energy.energy(dense_counts, hw))
 
 
+def test_stored_activations_count_at_the_bits_stored(network):
+    """With activations kept for the backward pass at 4 bits, their storage is 4/32 of the 32-bit one,
+    and the weight-gradient pass moves fewer bits; the forward pass does not change."""
+    counts = energy.layer_counts(network, sd=False)
+    exact = energy.energy(counts, hardware.hardware(batch=16))
+    stored = energy.energy(counts, hardware.hardware(batch=16, stored_activation_bits=4))
+    np.testing.assert_allclose(stored["storage"]["activations"], exact["storage"]["activations"] * 4 / 32, rtol=1e-6)
+    np.testing.assert_allclose(stored["storage"]["activations"],
+                               [layer.inputs * 16 * 4 for layer in network.layers], rtol=1e-6)
+    assert np.all(stored["training"]["backward_weights"]["dram"] < exact["training"]["backward_weights"]["dram"])
+    jax.tree.map(np.testing.assert_array_equal, stored["training"]["forward"], exact["training"]["forward"])
+
+
 def test_training_has_every_phase_and_more_energy_than_inference(network):
     hw = hardware.hardware(batch=4)
     result = energy.energy(energy.layer_counts(network, sd=False), hw)

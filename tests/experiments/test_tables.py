@@ -113,11 +113,13 @@ def test_a_trained_run_is_a_row_with_its_own_command(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "launch.main", "--mode=train", "--workdir=runs/tiny"])
     config = tiny_config()
     config.setting = "dense"
+    config.sd.stored_activation_bits = 8
     with tfds.testing.mock_data(num_examples=64):
         trainer.train_and_evaluate(config, str(tmp_path / "tiny"))
     (row,) = tables.collect(str(tmp_path))[0]
     assert row["command"].startswith("python -m launch.main --mode=train --workdir=runs/tiny   # at commit ")
     assert (row["setting"], row["dataset"], row["model"]) == ("dense", "mnist", "mlp")
+    assert row["stored_activation_bits"] == 8 and row["peak_memory_ratio"] > 0  # measured from the compiled step
 
 
 def test_quickstart_runs_and_broken_files(tmp_path):

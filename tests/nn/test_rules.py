@@ -69,7 +69,7 @@ def test_from_config_reads_the_sd_section_and_defaults_live_in_the_dataclasses()
     assert defaults["threshold"] == SDOptions.threshold == DecomposeOptions.threshold
     assert defaults["max_coeff"] == SDOptions.max_coeff == DecomposeOptions.max_coeff
     assert defaults["rules"] == [] and "kind" not in defaults
-    assert SDRules.option_types() == {"activation_bits": int, "gradient_bits": int}
+    assert SDRules.option_types() == {"activation_bits": int, "gradient_bits": int, "stored_activation_bits": int}
     config = ml_collections.ConfigDict({"sd": dict(defaults, threshold=4e-3, max_kernel_size=7,
                                                    rules=[("^head/", {"skip": True})])})
     rules = SDRules.from_config(config)

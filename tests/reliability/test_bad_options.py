@@ -50,6 +50,7 @@ BAD = {
     "sd.range_momentum": 1.0,
     "sd.row_length": 0,
     "sd.row_threshold": float("nan"),
+    "sd.stored_activation_bits": 3,
     "sd.rules": [("stage1(", {"skip": True})],
     "sd.threshold": -1e-3,
     "sd.threshold_decay": 2.0,

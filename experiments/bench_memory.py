@@ -1,0 +1,84 @@
+"""Benchmark: peak memory of the compiled train step with low-bit stored activations against exact.
+
+    python -m experiments.bench_memory [--models=resnet20] [--batch=128] [--json]
+
+For ResNet-20 on Fashion-MNIST (28x28x1) and CIFAR-10 (32x32x3) shapes, batch 128, float32, dense
+and SD (the from-scratch tuned recipe's layers: `SDRules(mode="latent")` with the latent update of
+C), it compiles the donating train step of `sd_jax.train.step.make_steps` (one-device "data" mesh)
+with exact stored activations and with `stored_activation_bits` 8 and 4, and reports XLA's memory
+analysis of each (`sd_jax.train.step.step_memory`: argument, output, aliased and temporary bytes,
+and `peak_bytes`) and `peak_memory_ratio` = peak / the exact step's peak of the same model, all
+in one process. Nothing runs; only compilation (about 2 minutes on the shared 2-core CPU).
+The last line with --json is one JSON object with one entry per (dataset, model, dense/SD) and the
+machine.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from experiments import benchmarking
+from experiments.benchmarking import report
+from sd_jax import models
+from sd_jax.models.synthetic import synthetic_variables
+from sd_jax.nn import SDRules
+from sd_jax.nn.layers import low_precision_factories
+from sd_jax.train import sharding
+from sd_jax.train.optimizer import sd_optimizer
+from sd_jax.train.step import create_train_state, make_steps, step_memory
+
+_MODELS = flags.DEFINE_list("models", ["resnet20"], "Zoo models to compile.")
+_BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
+
+NUM_CLASSES = 10
+SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+BITS = (None, 8, 4)
+
+
+def _model(name: str, sd: bool, bits: int | None) -> Any:
+    """The dense or SD (latent C) model with its inputs stored at `bits` (None: exact)."""
+    if sd:
+        return models.get(name, num_classes=NUM_CLASSES, sd=SDRules(mode="latent", stored_activation_bits=bits))
+    if bits is None:
+        return models.get(name, num_classes=NUM_CLASSES)
+    return models.get(name, num_classes=NUM_CLASSES, **low_precision_factories(stored_activation_bits=bits))
+
+
+def measure(name: str, shape: tuple[int, ...], sd: bool, batch_size: int) -> dict[str, Any]:
+    """Memory of the compiled train step at each of BITS and the peak ratios against exact."""
+    batch = {"image": jnp.zeros((batch_size, *shape), jnp.float32), "label": jnp.zeros((batch_size,), jnp.int32)}
+    mesh = sharding.data_mesh(jax.devices()[:1])
+    figures: dict[str, Any] = {}
+    for bits in BITS:
+        model = _model(name, sd, bits)
+        tx = sd_optimizer(0.1, coeff_update="latent" if sd else "bucket_switch")
+        state = create_train_state(model.apply, synthetic_variables(model, batch["image"]), tx, jax.random.key(0))
+        train, _, state = make_steps(mesh, state)
+        figures[f"bits_{bits or 'exact'}"] = step_memory(train, state, jax.device_put(
+            batch, sharding.batch_sharding(mesh)))
+    exact = figures["bits_exact"]["peak_bytes"]
+    for bits in BITS[1:]:
+        figures[f"peak_memory_ratio_{bits}"] = figures[f"bits_{bits}"]["peak_bytes"] / exact
+    return figures
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    results = {}
+    for name in _MODELS.value:
+        for dataset, shape in SHAPES.items():
+            for sd in (False, True):
+                key = f"{dataset}_{name}_{'sd' if sd else 'dense'}"
+                results[key] = dict(measure(name, shape, sd, _BATCH.value), dataset=dataset, model=name, sd=sd,
+                                    batch=_BATCH.value, input_shape=list(shape))
+                ratios = {bits: round(results[key][f"peak_memory_ratio_{bits}"], 3) for bits in BITS[1:]}
+                print(f"{key}: exact peak {results[key]['bits_exact']['peak_bytes'] / 2**20:.1f} MiB, "
+                      f"peak ratio at 8 / 4 bits {ratios[8]} / {ratios[4]}", flush=True)
+    report(results, as_json=benchmarking.JSON.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
