@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, vgg
+from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, transformer, vgg
 from sd_jax.nn.rules import SDRules, factory_layer_name
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -45,10 +45,13 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     # Small networks for 28×28 / 32×32 images.
     "lenet5": small.LeNet5,
     "mlp": small.MLP,
+    # A small decoder-only Transformer language model (token ids in, next-token logits out).
+    "transformer_lm": transformer.TransformerLM,
 }
 
 _NOT_OPTIONS = ("parent", "name")
-# Every zoo model accepts this input; layer names do not depend on the input size.
+# Every image model of the zoo accepts this input (a model with a PROBE_SHAPE takes that instead); layer
+# names do not depend on the input size.
 _PROBE_INPUT = (1, 32, 32, 3)
 
 
@@ -69,7 +72,8 @@ def layer_names(model: nn.Module) -> list[str]:
         return build
 
     probe = model.clone(conv=recording(model.conv), dense=recording(model.dense))
-    jax.eval_shape(lambda: probe.init(jax.random.key(0), jnp.zeros(_PROBE_INPUT), train=False))
+    probe_input = jnp.zeros(getattr(model, "PROBE_SHAPE", _PROBE_INPUT))
+    jax.eval_shape(lambda: probe.init(jax.random.key(0), probe_input, train=False))
     return built
 
 

@@ -67,18 +67,21 @@ def create_train_state(
 
 
 def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Mean cross entropy and accuracy over every label: one per image, or one per position of a text."""
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
     return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on the global batch; returns the new state and mean loss and accuracy."""
+def train_step(state: TrainState, batch: Batch, input_key: str = "image") -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on the global batch; returns the new state and mean loss and accuracy.
+
+    The model takes `batch[input_key]` ("image", or "tokens" for text, `DatasetSpec.input_key`)."""
     dropout_key, quant_key = jax.random.split(jax.random.fold_in(state.key, state.step))
     rngs = {"dropout": dropout_key, "quant": quant_key}  # quant: stochastic rounding of SD layers' gradients
 
     def loss_fn(trainable):
         logits, updates = state.apply_fn(
-            {**trainable, **state.frozen}, batch["image"], train=True, mutable=["batch_stats", "sd_quant"],
+            {**trainable, **state.frozen}, batch[input_key], train=True, mutable=["batch_stats", "sd_quant"],
             rngs=rngs,
         )
         metrics = _metrics(logits, batch["label"])
@@ -91,13 +94,16 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     return state.replace(step=state.step + 1, trainable=trainable, frozen=frozen, opt_state=opt_state), metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Sums of loss and correct predictions, and the example count, in evaluation mode.
+def eval_step(state: TrainState, batch: Batch, input_key: str = "image") -> dict[str, jax.Array]:
+    """Sums of loss and correct predictions, and the count of labels (examples, or text positions), in
+    evaluation mode on `batch[input_key]`.
 
-    A batch may carry a boolean "mask" (False on the padding of the last evaluation batch).
+    A batch may carry a boolean "mask" (b,) (False on the padding of the last evaluation batch).
     """
-    logits = state.apply_fn(state.variables, batch["image"], train=False).astype(jnp.float32)
-    weight = batch.get("mask", jnp.ones(batch["label"].shape, bool)).astype(jnp.float32)
+    logits = state.apply_fn(state.variables, batch[input_key], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    mask = batch.get("mask", jnp.ones(labels.shape[:1], bool)).reshape(labels.shape[:1] + (1,) * (labels.ndim - 1))
+    weight = jnp.broadcast_to(mask, labels.shape).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
@@ -122,12 +128,13 @@ def default_compiler_options(mesh: Mesh) -> dict[str, Any]:
 
 
 def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
-               compiler_options: dict[str, Any] | None = None) -> tuple[Callable, Callable, TrainState]:
+               compiler_options: dict[str, Any] | None = None,
+               input_key: str = "image") -> tuple[Callable, Callable, TrainState]:
     """Jitted train and eval steps for `mesh`, and `state` placed on it: replicated, except that
     with `shard_min_size` > 0 arrays of at least that many entries (large kernels and their
     optimizer buffers) are split over "data" along their last axis (`sharding.shard_large`).
     `compiler_options`: XLA options of both steps; None: `default_compiler_options(mesh)`, {}: XLA's
-    own defaults."""
+    own defaults. `input_key`: the batch entry the model takes ("image" or "tokens")."""
     if compiler_options is None:
         compiler_options = default_compiler_options(mesh)
     replicated = sharding.replicated(mesh)
@@ -140,8 +147,8 @@ def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
     # contributes its (identical) copy to one global, replicated state.
     host = jax.device_get(state.replace(key=jax.random.key_data(state.key)))
     state = jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)), out_shardings=state_sharding)(host)
-    train = jax.jit(train_step, in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
+    train = jax.jit(functools.partial(train_step, input_key=input_key), in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
                     donate_argnums=0, compiler_options=compiler_options or None)
-    evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated,
+    evaluate = jax.jit(functools.partial(eval_step, input_key=input_key), in_shardings=(state_sharding, batch), out_shardings=replicated,
                        compiler_options=compiler_options or None)
     return train, evaluate, state
