@@ -277,7 +277,8 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold, max_coeff=config.sd.max_coeff,
                       smallest=_smallest_magnitude(config),
-                      reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0)
+                      reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0,
+                      optimizer=config.optim.optimizer)
     if config.swa.start_epoch > 0:
         tx = optax.chain(tx, swa.swa(config.swa.start_epoch * train_data.steps_per_epoch,
                                      every=train_data.steps_per_epoch))
