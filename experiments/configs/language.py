@@ -38,17 +38,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.input.batch_size = 32
     config.input.eval_batch_size = 250
     config.model.name = "transformer_lm"
+    config.model.options.update(dict(num_layers=4, width=128, heads=4, mlp_ratio=4, context=128))
     config.optim.optimizer = "adam"
     config.optim.schedule = "cosine"
     config.optim.warmup_steps = 50
     config.optim.lr = 3e-3
-    config.optim.epochs = 1
+    config.optim.epochs = 2
     config.optim.weight_decay = 0.0
     config.log_every = 25
     config.ckpt.every_steps = 200
-    config.eval.every_steps = 200
     config = paper.apply_setting(config, parts[0], parts[1] if len(parts) == 2 else "tuned")
     config.sd.rules = EMBED_AND_HEAD_DENSE
     if parts[0] == "inference_only":
+        config.optim.epochs = 1
         config.optim.lr = 1e-3
     return config

@@ -60,6 +60,12 @@ def names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def probe_shape(model: nn.Module) -> tuple[int, ...]:
+    """A small input shape (batch first) `model` accepts: (1, 32, 32, 3) images, or its own `PROBE_SHAPE`
+    (the Transformer's (1, 8) tokens)."""
+    return tuple(getattr(model, "PROBE_SHAPE", _PROBE_INPUT))
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Names of the conv and dense layers of a zoo model (`stage1_block0/conv1`), in build order (traced
     abstractly)."""
@@ -72,8 +78,7 @@ def layer_names(model: nn.Module) -> list[str]:
         return build
 
     probe = model.clone(conv=recording(model.conv), dense=recording(model.dense))
-    probe_input = jnp.zeros(getattr(model, "PROBE_SHAPE", _PROBE_INPUT))
-    jax.eval_shape(lambda: probe.init(jax.random.key(0), probe_input, train=False))
+    jax.eval_shape(lambda: probe.init(jax.random.key(0), jnp.zeros(probe_shape(model)), train=False))
     return built
 
 

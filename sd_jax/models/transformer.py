@@ -8,8 +8,8 @@ works.
 
 Every kernel is a dense layer of the `dense` factory, so `models.get("transformer_lm", sd=rules)`
 makes any of them SD by the usual rules: the embedding is `embed/dense` applied to one-hot tokens (a
-lookup written as a matrix product, bias-free; the analyzer counts it as vocabulary x width MACs per
-token), the attention projections `block{i}/attention/{query,key,value,out}`, the MLP
+lookup written as a matrix product; the analyzer counts it as vocabulary x width MACs per
+token; its bias is one more vector added to every embedding), the attention projections `block{i}/attention/{query,key,value,out}`, the MLP
 `block{i}/mlp/{dense1,dense2}` and the head `head/dense` (separate from the embedding, not tied).
 The attention score and value products (2 x length x width MACs per token and block) are no layers:
 the analyzer leaves them out.
@@ -88,7 +88,7 @@ class Block(nn.Module):
 
 
 class Embed(nn.Module):
-    """`dense` (bias-free) on one-hot tokens, times sqrt(width), plus sinusoidal positions."""
+    """`dense` on one-hot tokens, times sqrt(width), plus sinusoidal positions."""
 
     vocabulary: int
     width: int
@@ -98,7 +98,7 @@ class Embed(nn.Module):
     @nn.compact
     def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
         one_hot = jax.nn.one_hot(tokens, self.vocabulary, dtype=self.dtype)  # (batch, length, vocabulary)
-        x = layer(self, self.dense, "dense", features=self.width, use_bias=False)(one_hot)
+        x = layer(self, self.dense, "dense", features=self.width)(one_hot)
         return x * np.sqrt(self.width) + sinusoidal_positions(tokens.shape[1], self.width).astype(x.dtype)
 
 

@@ -57,6 +57,7 @@ BAD = {
     "sd.target_bytes": -1.0,
     "sd.target_compression": 0.5,
     "optim.coeff_update": "adam",
+    "optim.optimizer": "lamb",
     "optim.epochs": 0,
     "optim.lr": -1.0,
     "optim.momentum": 1.5,
