@@ -5,7 +5,6 @@ Without `--params` the launcher evaluates the latest checkpoint of `--workdir` (
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ import optax
 
 from sd_jax.commands import inputs
 from sd_jax.nn.rules import SDRules
-from sd_jax.train.step import create_train_state, eval_step
+from sd_jax.train.step import create_train_state, eval_figures, eval_step
 
 
 def evaluate(config: Any, params_path: str) -> dict[str, float]:
@@ -34,7 +33,4 @@ def evaluate(config: Any, params_path: str) -> dict[str, float]:
     for _ in range(pipeline.steps_per_epoch):
         out = jax.device_get(step(state, next(pipeline)))
         totals += [out["loss_sum"], out["correct"], out["count"]]
-    result = {"accuracy": float(totals[1] / totals[2]), "loss": float(totals[0] / totals[2])}
-    if pipeline.spec.task == "language_model":
-        result["bits_per_char"] = result["loss"] / math.log(2)
-    return result
+    return eval_figures(*totals, text=pipeline.spec.task == "language_model")

@@ -11,6 +11,7 @@ processes. On CPU it compiles them with `CPU_COMPILER_OPTIONS` (see there why).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -107,6 +108,15 @@ def eval_step(state: TrainState, batch: Batch, input_key: str = "image") -> dict
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
+
+
+def eval_figures(loss_sum: float, correct: float, count: float, *, text: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy from the sums of `eval_step` over a split; for `text`, also the loss in bits
+    per character (`bits_per_char`: the loss, nats per byte, over ln 2)."""
+    figures = {"loss": float(loss_sum / count), "accuracy": float(correct / count)}
+    if text:
+        figures["bits_per_char"] = figures["loss"] / math.log(2)
+    return figures
 
 
 @functools.cache

@@ -72,7 +72,7 @@ from sd_jax.train import projection, schedules, sharding, swa, workdir as run_fi
 from sd_jax.train.config_check import check_config, check_training_config
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
-from sd_jax.train.step import TrainState, create_train_state, make_steps
+from sd_jax.train.step import TrainState, create_train_state, eval_figures, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
 
 
@@ -198,10 +198,7 @@ def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh, p
     for _ in progress.track(stage, range(pipeline.steps_per_epoch), pipeline.steps_per_epoch):
         out = _fetch(evaluate_step(state, _global_batch(next(pipeline), mesh)))
         totals += [out["loss_sum"], out["correct"], out["count"]]
-    result = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
-    if pipeline.spec.task == "language_model":
-        result["bits_per_char"] = result["loss"] / math.log(2)
-    return result
+    return eval_figures(*totals, text=pipeline.spec.task == "language_model")
 
 
 def _storage(model: Any, state: TrainState, sample: jax.Array,

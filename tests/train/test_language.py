@@ -2,11 +2,16 @@
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments.configs import language
+from sd_jax import models
 from sd_jax.commands import analyze
+from sd_jax.nn.rules import SDRules
 from sd_jax.train import trainer
+from sd_jax.train.config_check import check_config
 
 pytestmark = pytest.mark.usefixtures("mock_tfds")
 
@@ -48,3 +53,15 @@ def test_dense_then_decompose_and_finetune_then_analyze(tmp_path):
     assert evaluated["bits_per_char"] == pytest.approx(sd["bits_per_char"], rel=1e-5)
     report = analyze.analyze(config, os.path.join(tmp_path, "sd", "checkpoints"), output_format="json")
     assert '"block0/attention/query"' in report and '"head/dense"' in report
+
+
+def test_configs_pass_the_check_and_keep_the_embedding_and_head_dense():
+    for setting in language.SETTINGS:
+        config = language.get_config(setting)
+        check_config(config)
+        assert (config.input.dataset, config.model.name, config.setting) == ("fortunes_chars", "transformer_lm", setting)
+    model = models.get("transformer_lm", num_classes=256, sd=SDRules.from_config(language.get_config("sd_scratch")))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), train=False))
+    assert set(shapes["sd_coeff"]) == {f"block{i}" for i in range(4)} and {"embed", "head"} <= set(shapes["params"])
+    with pytest.raises(ValueError, match="setting"):
+        language.get_config("adaptation")
