@@ -28,10 +28,10 @@ def test_dense_and_sd_builds():
     dense = models.get("transformer_lm", num_classes=256, **TINY)
     logits = jax.eval_shape(lambda: dense.apply(dense.init(jax.random.key(0), tokens, train=False), tokens, train=False))
     assert logits.shape == (2, 12, 256)
-    sd = models.get("transformer_lm", num_classes=256, sd=SDRules(EMBED_AND_HEAD_DENSE), **TINY)
+    sd = models.get("transformer_lm", num_classes=256, sd=SDRules(EMBED_AND_HEAD_DENSE), **dict(TINY, num_layers=1))
     sd_variables = _init(sd, tokens)
     coeffs = sd_variables["sd_coeff"]
-    assert set(coeffs) == {"block0", "block1"} and set(coeffs["block0"]["attention"]) == {"query", "key", "value", "out"}
+    assert set(coeffs) == {"block0"} and set(coeffs["block0"]["attention"]) == {"query", "key", "value", "out"}
     assert "kernel" in sd_variables["params"]["embed"]["dense"] and "kernel" in sd_variables["params"]["head"]["dense"]
     logits = jax.jit(lambda v, t: sd.apply(v, t, train=False))(sd_variables, tokens)
     assert logits.shape == (2, 12, 256) and logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())

@@ -28,6 +28,7 @@ def _config(setting: str, **changes):
     config.ckpt.every_steps = 4
     config.log_every = 1
     config.optim.warmup_steps = 0
+    config.optim.epochs = 1
     for key, value in changes.items():
         section, name = key.split("__")
         config[section][name] = value
