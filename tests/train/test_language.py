@@ -52,7 +52,7 @@ def test_dense_then_decompose_and_finetune_then_analyze(tmp_path):
     assert sd["compression_ratio"] > 1 and sd["setting"] == "inference_only"
     evaluated = trainer.evaluate(config, str(tmp_path / "sd"))
     assert evaluated["bits_per_char"] == pytest.approx(sd["bits_per_char"], rel=1e-5)
-    report = analyze.analyze(config, os.path.join(tmp_path, "sd", "checkpoints"), output_format="json")
+    report = analyze(config, os.path.join(tmp_path, "sd", "checkpoints"), output_format="json")
     assert '"block0/attention/query"' in report and '"head/dense"' in report
 
 
