@@ -22,8 +22,8 @@ takes rows [process_index * b, (process_index + 1) * b) of it, b = batch_size / 
 Batches are {"image": float32 (b, h, w, c), "label": int32 (b,)}, or for a text dataset
 {"tokens": int32 (b, context), "label": int32 (b, context)} (label: the next byte at each position;
 windows are kept in memory and held on the host); evaluation batches add "mask": bool (b,), False on
-the rows that pad the last batch to the fixed size. On the device path
-they are global `jax.Array`s of the whole batch, split over the mesh's data axis.
+the rows that pad the last batch to the fixed size. On the device path they are global `jax.Array`s
+of the whole batch, split over the mesh's data axis.
 """
 
 from __future__ import annotations
