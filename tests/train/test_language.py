@@ -42,7 +42,7 @@ def test_sd_from_scratch_trains_and_reports_bits_per_char(tmp_path):
     assert 0 <= summary["accuracy"] <= 1 and summary["compression_ratio"] > 1
 
 
-@pytest.mark.slow  # about 40 s on 2 busy cores: two trainings and an analysis of the transformer
+@pytest.mark.slow  # 54 s on 2 busy cores (2026-11-30): two trainings and an analysis of the transformer
 def test_dense_then_decompose_and_finetune_then_analyze(tmp_path):
     dense_dir = str(tmp_path / "dense")
     dense = trainer.train_and_evaluate(_config("dense"), dense_dir)
