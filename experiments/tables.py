@@ -4,8 +4,8 @@
     python -m experiments.tables --runs=runs --json   # one JSON object: {"rows": [...]}
 
 Every `summary.json` below `--runs` counts: trainer runs (accuracy, best_accuracy, compression_ratio,
-density, seconds, dataset, model, setting, recipe, stored_activation_bits, peak_memory_ratio) and
-quickstart runs (dense_accuracy, sd_accuracy,
+density, seconds, dataset, model, setting, recipe, stored_activation_bits, peak_memory_ratio; bits_per_char
+for text runs) and quickstart runs (dense_accuracy, sd_accuracy,
 ...). A file that is not valid JSON or lacks the figures is reported and skipped; the stage summaries
 inside a quickstart run are left to the quickstart's own row. A run describes itself (the trainer and
 the quickstart write `config.json` and `run.json`, `sd_jax.train.workdir`): its command is the last
@@ -53,8 +53,8 @@ ENERGY_RATIOS = ("inference_energy_ratio", "training_energy_ratio", "inference_e
 # The stored activations of a trainer run and its train step's peak memory against exact (summary.json).
 MEMORY_KEYS = ("stored_activation_bits", "peak_memory_ratio")
 # What `--json` gives of each row, in this order; the markdown also shows dense_accuracy, machine, command.
-ROW_KEYS = ("dataset", "model", "setting", "recipe", "epochs", "accuracy", "best_accuracy", "compression_ratio",
-            "density", *ENERGY_RATIOS, *MEMORY_KEYS, "seconds", "run")
+ROW_KEYS = ("dataset", "model", "setting", "recipe", "epochs", "accuracy", "best_accuracy", "bits_per_char",
+            "compression_ratio", "density", *ENERGY_RATIOS, *MEMORY_KEYS, "seconds", "run")
 
 
 def collect(root: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -102,6 +102,7 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
         return dict(run=run, dataset=summary.get("dataset", "fashion_mnist"), model=summary.get("model", "resnet20"),
                     setting=summary.get("setting", "inference_only"), recipe=summary.get("recipe"), epochs=None,
                     dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"], best_accuracy=None,
+                bits_per_char=None,
                     compression_ratio=summary["compression_ratio"], density=summary["density"],
                     seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
@@ -111,6 +112,7 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
     return dict(run=run, dataset=summary.get("dataset"), model=summary.get("model"),
                 setting=_setting(summary, config, command), recipe=summary.get("recipe"), epochs=summary.get("epochs"),
                 dense_accuracy=None, accuracy=summary["accuracy"], best_accuracy=summary.get("best_accuracy"),
+                bits_per_char=summary.get("bits_per_char"),
                 compression_ratio=summary.get("compression_ratio"), density=summary.get("density"),
                 **{key: summary.get(key) for key in MEMORY_KEYS},
                 seconds=summary.get("seconds"), machine=machine, command=command)
@@ -173,6 +175,7 @@ _percent, _times = (lambda value: f"{100 * value:.2f}"), (lambda value: f"{value
 _COLUMNS = (  # header, row key, text of a known value
     ("dataset", "dataset", str), ("model", "model", str), ("setting", "setting", str), ("recipe", "recipe", str),
     ("dense acc.", "dense_accuracy", _percent), ("acc.", "accuracy", _percent), ("best acc.", "best_accuracy", _percent),
+    ("bits per char", "bits_per_char", lambda value: f"{value:.3f}"),
     ("compression vs 32-bit", "compression_ratio", _times), ("density of C", "density", lambda value: f"{value:.3f}"),
     ("inference energy: dense fp32 / SD", "inference_energy_ratio", _times),
     ("inference energy: dense 8-bit / SD", "inference_energy_ratio_vs_int8", _times),

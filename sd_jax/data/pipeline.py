@@ -19,9 +19,11 @@ examples in the same order, other augmentation draws (jax.random), global `jax.A
 Multi-host: `batch_size` is the global batch. Every process computes the same global batch and
 takes rows [process_index * b, (process_index + 1) * b) of it, b = batch_size / process_count.
 
-Batches are {"image": float32 (b, h, w, c), "label": int32 (b,)}; evaluation batches add
-"mask": bool (b,), False on the rows that pad the last batch to the fixed size. On the device path
-they are global `jax.Array`s of the whole batch, split over the mesh's data axis.
+Batches are {"image": float32 (b, h, w, c), "label": int32 (b,)}, or for a text dataset
+{"tokens": int32 (b, context), "label": int32 (b, context)} (label: the next byte at each position;
+windows are kept in memory and held on the host); evaluation batches add "mask": bool (b,), False on
+the rows that pad the last batch to the fixed size. On the device path they are global `jax.Array`s
+of the whole batch, split over the mesh's data axis.
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ class Pipeline:
         local = self.local_batch_size
         first = self._process_index * local
         records, valid = self._records(epoch, step, first, local)
+        if self.spec.task == "language_model":
+            return self._text_batch(records, valid)
         rng = np.random.default_rng((self._seed, epoch, step))
         if self.spec.augmentation == "imagenet":
             draws = augment.draw_resized_crop(rng, self.batch_size)[first:first + local][valid]
@@ -229,6 +233,15 @@ class Pipeline:
         out_labels = np.zeros((local,), np.int32)
         out_labels[valid] = self.selection.label_map[labels]
         batch = {"image": out_images, "label": out_labels}
+        if not self.training:
+            batch["mask"] = valid
+        return batch
+
+    def _text_batch(self, records: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
+        """Inputs and next-byte targets of the windows at split positions `records` (padded rows all 0)."""
+        windows = np.zeros((len(valid), self.spec.context + 1), np.int32)
+        windows[valid] = self._memory[0][records]
+        batch = {"tokens": windows[:, :-1], "label": windows[:, 1:]}
         if not self.training:
             batch["mask"] = valid
         return batch
@@ -289,8 +302,10 @@ def _image(example: Mapping[str, Any]) -> np.ndarray:
 
 
 def _read_all(source: Sequence[Mapping[str, Any]], spec: registry.DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Every example of a fixed-size split, decoded: uint8 (n, h, w, c) and labels (n,)."""
-    shape = (spec.image_size, spec.image_size, spec.channels)
+    """Every example of a fixed-size split, decoded: uint8 (n, h, w, c) and labels (n,), or for text the
+    windows uint8 (n, context + 1) and zero labels."""
+    text = spec.task == "language_model"
+    shape = (spec.context + 1,) if text else spec.input_shape
     images = np.empty((len(source),) + shape, np.uint8)
     labels = np.empty((len(source),), np.int64)
     for start in range(0, len(source), _READ_CHUNK):
@@ -300,14 +315,14 @@ def _read_all(source: Sequence[Mapping[str, Any]], spec: registry.DatasetSpec) -
         except TypeError:  # tfds.testing.mock_data (TFDS 4.9.10) cannot serve __getitems__
             examples = [source[key] for key in keys]
         for index, example in zip(keys, examples):
-            image = _image(example)
+            image = np.asarray(example["tokens"]) if text else _image(example)
             if image.shape != shape:
                 raise ValueError(
                     f"dataset {spec.name!r}: example {index} has shape {image.shape}, expected {shape}; "
                     "the prepared data do not match the dataset, re-prepare it"
                 )
             images[index] = image
-            labels[index] = int(example["label"])
+            labels[index] = 0 if text else int(example["label"])
     return images, labels
 
 
@@ -391,6 +406,14 @@ def input_pipeline(
             f"dataset {name!r} has {spec.image_size}x{spec.image_size} images and is not resized; "
             f"drop image_size={image_size}"
         )
+    if spec.task == "language_model":
+        if setting == "adaptation":
+            raise ValueError(f"dataset {name!r} is text (next-byte targets, no classes to split); use the "
+                             "'plain' or 'finetune' setting")
+        if placement == "device":
+            raise ValueError(f"dataset {name!r} is text, made into batches on the host; use placement='host' "
+                             "(or 'auto')")
+        placement = "host"
     if setting == "adaptation" and spec.augmentation == "imagenet":
         raise ValueError(
             f"the adaptation setting reads every label up front and is meant for CIFAR-sized data; "

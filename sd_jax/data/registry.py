@@ -3,6 +3,7 @@
 The built-in TFDS names (`cifar10`, `cifar100`, `imagenet2012`, `mnist`, `fashion_mnist`) are the
 normal path for users with internet. `cifar10_jpeg` and `fashion_mnist_idx` are the offline copies,
 built by the local builders in `sd_jax.data.builders` (see `python -m sd_jax.data.prepare --help`).
+`fortunes_chars` is a text dataset (task "language_model"): windows of bytes, next-byte targets.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 
+FORTUNES_CONTEXT = 128  # bytes a fortunes_chars example predicts from (its window holds one more)
+TASKS = ("classification", "language_model")
+
 _CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -30,6 +34,9 @@ class DatasetSpec:
     "none". Datasets without "imagenet" augmentation have fixed-size images and are decoded once
     and kept in memory as one uint8 array.
     `source_classes` is the size of the source half in the adaptation setting.
+    `task`: "classification" (batches of "image" and "label") or "language_model" (batches of "tokens",
+    int32 (b, context), and "label", the next byte at each position; `num_classes` is the vocabulary,
+    the image fields are unused).
     """
 
     name: str
@@ -44,6 +51,20 @@ class DatasetSpec:
     eval_split: str
     source_classes: int
     local: bool = False
+    task: str = "classification"
+    context: int = 0
+
+    @property
+    def input_key(self) -> str:
+        """The batch entry a model takes: "image" or, for text, "tokens"."""
+        return "tokens" if self.task == "language_model" else "image"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input without the batch axis: (height, width, channels) or, for text, (context,)."""
+        if self.task == "language_model":
+            return (self.context,)
+        return (self.image_size, self.image_size, self.channels)
 
 
 _SPECS = {
@@ -63,6 +84,8 @@ _SPECS = {
                     "train", "test", 5, local=True),
         DatasetSpec("fashion_mnist_idx", "fashion_mnist_idx", 28, 1, 10, (0.2860,), (0.3530,),
                     "none", "train", "test", 5, local=True),
+        DatasetSpec("fortunes_chars", "fortunes_chars", 0, 0, 256, (), (), "none", "train", "validation", 0,
+                    local=True, task="language_model", context=FORTUNES_CONTEXT),
     )
 }
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, vgg
+from sd_jax.models import mobilenet_v2, resnet, resnet_cifar, small, transformer, vgg
 from sd_jax.nn.rules import SDRules, factory_layer_name
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -45,16 +45,25 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     # Small networks for 28×28 / 32×32 images.
     "lenet5": small.LeNet5,
     "mlp": small.MLP,
+    # A small decoder-only Transformer language model (token ids in, next-token logits out).
+    "transformer_lm": transformer.TransformerLM,
 }
 
 _NOT_OPTIONS = ("parent", "name")
-# Every zoo model accepts this input; layer names do not depend on the input size.
+# Every image model of the zoo accepts this input (a model with a PROBE_SHAPE takes that instead); layer
+# names do not depend on the input size.
 _PROBE_INPUT = (1, 32, 32, 3)
 
 
 def names() -> list[str]:
     """The registered model names, sorted."""
     return sorted(_BUILDERS)
+
+
+def probe_shape(model: nn.Module) -> tuple[int, ...]:
+    """A small input shape (batch first) `model` accepts: (1, 32, 32, 3) images, or its own `PROBE_SHAPE`
+    (the Transformer's (1, 8) tokens)."""
+    return tuple(getattr(model, "PROBE_SHAPE", _PROBE_INPUT))
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -69,7 +78,7 @@ def layer_names(model: nn.Module) -> list[str]:
         return build
 
     probe = model.clone(conv=recording(model.conv), dense=recording(model.dense))
-    jax.eval_shape(lambda: probe.init(jax.random.key(0), jnp.zeros(_PROBE_INPUT), train=False))
+    jax.eval_shape(lambda: probe.init(jax.random.key(0), jnp.zeros(probe_shape(model)), train=False))
     return built
 
 

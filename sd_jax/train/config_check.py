@@ -21,7 +21,7 @@ from etils import epath
 from sd_jax import models
 from sd_jax.data import builders, device, registry, settings
 from sd_jax.nn.rules import ALLOCATION_KEYS, SDRules
-from sd_jax.train.optimizer import COEFF_UPDATES
+from sd_jax.train.optimizer import COEFF_UPDATES, OPTIMIZERS
 
 SCHEDULES = ("reference", "cosine", "step")
 REVIVE_RULES = ("nearest", "ceil")
@@ -102,6 +102,7 @@ RULES: dict[str, _Rule] = {
     "optim.momentum": _number(0.9, below=1.0),
     "optim.weight_decay": _number(5e-4),
     "optim.coeff_update": _choice(COEFF_UPDATES),
+    "optim.optimizer": _choice(OPTIMIZERS),
     "optim.switch_bar": _integer(1, 1),
     "optim.update_threshold": _number(0.0),
     "optim.revive_at": _choice(REVIVE_RULES),

@@ -5,7 +5,9 @@ and `sd_basis` (B) take SGD with momentum and weight decay; `sd_coeff` (C) takes
 update (`coeff_update="bucket_switch"`, C stays powers of two) or the same SGD on a latent float C
 that the SD layers re-quantize with a straight-through estimator (`coeff_update="latent"`), or that
 SGD and then a snap to the quantized value (`coeff_update="quantize_each_step"`, the authors'
-`--quant-each-step`). `sd_mask` is not trainable and must not be passed in.
+`--quant-each-step`). `sd_mask` is not trainable and must not be passed in. `optimizer="adam"` puts AdamW (weight decay
+decoupled, `weight_decay` per unit of learning rate as optax counts it) where SGD stands, for models SGD
+trains poorly (the Transformer); the bucket switch keeps its own momentum rule.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sd_jax.train.bucket_switch import bucket_switch
 
 TRAINABLE = ("params", "sd_basis", "sd_coeff")
 COEFF_UPDATES = ("bucket_switch", "latent", "quantize_each_step")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def sgd(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 5e-4) -> optax.GradientTransformation:
@@ -60,13 +63,22 @@ def sd_optimizer(
     max_coeff: float = DecomposeOptions.max_coeff,
     smallest: float | Callable[[str], float] | None = None,
     reset_every: int = 0,
+    optimizer: str = "sgd",
 ) -> optax.GradientTransformation:
     """`optax.multi_transform` over the collections of a trainable-variables dict.
 
     `smallest` and `reset_every` go to `bucket_switch` (the revive magnitude and the counter reset)."""
     if coeff_update not in COEFF_UPDATES:
         raise ValueError(f"coeff_update={coeff_update!r}; pass one of {COEFF_UPDATES}")
-    rules = {"sgd": sgd(learning_rate, momentum, weight_decay)}
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; pass one of {OPTIMIZERS}")
+
+    def gradient_rule() -> optax.GradientTransformation:
+        if optimizer == "adam":
+            return optax.adamw(learning_rate, weight_decay=weight_decay)
+        return sgd(learning_rate, momentum, weight_decay)
+
+    rules = {"sgd": gradient_rule()}
     if coeff_update == "bucket_switch":
         rules["coeff"] = bucket_switch(
             learning_rate, momentum=momentum, weight_decay=weight_decay, switch_bar=switch_bar,
@@ -74,10 +86,9 @@ def sd_optimizer(
             reset_every=reset_every,
         )
     elif coeff_update == "latent":
-        rules["coeff"] = sgd(learning_rate, momentum, weight_decay)
+        rules["coeff"] = gradient_rule()
     else:
-        rules["coeff"] = quantize_each_step(sgd(learning_rate, momentum, weight_decay), threshold=threshold,
-                                            max_coeff=max_coeff)
+        rules["coeff"] = quantize_each_step(gradient_rule(), threshold=threshold, max_coeff=max_coeff)
 
     def labels(variables: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(variables) - set(TRAINABLE))

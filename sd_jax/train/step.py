@@ -14,6 +14,7 @@ processes. On CPU it compiles them with `CPU_COMPILER_OPTIONS` (see there why).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,7 @@ def create_train_state(
 
 
 def _metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Mean cross entropy and accuracy over every label: one per image, or one per position of a text."""
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
     return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
@@ -82,17 +84,18 @@ def coefficient_pairs(variables: dict[str, Any]) -> list[tuple[jax.Array, jax.Ar
             for path, coeff in flax.traverse_util.flatten_dict(variables.get("sd_coeff", {})).items()]
 
 
-def train_step(state: TrainState, batch: Batch, compressibility_weight: float = 0.0
+def train_step(state: TrainState, batch: Batch, compressibility_weight: float = 0.0, input_key: str = "image"
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on the global batch; returns the new state and mean loss and accuracy (and, for an
     SD model, the compressibility of C before the step). The step minimises the cross-entropy plus
-    `compressibility_weight` times the compressibility; at 0 the term is not differentiated at all."""
+    `compressibility_weight` times the compressibility; at 0 the term is not differentiated at all.
+    The model takes `batch[input_key]` ("image", or "tokens" for text, `DatasetSpec.input_key`)."""
     dropout_key, quant_key = jax.random.split(jax.random.fold_in(state.key, state.step))
     rngs = {"dropout": dropout_key, "quant": quant_key}  # quant: stochastic rounding of SD layers' gradients
 
     def loss_fn(trainable):
         logits, updates = state.apply_fn(
-            {**trainable, **state.frozen}, batch["image"], train=True, mutable=["batch_stats", "sd_quant"],
+            {**trainable, **state.frozen}, batch[input_key], train=True, mutable=["batch_stats", "sd_quant"],
             rngs=rngs,
         )
         metrics = _metrics(logits, batch["label"])
@@ -110,13 +113,16 @@ def train_step(state: TrainState, batch: Batch, compressibility_weight: float = 
     return state.replace(step=state.step + 1, trainable=trainable, frozen=frozen, opt_state=opt_state), metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Sums of loss and correct predictions, and the example count, in evaluation mode.
+def eval_step(state: TrainState, batch: Batch, input_key: str = "image") -> dict[str, jax.Array]:
+    """Sums of loss and correct predictions, and the count of labels (examples, or text positions), in
+    evaluation mode on `batch[input_key]`.
 
-    A batch may carry a boolean "mask" (False on the padding of the last evaluation batch).
+    A batch may carry a boolean "mask" (b,) (False on the padding of the last evaluation batch).
     """
-    logits = state.apply_fn(state.variables, batch["image"], train=False).astype(jnp.float32)
-    weight = batch.get("mask", jnp.ones(batch["label"].shape, bool)).astype(jnp.float32)
+    logits = state.apply_fn(state.variables, batch[input_key], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    mask = batch.get("mask", jnp.ones(labels.shape[:1], bool)).reshape(labels.shape[:1] + (1,) * (labels.ndim - 1))
+    weight = jnp.broadcast_to(mask, labels.shape).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
@@ -131,6 +137,15 @@ def step_memory(step: Callable[..., Any], *args: Any) -> dict[str, int]:
                    alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes)
     figures["peak_bytes"] = (figures["argument_bytes"] + figures["output_bytes"] - figures["alias_bytes"]
                              + figures["temp_bytes"])
+    return figures
+
+
+def eval_figures(loss_sum: float, correct: float, count: float, *, text: bool = False) -> dict[str, float]:
+    """Mean loss and accuracy from the sums of `eval_step` over a split; for `text`, also the loss in bits
+    per character (`bits_per_char`: the loss, nats per byte, over ln 2)."""
+    figures = {"loss": float(loss_sum / count), "accuracy": float(correct / count)}
+    if text:
+        figures["bits_per_char"] = figures["loss"] / math.log(2)
     return figures
 
 
@@ -153,13 +168,14 @@ def default_compiler_options(mesh: Mesh) -> dict[str, Any]:
 
 
 def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
-               compiler_options: dict[str, Any] | None = None, compressibility_weight: float = 0.0
-               ) -> tuple[Callable, Callable, TrainState]:
+               compiler_options: dict[str, Any] | None = None, compressibility_weight: float = 0.0,
+               input_key: str = "image") -> tuple[Callable, Callable, TrainState]:
     """Jitted train and eval steps for `mesh`, and `state` placed on it: replicated, except that
     with `shard_min_size` > 0 arrays of at least that many entries (large kernels and their
     optimizer buffers) are split over "data" along their last axis (`sharding.shard_large`).
     `compiler_options`: XLA options of both steps; None: `default_compiler_options(mesh)`, {}: XLA's
-    own defaults. `compressibility_weight`: the weight of the compressibility loss (`train_step`)."""
+    own defaults. `compressibility_weight`: the weight of the compressibility loss (`train_step`).
+    `input_key`: the batch entry the model takes ("image" or "tokens")."""
     if compiler_options is None:
         compiler_options = default_compiler_options(mesh)
     replicated = sharding.replicated(mesh)
@@ -172,9 +188,10 @@ def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
     # contributes its (identical) copy to one global, replicated state.
     host = jax.device_get(state.replace(key=jax.random.key_data(state.key)))
     state = jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)), out_shardings=state_sharding)(host)
-    train = jax.jit(functools.partial(train_step, compressibility_weight=compressibility_weight),
+    train = jax.jit(functools.partial(train_step, compressibility_weight=compressibility_weight,
+                                      input_key=input_key),
                     in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
                     donate_argnums=0, compiler_options=compiler_options or None)
-    evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch), out_shardings=replicated,
+    evaluate = jax.jit(functools.partial(eval_step, input_key=input_key), in_shardings=(state_sharding, batch), out_shardings=replicated,
                        compiler_options=compiler_options or None)
     return train, evaluate, state

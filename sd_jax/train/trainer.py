@@ -19,8 +19,9 @@ good checkpoint stays.
 `evaluate(config, workdir)` restores the latest checkpoint and evaluates it.
 
 Evaluation: after every epoch (every `eval.every_steps` steps when set) and at the end, the model is
-evaluated on the eval split; `eval_loss`, `eval_accuracy` and `epoch` go to metrics.jsonl and
-TensorBoard, and a checkpoint carrying that accuracy is saved, so the best one is kept
+evaluated on the eval split; `eval_loss`, `eval_accuracy` and `epoch` (for a text dataset also
+`eval_bits_per_char`, and `bits_per_char` in the summary; accuracy is then next-character accuracy)
+go to metrics.jsonl and TensorBoard, and a checkpoint carrying that accuracy is saved, so the best one is kept
 (`ckpt.keep_best`). The summary holds the final `accuracy` and `loss`, and `best_accuracy` with its
 `best_step`; a resumed run reads the best so far back from its checkpoint.
 
@@ -43,6 +44,7 @@ projection as SD storage (density of C, compression), as for an SD model.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -76,7 +78,7 @@ from sd_jax.train.config_check import check_config, check_training_config
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.progress import Progress, duration
 from sd_jax.train import step as step_lib
-from sd_jax.train.step import TrainState, create_train_state, make_steps
+from sd_jax.train.step import TrainState, create_train_state, eval_figures, make_steps
 from sd_jax.train.train_checkpoint import TrainCheckpoints
 
 
@@ -235,13 +237,14 @@ def _fetch(tree: Any) -> Any:
 
 def _evaluate(evaluate_step, state: TrainState, pipeline: data.Pipeline, mesh, progress: Progress,
               stage: str = "eval") -> dict[str, float]:
-    """Loss and accuracy over the whole eval split, shown as stage `stage` while it runs."""
+    """Loss and accuracy over the whole eval split, shown as stage `stage` while it runs; for text, with
+    the loss in bits per character (`bits_per_char`: loss / ln 2, the loss being nats per byte)."""
     pipeline.set_state({"epoch": 0, "step": 0, "fingerprint": pipeline.get_state()["fingerprint"]})
     totals = np.zeros(3)
     for _ in progress.track(stage, range(pipeline.steps_per_epoch), pipeline.steps_per_epoch):
         out = _fetch(evaluate_step(state, _global_batch(next(pipeline), mesh)))
         totals += [out["loss_sum"], out["correct"], out["count"]]
-    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
+    return eval_figures(*totals, text=pipeline.spec.task == "language_model")
 
 
 def _storage(model: Any, state: TrainState, sample: jax.Array,
@@ -306,7 +309,8 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
         raise ValueError(f"optim.epochs={config.optim.epochs} gives no training step; pass epochs >= 1")
     rules = _run_rules(config, workdir, progress)
     model = _model(config, train_data.num_classes, rules)
-    sample = jnp.zeros((1,) + next(iter(eval_data))["image"].shape[1:], jnp.float32)
+    inputs = next(iter(eval_data))[eval_data.spec.input_key]
+    sample = jnp.zeros((1,) + inputs.shape[1:], inputs.dtype)
     key = jax.random.key(config.seed)
     checkpoints = TrainCheckpoints(workdir / "checkpoints", every_steps=config.ckpt.every_steps,
                                    keep_last=config.ckpt.keep_last, keep_best=config.ckpt.keep_best)
@@ -319,7 +323,8 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
                       switch_bar=config.optim.switch_bar, update_threshold=config.optim.update_threshold,
                       threshold=config.sd.threshold, max_coeff=config.sd.max_coeff,
                       smallest=_smallest_of(config, rules),
-                      reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0)
+                      reset_every=train_data.steps_per_epoch if config.optim.reset_counters_every_epoch else 0,
+                      optimizer=config.optim.optimizer)
     if config.swa.start_epoch > 0:
         tx = optax.chain(tx, swa.swa(config.swa.start_epoch * train_data.steps_per_epoch,
                                      every=train_data.steps_per_epoch))
@@ -328,7 +333,8 @@ def _build(config: ml_collections.ConfigDict, workdir: epath.Path, progress: Pro
         state, data_state = checkpoints.restore(state)
         train_data.set_state(data_state)
     train_step, eval_step, state = make_steps(mesh, state, shard_min_size=config.sharding.shard_min_size,
-                                              compressibility_weight=config.optim.compressibility_weight)
+                                              compressibility_weight=config.optim.compressibility_weight,
+                                              input_key=train_data.spec.input_key)
     run = _Run(config, rules, train_data, eval_data, mesh, checkpoints, total_steps, train_step, eval_step, model,
                sample, schedule)
     return run, state
@@ -347,11 +353,14 @@ def _stored_activation_memory(run: _Run, state: TrainState) -> dict[str, Any]:
                           **dict(run.rules.defaults, stored_activation_bits=None))
     exact_model = _model(exact_config, run.train_data.num_classes, exact_rules)
     size, placed = run.config.input.batch_size, sharding.batch_sharding(run.mesh)
-    batch = {"image": jax.ShapeDtypeStruct((size, *run.sample.shape[1:]), jnp.float32, sharding=placed),
-             "label": jax.ShapeDtypeStruct((size,), jnp.int32, sharding=placed)}
+    input_key = run.train_data.spec.input_key
+    example = next(iter(run.eval_data))
+    batch = {key: jax.ShapeDtypeStruct((size, *example[key].shape[1:]), example[key].dtype, sharding=placed)
+             for key in (input_key, "label")}
     # One jit for both (the state's arrays carry their placement): make_steps' fixes the model.
-    step = jax.jit(step_lib.train_step, donate_argnums=0,
-                   compiler_options=step_lib.default_compiler_options(run.mesh) or None)
+    step = jax.jit(functools.partial(step_lib.train_step, input_key=input_key,
+                                     compressibility_weight=run.config.optim.compressibility_weight),
+                   donate_argnums=0, compiler_options=step_lib.default_compiler_options(run.mesh) or None)
     peak = step_lib.step_memory(step, state, batch)["peak_bytes"]
     exact_peak = step_lib.step_memory(step, state.replace(apply_fn=exact_model.apply), batch)["peak_bytes"]
     return {"stored_activation_bits": bits, "peak_memory_ratio": peak / exact_peak}
@@ -430,7 +439,7 @@ def _swa_average(run: _Run, state: TrainState, step: int, bn_forward: Callable[.
     projection's decomposition (None without projection)."""
     config, steps_per_epoch = run.config, run.train_data.steps_per_epoch
     batches = _training_epoch(run.train_data, step // steps_per_epoch - 1, config.swa.bn_batches)
-    images = (_global_batch(batch, run.mesh)["image"] for batch in
+    images = (_global_batch(batch, run.mesh)[run.train_data.spec.input_key] for batch in
               progress.track("swa batch norm", batches, config.swa.bn_batches or steps_per_epoch))
     swa_state = _swa_model(config, run.rules, state, bn_forward, images)
     if project_rules is None:
@@ -446,10 +455,17 @@ def _swa_taken(config: ml_collections.ConfigDict, step: int, steps_per_epoch: in
     return 0 < config.swa.start_epoch * steps_per_epoch <= step and step % steps_per_epoch == 0
 
 
+def _bits_per_char(prefix: str, result: dict[str, float]) -> dict[str, float]:
+    """{prefix + "bits_per_char": ...} for the evaluation of a text model, {} for an image model."""
+    return {prefix + "bits_per_char": result["bits_per_char"]} if "bits_per_char" in result else {}
+
+
 def _evaluation_line(figures: dict[str, float], record: dict[str, Any]) -> str:
     """One line of an evaluation's results for people."""
     line = (f"eval  epoch {figures['epoch']:g}: accuracy {figures['eval_accuracy']:.4f}, loss {figures['eval_loss']:.4f} "
             f"(best {record['best_accuracy']:.4f} at step {record['best_step']})")
+    if "eval_bits_per_char" in figures:
+        line += f", {figures['eval_bits_per_char']:.4f} bits per character"
     if "swa_eval_accuracy" in figures:
         line += f"; SWA accuracy {figures['swa_eval_accuracy']:.4f} (best {record['best_swa_accuracy']:.4f})"
     if "density" in figures:
@@ -473,12 +489,13 @@ def _evaluation_point(run: _Run, state: TrainState, step: int, evaluated: _Evalu
         _stop(step, result["loss"], run.checkpoints, evaluation=True)
     record = _keep_best(evaluated.record, "", step, result["accuracy"])
     figures = {"epoch": step / run.train_data.steps_per_epoch, "eval_loss": result["loss"],
-               "eval_accuracy": result["accuracy"]}
+               "eval_accuracy": result["accuracy"], **_bits_per_char("eval_", result)}
     if _swa_taken(run.config, step, run.train_data.steps_per_epoch):
         state, swa_state, swa_decomposition = _swa_average(run, state, step, bn_forward, project_rules, progress)
         swa_result = _evaluate(run.eval_step, swa_state, run.eval_data, run.mesh, progress, stage="swa eval")
         record = _keep_best(record, "swa_", step, swa_result["accuracy"])
-        figures.update(swa_eval_loss=swa_result["loss"], swa_eval_accuracy=swa_result["accuracy"])
+        figures.update(swa_eval_loss=swa_result["loss"], swa_eval_accuracy=swa_result["accuracy"],
+                       **_bits_per_char("swa_eval_", swa_result))
         if step == run.total_steps:  # the SWA average is the result of the run
             state, result, decomposition = swa_state, swa_result, swa_decomposition
     if decomposition is not None or "sd_coeff" in state.trainable:
@@ -513,7 +530,8 @@ def _summary(run: _Run, state: TrainState, evaluated: _Evaluated, seconds: float
     config, record = run.config, evaluated.record
     best = {key: record[key] for key in ("best_accuracy", "best_step", "best_swa_accuracy", "best_swa_step")
             if key in record}
-    return dict(accuracy=evaluated.result["accuracy"], loss=evaluated.result["loss"], **best, steps=run.total_steps,
+    return dict(accuracy=evaluated.result["accuracy"], loss=evaluated.result["loss"],
+                **_bits_per_char("", evaluated.result), **best, steps=run.total_steps,
                 seconds=seconds, **_storage(run.model, state, run.sample, evaluated.decomposition), **memory,
                 dataset=config.input.dataset, model=config.model.name, sd=bool(config.model.sd),
                 setting=config.setting or config.input.setting, recipe=config.recipe or None,

@@ -75,10 +75,10 @@ def test_setting_recipe_and_best_accuracy(runs):
 def test_markdown_shows_both_baselines_and_marks_a_missing_one(runs):
     text = tables.markdown(tables.collect(str(runs))[0], "# Results\nnotes")
     assert text.startswith("# Results\nnotes")
-    assert ("| cifar10_jpeg | resnet20 | sd_bucket_switch | reference |  | 80.00 | 83.00 | 5.50x | 0.750 | "
+    assert ("| cifar10_jpeg | resnet20 | sd_bucket_switch | reference |  | 80.00 | 83.00 |  | 5.50x | 0.750 | "
             "3.50x | 0.90x | 1.25x | 1.05x | 4 | 120 |  | `new_sd` |") in text
-    assert "| sd_8bit |  |  | 80.00 |  | 5.50x | 0.750 | 3.50x | n/a | 1.25x | n/a | 4 |" in text
-    assert "| dense |  |  | 80.00 |  | 1.00x | 1.000 |  |  |  |  | 4 | 120 | cpu x1, 2 CPU cores | `dense` |" in text
+    assert "| sd_8bit |  |  | 80.00 |  |  | 5.50x | 0.750 | 3.50x | n/a | 1.25x | n/a | 4 |" in text
+    assert "| dense |  |  | 80.00 |  |  | 1.00x | 1.000 |  |  |  |  | 4 | 120 | cpu x1, 2 CPU cores | `dense` |" in text
     assert "n/a: the run's `energy.json` predates the dense 8-bit baseline" in text
     assert "--mode=train" in text and "10.56x" in text
 
@@ -166,3 +166,11 @@ def test_integer_records_render_beside_the_float_and_dense_figures(tmp_path):
     assert "| cifar10_jpeg | resnet20 | 84.11 | 82.83 | 82.73 | 0.10 | 99.20 | 10000 | `integer_c10` |" in text
     assert "python -m experiments.eval_integer --params=runs/x" in text
     assert "Integer-only" not in tables.markdown([])
+
+
+def test_a_language_run_carries_bits_per_char(tmp_path):
+    _run(tmp_path, "lm", _summary(dataset="fortunes_chars", model="transformer_lm", setting="sd_scratch",
+                                  bits_per_char=2.25))
+    row = _rows(tmp_path)["lm"]
+    assert (row["dataset"], row["setting"], row["bits_per_char"]) == ("fortunes_chars", "sd_scratch", 2.25)
+    assert "| 2.250 |" in tables.markdown(tables.collect(str(tmp_path))[0])

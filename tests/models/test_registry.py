@@ -12,7 +12,7 @@ EXPECTED_NAMES = [
     "lenet5", "mlp", "mobilenet_v2", "mobilenet_v2_imagenet",
     "resnet110", "resnet164", "resnet18", "resnet18_imagenet", "resnet20", "resnet32", "resnet34",
     "resnet34_imagenet", "resnet44", "resnet50", "resnet50_imagenet", "resnet56",
-    "vgg11", "vgg16", "vgg19",
+    "transformer_lm", "vgg11", "vgg16", "vgg19",
 ]
 
 

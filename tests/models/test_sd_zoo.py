@@ -17,7 +17,7 @@ from sd_jax.nn import SD_COLLECTIONS, dense_variables
 INPUTS = {name: (2, 8, 8, 3) for name in models.names()}
 INPUTS.update({name: (2, 32, 32, 3) for name in ("vgg11", "vgg16", "vgg19")})
 INPUTS.update({name: (1, 32, 32, 3) for name in models.names() if name.endswith("_imagenet")})
-INPUTS.update({"lenet5": (2, 28, 28, 1), "mlp": (2, 28, 28, 1)})
+INPUTS.update({"lenet5": (2, 28, 28, 1), "mlp": (2, 28, 28, 1), "transformer_lm": (2, 8)})
 
 # The fast set covers each family once; the rest take several seconds each on 2 CPU cores.
 FAST = ["lenet5", "mlp", "resnet20"]
@@ -44,7 +44,7 @@ def _sd_matches_dense(name):
                 sd_train, dense_train, sd_updates, dense_updates)
 
     sd_eval, dense_eval, sd_train, dense_train, sd_updates, dense_updates = logits(variables, dense, x)
-    assert sd_eval.shape == (x.shape[0], num_classes) and bool(jnp.all(jnp.isfinite(sd_eval)))
+    assert sd_eval.shape == ((*x.shape, num_classes) if x.ndim == 2 else (x.shape[0], num_classes)) and bool(jnp.all(jnp.isfinite(sd_eval)))
     np.testing.assert_allclose(sd_eval, dense_eval, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sd_train, dense_train, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), sd_updates, dense_updates)

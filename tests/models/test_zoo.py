@@ -60,6 +60,9 @@ PUBLISHED = {
     "lenet5": ("62,006", "LeNet-5 on 32x32x3, blog.51cto.com/u_15786578/5667479"),
     # Frankle & Carbin 2019, "The Lottery Ticket Hypothesis", Figure 2: LeNet-300-100, 266K weights.
     "mlp": ("266K", "Frankle & Carbin 2019, Figure 2"),
+    # Derived: 4 pre-LN blocks of width 128 (4 projections 128x128 + MLP 128x512x128, biases, two layer
+    # norms: 198,272 each), one-hot embedding 10x128 + bias, final norm 256, head 128x10 + 10.
+    "transformer_lm": ("796,042", "derived from the block sizes (no published model)"),
 }
 
 # name -> (input shape used for counting, tiny input shape for the forward pass).
@@ -74,13 +77,14 @@ INPUTS.update({
     "resnet34_imagenet": ((1, 64, 64, 3), (2, 32, 32, 3)),
     "resnet50_imagenet": ((1, 64, 64, 3), (2, 32, 32, 3)),
     "mobilenet_v2_imagenet": ((1, 64, 64, 3), (2, 32, 32, 3)),
+    "transformer_lm": ((1, 16), (2, 8)),  # token ids
 })
 
 # Forward passes that take more than a few seconds on a 2-core CPU, and deeper or wider siblings of a
 # family the fast set already runs (resnet20, vgg11, mobilenet_v2); tests/models/test_sd_zoo.py runs
 # the SD form of resnet20 in train and eval mode too.
 SLOW_FORWARD = {"resnet110", "resnet164", "resnet34", "resnet50", "resnet34_imagenet", "resnet50_imagenet",
-                "resnet32", "resnet44", "resnet56", "vgg16", "vgg19", "mobilenet_v2_imagenet"}
+                "resnet32", "resnet44", "resnet56", "vgg16", "vgg19", "mobilenet_v2_imagenet", "transformer_lm"}
 
 # Models whose real `init` is cheap enough for the fast set.
 INIT_FAST = ["lenet5", "mlp"]
@@ -133,8 +137,9 @@ def _check_forward(model, variables, x, num_classes):
         return train_logits, updates, model.apply(variables, x, train=False)
 
     train_logits, updates, eval_logits = train_and_eval(variables, x)
+    expected = (*x.shape, num_classes) if x.ndim == 2 else (x.shape[0], num_classes)  # per token, or per image
     for logits in (train_logits, eval_logits):
-        assert logits.shape == (x.shape[0], num_classes) and logits.dtype == jnp.float32
+        assert logits.shape == expected and logits.dtype == jnp.float32
         assert bool(jnp.all(jnp.isfinite(logits)))
     if "batch_stats" in variables:  # train mode moved the running statistics towards the batch's
         before, after = variables["batch_stats"], updates["batch_stats"]

@@ -61,6 +61,7 @@ BAD = {
     "sd.target_calibration": -1,
     "optim.coeff_update": "adam",
     "optim.compressibility_weight": -0.1,
+    "optim.optimizer": "lamb",
     "optim.epochs": 0,
     "optim.lr": -1.0,
     "optim.momentum": 1.5,
