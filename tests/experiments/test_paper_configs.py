@@ -27,7 +27,7 @@ def _build(dataset, model, setting):
                                        setting=config.input.setting, part=config.input.part,
                                        split_rule=config.input.split_rule, image_size=32)
         batch = next(pipeline)
-    net = trainer._model(config, pipeline.num_classes)
+    net = trainer._model(config, pipeline.num_classes, SDRules.from_config(config))
     variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     optimizer = sd_optimizer(0.1, coeff_update=config.optim.coeff_update, threshold=config.sd.threshold)
     jax.eval_shape(optimizer.init, {k: v for k, v in variables.items() if k in ("params", "sd_basis", "sd_coeff")})
@@ -182,7 +182,7 @@ def test_fashion_mnist_configs_build(setting):
         pipeline = data.input_pipeline(config.input.dataset, "train", batch_size=4, seed=0,
                                        setting=config.input.setting, part=config.input.part)
         batch = next(pipeline)
-    net = trainer._model(config, pipeline.num_classes)
+    net = trainer._model(config, pipeline.num_classes, SDRules.from_config(config))
     jax.eval_shape(lambda: net.init(jax.random.key(0), batch["image"], train=False))
     with pytest.raises(ValueError, match="model,setting"):
         fashion_mnist.get_config("lenet5")
