@@ -102,8 +102,8 @@ def _row(path: str, summary: dict[str, Any]) -> dict[str, Any] | None:
         return dict(run=run, dataset=summary.get("dataset", "fashion_mnist"), model=summary.get("model", "resnet20"),
                     setting=summary.get("setting", "inference_only"), recipe=summary.get("recipe"), epochs=None,
                     dense_accuracy=summary["dense_accuracy"], accuracy=summary["sd_accuracy"], best_accuracy=None,
-                bits_per_char=None,
-                    compression_ratio=summary["compression_ratio"], density=summary["density"],
+                    bits_per_char=None, compression_ratio=summary["compression_ratio"], density=summary["density"],
+                    **dict.fromkeys(MEMORY_KEYS),
                     seconds=summary["seconds"]["total"], machine="", command=command)
     if "accuracy" not in summary:
         return None
@@ -181,6 +181,8 @@ _COLUMNS = (  # header, row key, text of a known value
     ("inference energy: dense 8-bit / SD", "inference_energy_ratio_vs_int8", _times),
     ("training energy: dense fp32 / SD", "training_energy_ratio", _times),
     ("training energy: dense 8-bit / SD", "training_energy_ratio_vs_int8", _times),
+    ("stored activations, bits", "stored_activation_bits", str),
+    ("train step peak memory / exact", "peak_memory_ratio", lambda value: f"{value:.3f}"),
     ("epochs", "epochs", str), ("wall s", "seconds", lambda value: f"{value:.0f}"), ("machine", "machine", str),
 )
 NOT_ANALYZED = "n/a"  # an energy.json written before the dense 8-bit baseline
