@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -464,6 +465,9 @@ def _decompose_bucket(blocks, keep, threshold, max_coeff, row_threshold, thresho
 # Linux's default limit of 65530 maps a process ended sweeps over many (m, k) shapes after about 175
 # programs with "LLVM compilation error: Cannot allocate memory".
 MAX_COMPILED = 64
+# Bucket programs compile concurrently but run one at a time: two running at once from a thread pool
+# once hung for good on XLA:CPU (both threads waiting in device_get, 0 % CPU; 2026-12-01, 2 cores).
+_RUNNING = threading.Lock()
 
 
 def padded_size(count: int) -> int:
@@ -541,18 +545,20 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
         per_block = lambda field: padded([np.full(size, getattr(part.options, field), np.float32)
                                           for part, size in zip(parts, sizes)], "edge")
         options0 = parts[0].options
-        out, stats = _decompose_bucket(
+        arrays = (
             padded([blocking.to_blocks(part.weight, part.spec) for part in parts]),
             padded([part.keep for part in parts]),
             per_block("threshold"), per_block("max_coeff"), per_block("row_threshold"),
             per_block("threshold_decay"),
             padded([blocking.to_blocks(np.ones(part.spec.shape, bool), part.spec) for part in parts]),
             np.repeat(np.arange(len(parts) + 1), sizes + [total - sum(sizes)]),  # padding: one more tensor
-            num_segments=padded_size(len(parts) + 1),
-            iterations=options0.iterations, use_pow2=options0.pow2, use_row_scale=options0.row_scale,
-            use_row_rule=options0.row_threshold > 0, decay_steps=options0.decay_steps,
         )
-        out, stats = jax.device_get((out, stats))
+        statics = dict(num_segments=padded_size(len(parts) + 1), iterations=options0.iterations,
+                       use_pow2=options0.pow2, use_row_scale=options0.row_scale,
+                       use_row_rule=options0.row_threshold > 0, decay_steps=options0.decay_steps)
+        _decompose_bucket.lower(*arrays, **statics).compile()  # the call below finds it in JAX's cache
+        with _RUNNING:
+            out, stats = jax.device_get(_decompose_bucket(*arrays, **statics))
         starts = np.concatenate([[0], np.cumsum(sizes)])
         done = []
         for j, part in enumerate(parts):
@@ -569,7 +575,7 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             )))
         return done
 
-    # Buckets run from a thread pool so their compilations (about 1-2 s each) overlap.
+    # Buckets run from a thread pool so their compilations (about 1-2 s each) overlap; they execute in turn.
     results: list[Decomposition | None] = [None] * len(prepared)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(buckets), _cores()) or 1) as pool:
         for done in pool.map(run, buckets.values()):
