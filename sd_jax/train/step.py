@@ -123,8 +123,8 @@ def eval_step(state: TrainState, batch: Batch, input_key: str = "image") -> dict
     labels = batch["label"]
     mask = batch.get("mask", jnp.ones(labels.shape[:1], bool)).reshape(labels.shape[:1] + (1,) * (labels.ndim - 1))
     weight = jnp.broadcast_to(mask, labels.shape).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {"loss_sum": jnp.sum(losses * weight), "correct": jnp.sum(correct * weight), "count": jnp.sum(weight)}
 
 
@@ -192,6 +192,6 @@ def make_steps(mesh: Mesh, state: TrainState, shard_min_size: int = 0,
                                       input_key=input_key),
                     in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
                     donate_argnums=0, compiler_options=compiler_options or None)
-    evaluate = jax.jit(functools.partial(eval_step, input_key=input_key), in_shardings=(state_sharding, batch), out_shardings=replicated,
-                       compiler_options=compiler_options or None)
+    evaluate = jax.jit(functools.partial(eval_step, input_key=input_key), in_shardings=(state_sharding, batch),
+                       out_shardings=replicated, compiler_options=compiler_options or None)
     return train, evaluate, state
