@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -512,12 +512,15 @@ class _Prepared:
     unit: float
 
 
-def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
+def decompose_many(jobs: Sequence[TensorJob], *, min_sizes: Mapping[tuple, tuple[int, int]] | None = None
+                   ) -> list[Decomposition]:
     """Decompose several tensors, batching all blocks with the same (m, k) and static options.
 
     Checks, structural pruning and blocking run on the host; the decomposition and the statistics of
-    each bucket run in one compiled computation, its block and tensor counts padded to `padded_size`.
-    Warns (`LossyDecompositionWarning`) for every tensor that lost more than half of its energy.
+    each bucket run in one compiled computation, its block and tensor counts padded to `padded_size`,
+    or to `min_sizes[key]` (blocks, tensors) where larger (`compiled_sizes`: calls padded alike share
+    their compiled programs). Warns (`LossyDecompositionWarning`) for every tensor that lost more than
+    half of its energy.
     """
     prepared = []
     for job in jobs:
@@ -533,14 +536,16 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
 
     buckets: dict[tuple, list[int]] = {}
     for index, part in enumerate(prepared):
-        buckets.setdefault((part.spec.rows, part.spec.k) + part.options.static_key(), []).append(index)
+        buckets.setdefault(_bucket_key(part.spec, part.options), []).append(index)
+    min_sizes = min_sizes or {}
     if _decompose_bucket._cache_size() + len(buckets) > MAX_COMPILED:
         _decompose_bucket.clear_cache()
 
-    def run(members: list[int]) -> list[tuple[int, Decomposition]]:
+    def run(key: tuple, members: list[int]) -> list[tuple[int, Decomposition]]:
         parts = [prepared[i] for i in members]
         sizes = [part.spec.num_blocks for part in parts]
-        total = padded_size(sum(sizes))
+        least_blocks, least_tensors = min_sizes.get(key, (0, 0))
+        total = max(padded_size(sum(sizes)), least_blocks)
         padded = lambda arrays, mode="constant": _pad_to(np.concatenate(arrays), total, mode)
         per_block = lambda field: padded([np.full(size, getattr(part.options, field), np.float32)
                                           for part, size in zip(parts, sizes)], "edge")
@@ -553,7 +558,7 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
             padded([blocking.to_blocks(np.ones(part.spec.shape, bool), part.spec) for part in parts]),
             np.repeat(np.arange(len(parts) + 1), sizes + [total - sum(sizes)]),  # padding: one more tensor
         )
-        statics = dict(num_segments=padded_size(len(parts) + 1), iterations=options0.iterations,
+        statics = dict(num_segments=max(padded_size(len(parts) + 1), least_tensors), iterations=options0.iterations,
                        use_pow2=options0.pow2, use_row_scale=options0.row_scale,
                        use_row_rule=options0.row_threshold > 0, decay_steps=options0.decay_steps)
         _decompose_bucket.lower(*arrays, **statics).compile()  # the call below finds it in JAX's cache
@@ -578,12 +583,31 @@ def decompose_many(jobs: Sequence[TensorJob]) -> list[Decomposition]:
     # Buckets run from a thread pool so their compilations (about 1-2 s each) overlap; they execute in turn.
     results: list[Decomposition | None] = [None] * len(prepared)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(buckets), _cores()) or 1) as pool:
-        for done in pool.map(run, buckets.values()):
+        for done in pool.map(run, buckets.keys(), buckets.values()):
             for index, decomposition in done:
                 results[index] = decomposition
     for part, decomposition in zip(prepared, results):
         _warn_if_lossy(decomposition.report, part.options, part.unit)
     return results
+
+
+def _bucket_key(spec: blocking.BlockSpec, options: DecomposeOptions) -> tuple:
+    return (spec.rows, spec.k) + options.static_key()
+
+
+def compiled_sizes(jobs: Sequence[TensorJob]) -> dict[tuple, tuple[int, int]]:
+    """{bucket: (blocks, tensors)}: the sizes `decompose_many(jobs)` compiles its buckets at (no work
+    beyond blocking shapes). The larger of two job lists' sizes, passed to both calls as `min_sizes`,
+    lets the second reuse the first's compiled programs."""
+    counts: dict[tuple, list[int]] = {}
+    for job in jobs:
+        options = job.options.validate(job.name)
+        spec = blocking.block_spec(np.shape(job.weight), job.kind, group_size=options.group_size,
+                                   row_length=options.row_length, max_rows=options.max_rows, name=job.name)
+        count = counts.setdefault(_bucket_key(spec, options), [0, 0])
+        count[0] += spec.num_blocks
+        count[1] += 1
+    return {key: (padded_size(blocks), padded_size(tensors + 1)) for key, (blocks, tensors) in counts.items()}
 
 
 def threshold_unit(weight: np.ndarray, options: DecomposeOptions) -> float:

@@ -10,9 +10,13 @@ layer's storage bits (`StoragePricing`) or inference energy (a `Pricing` from `s
 
 Speed: all candidates of all layers go to one `decompose_many` call (a few compilations). Layers with
 more than `SAMPLE_WEIGHTS` weights are measured on evenly spaced output channels (blocks never span
-output channels, so the sample's blocks are the layer's own) and their counts scaled up; a sample can
-miss an exponent the whole layer holds (a bit more per non-zero), so a sampled layer whose chosen
-candidate would then cost more is measured in full and the choice repeated (`FULL_ROUNDS`).
+output channels, so the sample's blocks are the layer's own) and their counts scaled up. A sample can
+miss an exponent the whole layer holds (a bit more per non-zero: VGG-16's 3×3 512-channel layers cost
+20 % more than four sampled channels say), so the chosen candidates of sampled layers are then
+measured in full, all in one call, and the choice repeated with those figures (every other candidate
+of a measured layer corrected by the same factor) until the chosen candidates left unmeasured cost at
+most `SAMPLED_SHARE` of the budget (`FULL_ROUNDS` at most); the final bisection measures in full too.
+Every call pads its buckets to the same sizes (`compiled_sizes`), so each bucket compiles once.
 
 The result is rules: one `(^layer$, {threshold, threshold_scale, prune_fraction, ...})` per layer,
 placed before the config's own rules (whose options for that layer it carries), so
@@ -34,10 +38,10 @@ import jax
 import numpy as np
 
 from sd_jax import io as sd_io
-from sd_jax.core import allocation, blocking, report
+from sd_jax.core import allocation, blocking
 from sd_jax.core.allocation import Target
 from sd_jax.core.decompose import (Decomposition, DecomposeOptions, LossyDecompositionWarning, TensorJob,
-                                   decompose_many, threshold_unit)
+                                   compiled_sizes, decompose_many, threshold_unit)
 from sd_jax.core.network import path_name
 from sd_jax.core.report import TensorReport
 from sd_jax.nn.rules import Rule, SDRules
@@ -47,12 +51,12 @@ THRESHOLDS = tuple(2.0 ** (e / 2) for e in range(-8, 5))
 MIDDLE_THRESHOLD = 0.5  # where `calibrated_sensitivity` measures each layer
 PRUNE_FRACTIONS = (0.0, 0.5)
 SAMPLE_WEIGHTS = 16384
-REFINE_STEPS = 6
-# Rounds of choosing and measuring in full the sampled layers whose chosen candidate may hold an
-# exponent more than their sample (a bit more per non-zero), when that bit would add at least
-# FULL_SHARE of the chosen SD storage (smaller misses stay within the target's tolerance).
-FULL_ROUNDS = 3
-FULL_SHARE = 0.03
+REFINE_STEPS = 4
+# Rounds of choosing and measuring the chosen candidates of sampled layers in full, until those not
+# measured in full cost at most SAMPLED_SHARE of the budget (their corrected estimates are off by a few
+# per cent at most, so the total by a fraction of that).
+FULL_ROUNDS = 8
+SAMPLED_SHARE = 0.05
 ALLOCATION_FILE = "sd_allocation.json"
 
 
@@ -210,42 +214,38 @@ class _Layer:
                               spec.num_blocks * spec.k * spec.k, spec.k, found.storage_bits * scale)
 
 
-def _decompose(jobs: list[TensorJob]) -> list[Decomposition]:
+def _decompose(jobs: list[TensorJob], sizes: Mapping[tuple, tuple[int, int]] | None = None) -> list[Decomposition]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LossyDecompositionWarning)
-        return decompose_many(jobs)
+        return decompose_many(jobs, min_sizes=sizes)
 
 
-def _may_gain_a_bit(stats: CandidateStats) -> bool:
-    """Whether one more distinct exponent (which a sample can miss) costs a bit per non-zero."""
-    return report.coefficient_bits(stats.distinct_exponents + 1) > report.coefficient_bits(stats.distinct_exponents)
-
-
-def _spend(layer: _Layer, pricing: Pricing, costs: np.ndarray, errors: list[float], j: int, spare: float
-           ) -> tuple[float, float, float]:
-    """(threshold, cost, relative error) of `layer` with its threshold lowered from candidate j toward the
-    next costlier threshold of the same pruning fraction, spending nearest `spare` more: geometric
-    bisection of the threshold, `REFINE_STEPS` measurements of the sample."""
+def _spend(layer: _Layer, pricing: Pricing, costs: np.ndarray, errors: list[float], j: int, spare: float,
+           sizes: Mapping[tuple, tuple[int, int]]) -> tuple[float, float, float]:
+    """(threshold, cost, relative error) of `layer` with its threshold lowered from candidate j (measured
+    in full) toward the next costlier threshold of the same pruning fraction, spending nearest `spare`
+    more: geometric bisection of the threshold, `REFINE_STEPS` measurements of the whole layer."""
     threshold, fraction = layer.grid[j]
     lower = [i for i, (t, p) in enumerate(layer.grid) if p == fraction and t < threshold]
     best = (threshold, costs[j], errors[j])
     if not lower or spare <= 0:
         return best
-    costlier = max(lower, key=lambda i: layer.grid[i][0])
-    high, low = threshold, layer.grid[costlier][0]
+
+    def measured(threshold: float) -> tuple[float, float, float]:
+        found = _decompose([layer.job(threshold, fraction, full=True)], sizes)[0].report
+        return threshold, float(pricing.costs(layer.name, [layer.stats(found, full=True)])[0]), found.rel_error
+
+    high, low = threshold, max(layer.grid[i][0] for i in lower)
     for _ in range(REFINE_STEPS):
-        middle = math.sqrt(high * low)
-        found = _decompose([layer.job(middle, fraction)])[0].report
-        cost = float(pricing.costs(layer.name, [layer.stats(found)])[0])
-        if cost - costs[j] <= spare:
-            best, high = (middle, cost, found.rel_error), middle
+        middle = measured(math.sqrt(high * low))
+        if middle[1] - costs[j] <= spare:
+            best, high = middle, middle[0]
         else:
-            low = middle
+            low = middle[0]
     # Bits jump where a threshold adds an exponent (one more bit per non-zero): the costlier grid point
     # may then be nearer the budget than anything below it.
-    if costs[costlier] - costs[j] - spare < spare - (best[1] - costs[j]):
-        return layer.grid[costlier][0], costs[costlier], errors[costlier]
-    return best
+    costlier = measured(low)
+    return costlier if costlier[1] - costs[j] - spare < spare - (best[1] - costs[j]) else best
 
 
 def _layers(params: Any, rules: SDRules, thresholds: tuple[float, ...], prune_fractions: tuple[float, ...]
@@ -310,8 +310,13 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
                          "pricing=sd_jax.cost.pricing.energy_pricing(...) (the commands do)")
     pricing = pricing or StoragePricing()
     layers, dense_params = _layers(params, rules, thresholds, prune_fractions)
-    found = iter(result.report for result in
-                 _decompose([layer.job(*candidate) for layer in layers for candidate in layer.grid]))
+    grid_jobs = [layer.job(*candidate) for layer in layers for candidate in layer.grid]
+    # Every call pads its buckets to the larger of the grid's and a full round's sizes: one compilation
+    # per bucket serves them all (compiling costs more than running the padding).
+    padded = compiled_sizes([layer.job(*layer.grid[0], full=True) for layer in layers if layer.scale > 1])
+    for key, (blocks, tensors) in compiled_sizes(grid_jobs).items():
+        padded[key] = tuple(max(pair) for pair in zip(padded.get(key, (0, 0)), (blocks, tensors)))
+    found = iter(result.report for result in _decompose(grid_jobs, padded))
     reports = [[next(found) for _ in layer.grid] for layer in layers]
     stats = [[layer.stats(r) for r in layer_reports] for layer, layer_reports in zip(layers, reports)]
     costs = [pricing.costs(layer.name, layer_stats) for layer, layer_stats in zip(layers, stats)]
@@ -328,26 +333,26 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
     full: set[tuple[int, int]] = set()
     for _ in range(FULL_ROUNDS):
         choice = allocation.allocate(costs, distortions, budget - fixed)
-        bits = sum(stats[index][j].storage_bits for index, j in enumerate(choice))
-        suspects = [(index, j) for index, j in enumerate(choice) if layers[index].scale > 1
-                    and (index, j) not in full and _may_gain_a_bit(stats[index][j])
-                    and stats[index][j].nonzeros >= FULL_SHARE * bits]
-        if not suspects:
+        suspects = [(index, j) for index, j in enumerate(choice) if layers[index].scale > 1 and (index, j) not in full]
+        if sum(costs[index][j] for index, j in suspects) <= SAMPLED_SHARE * budget:
             break
         measured = [result.report for result in
-                    _decompose([layers[index].job(*layers[index].grid[j], full=True) for index, j in suspects])]
+                    _decompose([layers[index].job(*layers[index].grid[j], full=True) for index, j in suspects], padded)]
         for (index, j), report_ in zip(suspects, measured):
             full.add((index, j))
             stats[index][j] = layers[index].stats(report_, full=True)
-            costs[index][j] = pricing.costs(layers[index].name, [stats[index][j]])[0]
-            errors[index][j] = report_.rel_error
+            cost = pricing.costs(layers[index].name, [stats[index][j]])[0]
+            # The layer's other sampled estimates are likely off by as much: correct them alike.
+            sampled = [i for i in range(len(layers[index].grid)) if (index, i) not in full]
+            costs[index][sampled] *= cost / costs[index][j]
+            costs[index][j], errors[index][j] = cost, report_.rel_error
     spare = budget - fixed - sum(c[j] for c, j in zip(costs, choice))
     largest = max(range(len(layers)), key=lambda index: costs[index][choice[index]])
     chosen_layers, chosen_rules, total = [], [], fixed
     for index, (layer, c, e, j) in enumerate(zip(layers, costs, errors, choice)):
         threshold, cost, error = layer.grid[j][0], c[j], e[j]
         if index == largest:
-            threshold, cost, error = _spend(layer, pricing, c, e, j, spare)
+            threshold, cost, error = _spend(layer, pricing, c, e, j, spare, padded)
         fraction = layer.grid[j][1]
         total += cost
         chosen_layers.append(LayerChoice(layer.name, threshold, fraction, float(cost), error))

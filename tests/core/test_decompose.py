@@ -183,3 +183,23 @@ def test_decomposition_is_a_pytree():
     assert len(leaves) == 3  # basis, coeff, mask; row_scale is None
     doubled = jax.tree.map(lambda x: x * 2, result)
     np.testing.assert_allclose(doubled.basis, result.basis * 2)
+
+
+def test_calls_padded_to_shared_sizes_reuse_one_compiled_program_and_give_the_same_results():
+    from sd_jax.core import decompose as decompose_lib
+
+    rng = np.random.default_rng(3)
+    options = decompose_lib.DecomposeOptions(threshold=0.05, iterations=6)
+    job = lambda name, shape: decompose_lib.TensorJob(name, rng.normal(size=shape).astype(np.float32), "conv",
+                                                      options)
+    small, large = [job("a", (3, 3, 8, 8))], [job("b", (3, 3, 8, 24)), job("c", (3, 3, 8, 40))]
+    sizes = decompose_lib.compiled_sizes(large)
+    assert all(blocks >= 1 and tensors >= 3 for blocks, tensors in sizes.values())
+    decompose_lib.decompose_many(large, min_sizes=sizes)
+    compiled = decompose_lib._decompose_bucket._cache_size()
+    padded = decompose_lib.decompose_many(small, min_sizes=sizes)[0]
+    assert decompose_lib._decompose_bucket._cache_size() == compiled
+    alone = decompose_lib.decompose_many(small)[0]
+    np.testing.assert_array_equal(padded.coeff, alone.coeff)
+    np.testing.assert_allclose(padded.basis, alone.basis, rtol=1e-6, atol=1e-7)
+    assert padded.report == alone.report

@@ -133,8 +133,8 @@ def test_read_rules_names_a_bad_file(tmp_path):
 
 def _zoo(name):
     imagenet = name.endswith("_imagenet")
-    shape = (1, 28, 28, 1) if name in ("lenet5", "mlp") else (1, 224, 224, 3) if imagenet else (1, 32, 32, 3)
     model = models.get(name, num_classes=1000 if imagenet else 10)
+    shape = (1, 28, 28, 1) if name in ("lenet5", "mlp") else (1, 224, 224, 3) if imagenet else models.probe_shape(model)
     return model, shape, he_normal_params(model, shape)
 
 
