@@ -39,12 +39,14 @@ BITS = (None, 8, 4)
 
 
 def _model(name: str, sd: bool, bits: int | None) -> Any:
-    """The dense or SD (latent C) model with its inputs stored at `bits` (None: exact)."""
+    """The dense or SD (latent C) model with its layers' inputs, and its batch norms' and ReLUs' (where
+    the model has `stored_activation_bits`), stored at `bits` (None: exact)."""
+    own = {"stored_activation_bits": bits} if bits and "stored_activation_bits" in models.options(name) else {}
     if sd:
-        return models.get(name, num_classes=NUM_CLASSES, sd=SDRules(mode="latent", stored_activation_bits=bits))
+        return models.get(name, num_classes=NUM_CLASSES, sd=SDRules(mode="latent", stored_activation_bits=bits), **own)
     if bits is None:
         return models.get(name, num_classes=NUM_CLASSES)
-    return models.get(name, num_classes=NUM_CLASSES, **low_precision_factories(stored_activation_bits=bits))
+    return models.get(name, num_classes=NUM_CLASSES, **low_precision_factories(stored_activation_bits=bits), **own)
 
 
 def measure(name: str, shape: tuple[int, ...], sd: bool, batch_size: int) -> dict[str, Any]:

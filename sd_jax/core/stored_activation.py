@@ -73,20 +73,32 @@ def dequantize(stored: StoredActivation, bits: int, shape: tuple[int, ...], dtyp
     return (rows.astype(jnp.float32) * stored.step + stored.low).reshape(shape).astype(dtype)
 
 
-def _stored_before_use(x: Array, stored: StoredActivation) -> tuple[Array, StoredActivation]:
-    """(x, stored) through a loop that runs no step but that neither JAX nor XLA can remove, so the
-    codes are written out before the forward pass uses x, and x can be freed after that use.
+def _written_before_use(x: Array, codes: Any, never: Array) -> tuple[Array, Any]:
+    """(x, codes: uint8 arrays) through a loop that runs no step (`never`: a False that nothing can fold) but that
+    neither JAX nor XLA can remove, so `codes` are written out before the forward pass uses x, and x
+    can be freed after that use.
 
     Without it XLA:CPU (which drops optimization barriers before fusing) fuses the quantization into
     the backward pass's use of x̂ and keeps x at full precision until then; with the codes alone in
     the loop its scheduler still quantizes late, keeping x as long.
     """
-    # False for every input, NaN included (steps are > 0 or NaN), but neither folds it away.
-    never = stored.step[0] < 0
     # A body that changes both, so that neither is loop-invariant (and hoisted out of the loop).
-    change = lambda carry: (-carry[0], carry[1] ^ jnp.uint8(255))
-    x, codes = jax.lax.while_loop(lambda carry: never, change, (x, stored.codes))
+    change = lambda carry: (-carry[0], jax.tree.map(lambda c: c ^ jnp.uint8(255), carry[1]))
+    return jax.lax.while_loop(lambda carry: never, change, (x, codes))
+
+
+def _stored_before_use(x: Array, stored: StoredActivation) -> tuple[Array, StoredActivation]:
+    """(x, stored) with the codes written before x's use (`_written_before_use`)."""
+    # False for every input, NaN included (steps are > 0 or NaN).
+    x, codes = _written_before_use(x, stored.codes, stored.step[0] < 0)
     return x, stored._replace(codes=codes)
+
+
+def _read_after(cotangent: Array, stored: StoredActivation) -> tuple[Array, StoredActivation]:
+    """(cotangent, stored) with the codes read only once the cotangent exists (`_written_before_use`):
+    else XLA may dequantize every layer's input at the start of the backward pass and hold them all."""
+    cotangent, codes = _written_before_use(cotangent, stored.codes, stored.step[0] < 0)
+    return cotangent, stored._replace(codes=codes)
 
 
 def linear_with_stored_input(op: Callable[[Array, Array], Array], x: Array, kernel: Array, bits: int) -> Array:
@@ -109,6 +121,7 @@ def linear_with_stored_input(op: Callable[[Array, Array], Array], x: Array, kern
     def backward(residuals: tuple[StoredActivation, Array], cotangent: Array) -> tuple[Array, Array]:
         # Linear in x: op's vjp at x̂ gives the exact input gradient and the kernel gradient at x̂.
         stored, kernel = residuals
+        cotangent, stored = _read_after(cotangent, stored)
         _, vjp = jax.vjp(op, dequantize(stored, bits, shape, dtype), kernel)
         return vjp(cotangent)
 
@@ -126,3 +139,73 @@ def with_stored_input(op: Callable[..., Array], bits: int) -> Callable[..., Arra
         return linear_with_stored_input(lambda x, kernel: op(x, kernel, *args, **kwargs), lhs, rhs, bits)
 
     return stored_op
+
+
+def pack_mask(mask: Array) -> Array:
+    """A boolean array as bits, eight to a uint8 (`unpack_mask` gives it back)."""
+    return jnp.packbits(mask.reshape(-1))
+
+
+def unpack_mask(packed: Array, shape: tuple[int, ...]) -> Array:
+    """The boolean array of `shape` that `pack_mask` packed."""
+    return jnp.unpackbits(packed, count=math.prod(shape)).reshape(shape).astype(bool)
+
+
+def batch_norm_with_stored_input(x: Array, scale: Array, bias: Array, residual: Array | None, *, bits: int,
+                                 epsilon: float, relu: bool) -> Array:
+    """Batch norm of x (..., channels) with its batch statistics, times `scale` plus `bias`, plus
+    `residual` (if given), then ReLU (if `relu`): exact in the forward pass; the backward pass keeps x
+    as `bits`-bit codes (`quantize`) and the ReLU mask as one bit per entry, so nothing of x stays at
+    full precision for it.
+
+    Gradients: with n = (x - mean) / sigma and dz = (dL/dy where the ReLU passed), dbias = sum dz,
+    dscale = sum dz * n, dresidual = dz and dx = scale / sigma * (dz - mean(dz) - n * mean(dz * n)),
+    with n taken at the dequantized x̂ (within step / 2 of x); mean and sigma are exact.
+    """
+    check_bits(bits)
+    shape, dtype = x.shape, x.dtype
+    axes = tuple(range(x.ndim - 1))
+    residual_dtypes = () if residual is None else (residual.dtype,)
+
+    def normalized(x: Array) -> tuple[Array, Array, Array]:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axes)
+        variance = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+        inverse = jax.lax.rsqrt(variance + epsilon)
+        return (x32 - mean) * inverse, mean, inverse
+
+    def output(normal: Array, scale: Array, bias: Array, extra: tuple[Array, ...]) -> Array:
+        y = normal * scale + bias
+        return (y + extra[0].astype(jnp.float32) if extra else y).astype(dtype)
+
+    @jax.custom_vjp
+    def apply(x: Array, scale: Array, bias: Array, extra: tuple[Array, ...]) -> Array:
+        y = output(normalized(x)[0], scale, bias, extra)
+        return jax.nn.relu(y) if relu else y
+
+    def forward(x, scale, bias, extra):
+        stored = quantize(x, bits)
+        never = stored.step[0] < 0
+        x, codes = _written_before_use(x, stored.codes, never)
+        normal, mean, inverse = normalized(x)
+        y = output(normal, scale, bias, extra)
+        mask = None
+        if relu:
+            y, mask = _written_before_use(jax.nn.relu(y), pack_mask(y > 0), never)
+        return y, (stored._replace(codes=codes), mask, mean, inverse, scale)
+
+    def backward(residuals, cotangent):
+        stored, mask, mean, inverse, scale = residuals
+        cotangent, (codes, mask) = _written_before_use(cotangent, (stored.codes, mask), stored.step[0] < 0)
+        stored = stored._replace(codes=codes)
+        dz = cotangent.astype(jnp.float32)
+        if mask is not None:
+            dz = jnp.where(unpack_mask(mask, shape), dz, 0.0)
+        normal = (dequantize(stored, bits, shape, jnp.float32) - mean) * inverse
+        dbias, dscale = jnp.sum(dz, axes), jnp.sum(dz * normal, axes)
+        dnormal = dz * scale
+        dx = inverse * (dnormal - jnp.mean(dnormal, axes) - normal * jnp.mean(dnormal * normal, axes))
+        return dx.astype(dtype), dscale, dbias, tuple(dz.astype(d) for d in residual_dtypes)
+
+    apply.defvjp(forward, backward)
+    return apply(x, scale, bias, () if residual is None else (residual,))

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sd_jax.nn.batch_norm import StoredBatchNorm
+
 ModuleFactory = Callable[..., nn.Module]
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1 in Flax's convention
@@ -64,15 +66,24 @@ def conv(
     )(x)
 
 
-def batch_norm(module: nn.Module, x: jnp.ndarray, *, train: bool, name: str) -> jnp.ndarray:
-    """Batch norm `name` inside `module` with the statistics conventions of the reference (PyTorch defaults)."""
-    return nn.BatchNorm(
+def batch_norm(module: nn.Module, x: jnp.ndarray, *, train: bool, name: str, residual: jnp.ndarray | None = None,
+               relu: bool = False, stored_bits: int | None = None) -> jnp.ndarray:
+    """Batch norm `name` inside `module` with the statistics conventions of the reference (PyTorch
+    defaults), then `+ residual` (if given) and ReLU (if `relu`). With `stored_bits` (4 or 8) the three
+    are one `sd_jax.nn.batch_norm.StoredBatchNorm`, whose backward pass keeps its input at that width
+    and the ReLU mask at one bit (same variables, same forward pass)."""
+    if stored_bits:
+        return StoredBatchNorm(stored_bits, BN_MOMENTUM, BN_EPSILON, module.dtype, relu, name=name)(
+            x, residual, train=train)
+    y = nn.BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         dtype=module.dtype,
         name=name,
     )(x)
+    y = y if residual is None else y + residual
+    return nn.relu(y) if relu else y
 
 
 def check_images(x: jnp.ndarray, model: str) -> None:
@@ -117,6 +128,14 @@ def upgrade_layout(variables: dict[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
+def norm_activation(module: nn.Module, x: jnp.ndarray, *, train: bool, name: str) -> jnp.ndarray:
+    """`module.activation` of batch norm `name`; with `module.stored_activation_bits` and ReLU, the fused
+    `StoredBatchNorm` (any other activation keeps its input at full precision)."""
+    if module.stored_activation_bits and module.activation is nn.relu:
+        return batch_norm(module, x, train=train, name=name, relu=True, stored_bits=module.stored_activation_bits)
+    return module.activation(batch_norm(module, x, train=train, name=name, stored_bits=module.stored_activation_bits))
+
+
 class Stem(nn.Module):
     """`stem`: the square conv `conv`, then (when `batch_norm`) batch norm `bn` and `activation`."""
 
@@ -127,13 +146,14 @@ class Stem(nn.Module):
     dtype: Any
     batch_norm: bool = True
     activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
+    stored_activation_bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = conv(self, x, features=self.features, kernel=self.kernel, stride=self.stride, name="conv")
         if not self.batch_norm:
             return x
-        return self.activation(batch_norm(self, x, train=train, name="bn"))
+        return norm_activation(self, x, train=train, name="bn")
 
 
 class Head(nn.Module):
@@ -149,13 +169,14 @@ class Head(nn.Module):
     batch_norm: bool = False
     activation: Callable[[jnp.ndarray], jnp.ndarray] = nn.relu
     dropout_rate: float = 0.0
+    stored_activation_bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         if self.conv_features:
             x = conv(self, x, features=self.conv_features, kernel=1, stride=1, name="conv")
         if self.batch_norm:
-            x = self.activation(batch_norm(self, x, train=train, name="bn"))
+            x = norm_activation(self, x, train=train, name="bn")
         if x.ndim == 4:
             x = jnp.mean(x, axis=(1, 2))  # (batch, channels)
         if self.dropout_rate > 0:

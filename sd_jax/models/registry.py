@@ -82,6 +82,15 @@ def layer_names(model: nn.Module) -> list[str]:
     return built
 
 
+def options(name: str) -> set[str]:
+    """The fields `get(name, **kwargs)` accepts as keyword arguments (`num_classes` among them)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    builder = _BUILDERS[name]
+    cls = builder.func if isinstance(builder, functools.partial) else builder
+    return {f.name for f in dataclasses.fields(cls)} - set(_NOT_OPTIONS)
+
+
 def get(name: str, *, num_classes: int, sd: bool | SDRules = False, **kwargs: Any) -> nn.Module:
     """The model registered as `name` with `num_classes` outputs; `kwargs` set or override its fields.
 
@@ -91,17 +100,14 @@ def get(name: str, *, num_classes: int, sd: bool | SDRules = False, **kwargs: An
     `sd`), `dtype` (compute dtype; parameters stay float32). Raises ValueError for an unknown name or
     option.
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    known = options(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"model {name!r}: num_classes must be a positive int, got {num_classes!r}")
     builder = _BUILDERS[name]
-    cls = builder.func if isinstance(builder, functools.partial) else builder
-    options = {f.name for f in dataclasses.fields(cls)} - set(_NOT_OPTIONS)
-    unknown = sorted(set(kwargs) - options)
+    unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options are {', '.join(sorted(options - {'num_classes'}))}")
+                         f"its options are {', '.join(sorted(known - {'num_classes'}))}")
     if sd is False:
         return builder(num_classes=num_classes, **kwargs)
     if not (sd is True or isinstance(sd, SDRules)):

@@ -44,6 +44,7 @@ class ResidualBlock(nn.Module):
     conv: ModuleFactory
     dtype: Any
     shortcut: str = "projection"
+    stored_activation_bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -51,20 +52,21 @@ class ResidualBlock(nn.Module):
         convs = (((f, 3, self.stride), (f, 3, 1)) if self.kind == "basic"
                  else ((f, 1, 1), (f, 3, self.stride), (4 * f, 1, 1)))  # (features, kernel, stride)
         out_features = convs[-1][0]
+        bits = self.stored_activation_bits
         residual = x
         if self.stride != 1 or x.shape[-1] != out_features:
             if self.shortcut == "option_a":
                 residual = option_a_shortcut(x, out_features, self.stride)
             else:
                 residual = conv(self, x, features=out_features, kernel=1, stride=self.stride, name="shortcut_conv")
-                residual = batch_norm(self, residual, train=train, name="shortcut_bn")
+                residual = batch_norm(self, residual, train=train, name="shortcut_bn", stored_bits=bits)
         y = x
         for i, (features, kernel, stride) in enumerate(convs, start=1):
-            if i > 1:
-                y = nn.relu(y)
             y = conv(self, y, features=features, kernel=kernel, stride=stride, name=f"conv{i}")
-            y = batch_norm(self, y, train=train, name=f"bn{i}")
-        return nn.relu(y + residual)
+            last = i == len(convs)
+            y = batch_norm(self, y, train=train, name=f"bn{i}", residual=residual if last else None, relu=True,
+                           stored_bits=bits)
+        return y
 
 
 class ResNet(nn.Module):
@@ -77,6 +79,7 @@ class ResNet(nn.Module):
     conv: ModuleFactory = nn.Conv
     dense: ModuleFactory = nn.Dense
     dtype: Any = jnp.float32
+    stored_activation_bits: int | None = None  # batch norm's and ReLU's, see `sd_jax.nn.batch_norm`
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -87,14 +90,15 @@ class ResNet(nn.Module):
         check_images(x, "ResNet")
         check_layout(self)
         x = jnp.asarray(x, self.dtype)
+        bits = self.stored_activation_bits
         if self.stem == "imagenet":
-            x = Stem(64, 7, 2, self.conv, self.dtype, name="stem")(x, train=train)
+            x = Stem(64, 7, 2, self.conv, self.dtype, stored_activation_bits=bits, name="stem")(x, train=train)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = Stem(64, 3, 1, self.conv, self.dtype, name="stem")(x, train=train)
+            x = Stem(64, 3, 1, self.conv, self.dtype, stored_activation_bits=bits, name="stem")(x, train=train)
         for s, (width, num_blocks) in enumerate(zip(WIDTHS, self.stage_sizes), start=1):
             for b in range(num_blocks):
                 stride = 2 if (s > 1 and b == 0) else 1
-                x = ResidualBlock(width, stride, self.block, self.conv, self.dtype, name=f"stage{s}_block{b}")(
-                    x, train=train)
+                x = ResidualBlock(width, stride, self.block, self.conv, self.dtype, stored_activation_bits=bits,
+                                  name=f"stage{s}_block{b}")(x, train=train)
         return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)

@@ -28,6 +28,7 @@ class CifarResNet(nn.Module):
     conv: ModuleFactory = nn.Conv
     dense: ModuleFactory = nn.Dense
     dtype: Any = jnp.float32
+    stored_activation_bits: int | None = None  # batch norm's and ReLU's, see `sd_jax.nn.batch_norm`
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -35,12 +36,14 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CifarResNet: depth {self.depth} is not 6n + 2 with n >= 1; use 20, 32, 44, 56 or 110")
         check_images(x, f"resnet{self.depth}")
         check_layout(self)
-        x = Stem(WIDTHS[0], 3, 1, self.conv, self.dtype, name="stem")(jnp.asarray(x, self.dtype), train=train)
+        bits = self.stored_activation_bits
+        x = Stem(WIDTHS[0], 3, 1, self.conv, self.dtype, stored_activation_bits=bits, name="stem")(
+            jnp.asarray(x, self.dtype), train=train)
         for s, width in enumerate(WIDTHS, start=1):
             for b in range((self.depth - 2) // 6):
                 stride = 2 if (s > 1 and b == 0) else 1
                 x = ResidualBlock(width, stride, "basic", self.conv, self.dtype, shortcut="option_a",
-                                  name=f"stage{s}_block{b}")(x, train=train)
+                                  stored_activation_bits=bits, name=f"stage{s}_block{b}")(x, train=train)
         return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)
 
 
@@ -52,17 +55,19 @@ class PreActBottleneck(nn.Module):
     stride: int
     conv: ModuleFactory
     dtype: Any
+    stored_activation_bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         out_features = 4 * self.features
-        y = nn.relu(batch_norm(self, x, train=train, name="bn1"))
+        bits = self.stored_activation_bits
+        y = batch_norm(self, x, train=train, name="bn1", relu=True, stored_bits=bits)
         if self.stride != 1 or x.shape[-1] != out_features:
             x = conv(self, y, features=out_features, kernel=1, stride=self.stride, name="shortcut_conv")
         for i, (features, kernel, stride) in enumerate(
                 ((self.features, 1, 1), (self.features, 3, self.stride), (out_features, 1, 1)), start=1):
             if i > 1:
-                y = nn.relu(batch_norm(self, y, train=train, name=f"bn{i}"))
+                y = batch_norm(self, y, train=train, name=f"bn{i}", relu=True, stored_bits=bits)
             y = conv(self, y, features=features, kernel=kernel, stride=stride, name=f"conv{i}")
         return y + x
 
@@ -75,6 +80,7 @@ class CifarPreActResNet(nn.Module):
     conv: ModuleFactory = nn.Conv
     dense: ModuleFactory = nn.Dense
     dtype: Any = jnp.float32
+    stored_activation_bits: int | None = None  # batch norm's and ReLU's, see `sd_jax.nn.batch_norm`
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -87,6 +93,7 @@ class CifarPreActResNet(nn.Module):
         for s, width in enumerate(WIDTHS, start=1):
             for b in range((self.depth - 2) // 9):
                 stride = 2 if (s > 1 and b == 0) else 1
-                x = PreActBottleneck(width, stride, self.conv, self.dtype, name=f"stage{s}_block{b}")(x, train=train)
-        return Head(self.num_classes, self.conv, self.dense, self.dtype, batch_norm=True, name="head")(
-            x, train=train)
+                x = PreActBottleneck(width, stride, self.conv, self.dtype, self.stored_activation_bits,
+                                     name=f"stage{s}_block{b}")(x, train=train)
+        return Head(self.num_classes, self.conv, self.dense, self.dtype, batch_norm=True,
+                    stored_activation_bits=self.stored_activation_bits, name="head")(x, train=train)

@@ -28,12 +28,13 @@ class VGGStage(nn.Module):
     widths: Sequence[int]
     conv: ModuleFactory
     dtype: Any
+    stored_activation_bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         for i, width in enumerate(self.widths, start=1):
             x = conv(self, x, features=width, kernel=3, stride=1, name=f"conv{i}")
-            x = nn.relu(batch_norm(self, x, train=train, name=f"bn{i}"))
+            x = batch_norm(self, x, train=train, name=f"bn{i}", relu=True, stored_bits=self.stored_activation_bits)
         return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -45,6 +46,7 @@ class VGG(nn.Module):
     conv: ModuleFactory = nn.Conv
     dense: ModuleFactory = nn.Dense
     dtype: Any = jnp.float32
+    stored_activation_bits: int | None = None  # batch norm's and ReLU's, see `sd_jax.nn.batch_norm`
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -57,5 +59,5 @@ class VGG(nn.Module):
         check_layout(self)
         x = jnp.asarray(x, self.dtype)
         for s, widths in enumerate(CONFIGS[self.depth], start=1):
-            x = VGGStage(widths, self.conv, self.dtype, name=f"stage{s}")(x, train=train)
+            x = VGGStage(widths, self.conv, self.dtype, self.stored_activation_bits, name=f"stage{s}")(x, train=train)
         return Head(self.num_classes, self.conv, self.dense, self.dtype, name="head")(x, train=train)

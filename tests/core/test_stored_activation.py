@@ -143,3 +143,49 @@ def test_compiled_gradient_of_a_conv_chain_has_a_smaller_peak_at_4_bits():
         return jax.jit(jax.grad(loss)).lower(kernels, x).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(4) < temp_bytes(None)
+
+
+def _batch_norm_reference(x, scale, bias, residual, relu, epsilon=1e-5):
+    mean = jnp.mean(x, (0, 1, 2))
+    variance = jnp.maximum(jnp.mean(x * x, (0, 1, 2)) - mean**2, 0.0)
+    y = (x - mean) * jax.lax.rsqrt(variance + epsilon) * scale + bias
+    y = y if residual is None else y + residual
+    return jax.nn.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("relu, with_residual", [(True, True), (True, False), (False, False)])
+def test_batch_norm_forward_is_exact_and_gradients_within_bound(bits, relu, with_residual):
+    """Forward equal to batch norm (+ residual, ReLU); dbias and dresidual exact (the ReLU mask is kept
+    exactly); dscale within sum |dz| * step / 2 / sigma per channel (n̂ is within that of n); dx close."""
+    keys = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(keys[0], (8, 6, 6, 5)) * jnp.linspace(0.5, 3.0, 5) + 1.0
+    scale, bias = jax.random.normal(keys[1], (5,)), jax.random.normal(keys[2], (5,))
+    residual = jax.random.normal(keys[3], x.shape) if with_residual else None
+    cotangent = jax.random.normal(keys[4], x.shape)
+    stored = lambda x, s, b, r: stored_activation.batch_norm_with_stored_input(
+        x, s, b, r, bits=bits, epsilon=1e-5, relu=relu)
+    exact = lambda x, s, b, r: _batch_norm_reference(x, s, b, r, relu)
+    np.testing.assert_array_equal(stored(x, scale, bias, residual), exact(x, scale, bias, residual))
+    grads = [jax.grad(lambda *a: jnp.vdot(f(*a), cotangent), (0, 1, 2, 3) if with_residual else (0, 1, 2))(
+        x, scale, bias, residual) for f in (stored, exact)]
+    (dx, dscale, dbias, *dresidual), (dx0, dscale0, dbias0, *dresidual0) = grads
+    np.testing.assert_allclose(dbias, dbias0, rtol=1e-5, atol=1e-5)
+    for mine, reference in zip(dresidual, dresidual0):
+        np.testing.assert_allclose(mine, reference, rtol=1e-6)
+    dz = cotangent if not relu else jnp.where(exact(x, scale, bias, residual) > 0, cotangent, 0.0)
+    _, step = stored_activation.channel_grid(x, bits)
+    sigma = jnp.sqrt(jnp.var(x, (0, 1, 2)) + 1e-5)
+    bound = jnp.sum(jnp.abs(dz), (0, 1, 2)) * step / 2 / sigma
+    assert bool(jnp.all(jnp.abs(dscale - dscale0) <= bound * 1.001 + 1e-5))
+    assert float(jnp.linalg.norm(dx - dx0) / jnp.linalg.norm(dx0)) < (0.1 if bits == 4 else 0.01)
+
+
+def test_batch_norm_with_a_bfloat16_input_keeps_its_dtype():
+    x = jnp.ones((4, 3, 3, 2), jnp.bfloat16) * jnp.arange(2, dtype=jnp.bfloat16)
+    y = stored_activation.batch_norm_with_stored_input(x, jnp.ones(2), jnp.zeros(2), None, bits=8, epsilon=1e-5,
+                                                       relu=True)
+    assert y.dtype == jnp.bfloat16
+    dx = jax.grad(lambda x: jnp.sum(stored_activation.batch_norm_with_stored_input(
+        x, jnp.ones(2), jnp.zeros(2), None, bits=8, epsilon=1e-5, relu=True).astype(jnp.float32)))(x)
+    assert dx.dtype == jnp.bfloat16

@@ -165,6 +165,14 @@ def test_sd_from_scratch_with_8_bit_activations_gradients_and_the_compressibilit
     assert len(logged) == summary["steps"] and all(0 < value <= 1 for value in logged)
 
 
+def test_low_bit_stored_activations_cut_the_train_steps_peak_memory(tmp_path):
+    """ResNet-20 with sd.stored_activation_bits=4: its convs, batch norms and ReLUs keep codes and bits
+    for backprop, so the compiled step's peak is well under the exact step's."""
+    config = _config(model__name="resnet20", input__batch_size=32, sd__stored_activation_bits=4)
+    summary = trainer.train_and_evaluate(config, str(tmp_path))
+    assert summary["stored_activation_bits"] == 4 and 0 < summary["peak_memory_ratio"] < 0.5
+
+
 def test_latent_update_of_stored_power_of_two_coefficients_is_refused(tmp_path):
     config = tiny_config(model__sd=True, optim__coeff_update="latent", sd__mode="pow2")
     with pytest.raises(ValueError, match="sd.mode='latent'"):
