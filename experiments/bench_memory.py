@@ -8,12 +8,16 @@ C), it compiles the donating train step of `sd_jax.train.step.make_steps` (one-d
 with exact stored activations and with `stored_activation_bits` 8 and 4, and reports XLA's memory
 analysis of each (`sd_jax.train.step.step_memory`: argument, output, aliased and temporary bytes,
 and `peak_bytes`) and `peak_memory_ratio` = peak / the exact step's peak of the same model, all
-in one process. Nothing runs; only compilation (about 2 minutes on the shared 2-core CPU).
+in one process. Nothing runs; only compilation (about 2 minutes on the shared 2-core CPU). With
+--repeats=N (N > 0) it also times N runs of each train step, alternated across the three widths, and
+reports the medians and `seconds_ratio_{bits}` against exact (about 3 more minutes at N = 5).
 The last line with --json is one JSON object with one entry per (dataset, model, dense/SD) and the
 machine.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import jax
@@ -49,22 +53,43 @@ def _model(name: str, sd: bool, bits: int | None) -> Any:
     return models.get(name, num_classes=NUM_CLASSES, **low_precision_factories(stored_activation_bits=bits), **own)
 
 
-def measure(name: str, shape: tuple[int, ...], sd: bool, batch_size: int) -> dict[str, Any]:
-    """Memory of the compiled train step at each of BITS and the peak ratios against exact."""
+def _time_steps(steps: dict[Any, tuple[Any, Any, Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each (step, state, batch), the steps alternated; the state is donated, so each
+    run continues from the last one's output."""
+    times: dict[Any, list[float]] = {bits: [] for bits in steps}
+    states = {bits: state for bits, (_, state, _) in steps.items()}
+    for bits, (train, _, batch) in steps.items():  # the first run of each compiles and is not timed
+        states[bits] = jax.block_until_ready(train(states[bits], batch)[0])
+    for _ in range(repeats):
+        for bits, (train, _, batch) in steps.items():
+            start = time.perf_counter()
+            states[bits] = jax.block_until_ready(train(states[bits], batch)[0])
+            times[bits].append(time.perf_counter() - start)
+    exact = statistics.median(times[None])
+    figures = {f"seconds_{bits or 'exact'}": statistics.median(values) for bits, values in times.items()}
+    figures.update({f"seconds_ratio_{bits}": statistics.median(times[bits]) / exact for bits in BITS[1:]})
+    return figures
+
+
+def measure(name: str, shape: tuple[int, ...], sd: bool, batch_size: int, repeats: int = 0) -> dict[str, Any]:
+    """Memory of the compiled train step at each of BITS and the peak ratios against exact (and with
+    `repeats`, its median time and the ratios against exact)."""
     batch = {"image": jnp.zeros((batch_size, *shape), jnp.float32), "label": jnp.zeros((batch_size,), jnp.int32)}
     mesh = sharding.data_mesh(jax.devices()[:1])
     figures: dict[str, Any] = {}
+    steps = {}
     for bits in BITS:
         model = _model(name, sd, bits)
         tx = sd_optimizer(0.1, coeff_update="latent" if sd else "bucket_switch")
         state = create_train_state(model.apply, synthetic_variables(model, batch["image"]), tx, jax.random.key(0))
         train, _, state = make_steps(mesh, state)
-        figures[f"bits_{bits or 'exact'}"] = step_memory(train, state, jax.device_put(
-            batch, sharding.batch_sharding(mesh)))
+        placed = jax.device_put(batch, sharding.batch_sharding(mesh))
+        figures[f"bits_{bits or 'exact'}"] = step_memory(train, state, placed)
+        steps[bits] = (train, state, placed)
     exact = figures["bits_exact"]["peak_bytes"]
     for bits in BITS[1:]:
         figures[f"peak_memory_ratio_{bits}"] = figures[f"bits_{bits}"]["peak_bytes"] / exact
-    return figures
+    return dict(figures, **_time_steps(steps, repeats)) if repeats else figures
 
 
 def main(argv: list[str]) -> None:
@@ -74,11 +99,16 @@ def main(argv: list[str]) -> None:
         for dataset, shape in SHAPES.items():
             for sd in (False, True):
                 key = f"{dataset}_{name}_{'sd' if sd else 'dense'}"
-                results[key] = dict(measure(name, shape, sd, _BATCH.value), dataset=dataset, model=name, sd=sd,
-                                    batch=_BATCH.value, input_shape=list(shape))
+                figures = measure(name, shape, sd, _BATCH.value, benchmarking.repeats(0))
+                results[key] = dict(figures, dataset=dataset, model=name, sd=sd, batch=_BATCH.value,
+                                    input_shape=list(shape))
                 ratios = {bits: round(results[key][f"peak_memory_ratio_{bits}"], 3) for bits in BITS[1:]}
+                timed = ""
+                if "seconds_exact" in results[key]:
+                    timed = (f"; step {results[key]['seconds_exact']:.3f} s exact, time ratio at 8 / 4 bits "
+                             f"{results[key]['seconds_ratio_8']:.3f} / {results[key]['seconds_ratio_4']:.3f} (medians)")
                 print(f"{key}: exact peak {results[key]['bits_exact']['peak_bytes'] / 2**20:.1f} MiB, "
-                      f"peak ratio at 8 / 4 bits {ratios[8]} / {ratios[4]}", flush=True)
+                      f"peak ratio at 8 / 4 bits {ratios[8]} / {ratios[4]}{timed}", flush=True)
     report(results, as_json=benchmarking.JSON.value)
 
 
