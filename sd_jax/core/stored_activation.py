@@ -151,12 +151,21 @@ def unpack_mask(packed: Array, shape: tuple[int, ...]) -> Array:
     return jnp.unpackbits(packed, count=math.prod(shape)).reshape(shape).astype(bool)
 
 
+def batch_statistics(x: Array) -> tuple[Array, Array]:
+    """(mean, biased variance) of x (..., channels) per channel, in float32, as flax's BatchNorm has them."""
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x32, axes)
+    return mean, jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+
+
 def batch_norm_with_stored_input(x: Array, scale: Array, bias: Array, residual: Array | None, *, bits: int,
-                                 epsilon: float, relu: bool) -> Array:
-    """Batch norm of x (..., channels) with its batch statistics, times `scale` plus `bias`, plus
-    `residual` (if given), then ReLU (if `relu`): exact in the forward pass; the backward pass keeps x
-    as `bits`-bit codes (`quantize`) and the ReLU mask as one bit per entry, so nothing of x stays at
-    full precision for it.
+                                 epsilon: float, relu: bool) -> tuple[Array, Array, Array]:
+    """(y, mean, variance): batch norm of x (..., channels) with its batch statistics (`batch_statistics`,
+    returned for running averages, no gradient through them), times `scale` plus `bias`, plus
+    `residual` (if given), then ReLU (if `relu`). y is exact; its backward pass keeps x as `bits`-bit
+    codes (`quantize`) and the ReLU mask as one bit per entry, so nothing of x stays at full precision
+    for it.
 
     Gradients: with n = (x - mean) / sigma and dz = (dL/dy where the ReLU passed), dbias = sum dz,
     dscale = sum dz * n, dresidual = dz and dx = scale / sigma * (dz - mean(dz) - n * mean(dz * n)),
@@ -166,29 +175,25 @@ def batch_norm_with_stored_input(x: Array, scale: Array, bias: Array, residual: 
     shape, dtype = x.shape, x.dtype
     axes = tuple(range(x.ndim - 1))
     residual_dtypes = () if residual is None else (residual.dtype,)
+    # Computed once, outside the custom_vjp (whose formula holds their gradient) and without a gradient
+    # of their own, which would keep x at full precision for the backward pass.
+    mean, variance = batch_statistics(jax.lax.stop_gradient(x))
+    inverse = jax.lax.rsqrt(variance + epsilon)
 
-    def normalized(x: Array) -> tuple[Array, Array, Array]:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axes)
-        variance = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
-        inverse = jax.lax.rsqrt(variance + epsilon)
-        return (x32 - mean) * inverse, mean, inverse
-
-    def output(normal: Array, scale: Array, bias: Array, extra: tuple[Array, ...]) -> Array:
-        y = normal * scale + bias
+    def output(x: Array, mean: Array, inverse: Array, scale: Array, bias: Array, extra: tuple[Array, ...]) -> Array:
+        y = (x.astype(jnp.float32) - mean) * inverse * scale + bias
         return (y + extra[0].astype(jnp.float32) if extra else y).astype(dtype)
 
     @jax.custom_vjp
-    def apply(x: Array, scale: Array, bias: Array, extra: tuple[Array, ...]) -> Array:
-        y = output(normalized(x)[0], scale, bias, extra)
+    def apply(x: Array, mean: Array, inverse: Array, scale: Array, bias: Array, extra: tuple[Array, ...]) -> Array:
+        y = output(x, mean, inverse, scale, bias, extra)
         return jax.nn.relu(y) if relu else y
 
-    def forward(x, scale, bias, extra):
+    def forward(x, mean, inverse, scale, bias, extra):
         stored = quantize(x, bits)
         never = stored.step[0] < 0
         x, codes = _written_before_use(x, stored.codes, never)
-        normal, mean, inverse = normalized(x)
-        y = output(normal, scale, bias, extra)
+        y = output(x, mean, inverse, scale, bias, extra)
         mask = None
         if relu:
             y, mask = _written_before_use(jax.nn.relu(y), pack_mask(y > 0), never)
@@ -205,7 +210,9 @@ def batch_norm_with_stored_input(x: Array, scale: Array, bias: Array, residual: 
         dbias, dscale = jnp.sum(dz, axes), jnp.sum(dz * normal, axes)
         dnormal = dz * scale
         dx = inverse * (dnormal - jnp.mean(dnormal, axes) - normal * jnp.mean(dnormal * normal, axes))
-        return dx.astype(dtype), dscale, dbias, tuple(dz.astype(d) for d in residual_dtypes)
+        no_gradient = jnp.zeros_like(mean)  # the statistics' gradient is in dx
+        return (dx.astype(dtype), no_gradient, no_gradient, dscale, dbias,
+                tuple(dz.astype(d) for d in residual_dtypes))
 
     apply.defvjp(forward, backward)
-    return apply(x, scale, bias, () if residual is None else (residual,))
+    return apply(x, mean, inverse, scale, bias, () if residual is None else (residual,)), mean, variance

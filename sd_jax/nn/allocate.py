@@ -236,15 +236,16 @@ def _spend(layer: _Layer, pricing: Pricing, costs: np.ndarray, errors: list[floa
         return threshold, float(pricing.costs(layer.name, [layer.stats(found, full=True)])[0]), found.rel_error
 
     high, low = threshold, max(layer.grid[i][0] for i in lower)
+    above = None  # the measurement at `low`, once the bisection has made one
     for _ in range(REFINE_STEPS):
         middle = measured(math.sqrt(high * low))
         if middle[1] - costs[j] <= spare:
             best, high = middle, middle[0]
         else:
-            low = middle[0]
-    # Bits jump where a threshold adds an exponent (one more bit per non-zero): the costlier grid point
-    # may then be nearer the budget than anything below it.
-    costlier = measured(low)
+            above, low = middle, middle[0]
+    # Bits jump where a threshold adds an exponent (one more bit per non-zero): the nearest threshold
+    # measured above the budget (the costlier grid point if none was) may be nearer it than anything below.
+    costlier = above or measured(low)
     return costlier if costlier[1] - costs[j] - spare < spare - (best[1] - costs[j]) else best
 
 
