@@ -45,7 +45,7 @@ BITS = (None, 8, 4)
 def _model(name: str, sd: bool, bits: int | None) -> Any:
     """The dense or SD (latent C) model with its layers' inputs, and its batch norms' and ReLUs' (where
     the model has `stored_activation_bits`), stored at `bits` (None: exact)."""
-    own = {"stored_activation_bits": bits} if bits and "stored_activation_bits" in models.options(name) else {}
+    own = models.stored_activation_options(name, bits)
     if sd:
         return models.get(name, num_classes=NUM_CLASSES, sd=SDRules(mode="latent", stored_activation_bits=bits), **own)
     if bits is None:

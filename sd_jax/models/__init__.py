@@ -11,7 +11,8 @@ earlier flat layer names (`params['stage1_block0/conv1']`). `synthetic_variables
 stand-in variables without running the initialisers, for tests and benchmarks.
 """
 from sd_jax.models.common import upgrade_layout
-from sd_jax.models.registry import get, layer_names, names, options, probe_shape
+from sd_jax.models.registry import get, layer_names, names, options, probe_shape, stored_activation_options
 from sd_jax.models.synthetic import synthetic_variables
 
-__all__ = ["get", "layer_names", "names", "options", "probe_shape", "synthetic_variables", "upgrade_layout"]
+__all__ = ["get", "layer_names", "names", "options", "probe_shape", "stored_activation_options", "synthetic_variables",
+           "upgrade_layout"]

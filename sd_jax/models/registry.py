@@ -91,6 +91,13 @@ def options(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - set(_NOT_OPTIONS)
 
 
+def stored_activation_options(name: str, bits: int | None) -> dict[str, int]:
+    """{"stored_activation_bits": bits} where model `name` stores its batch norms' inputs and ReLU masks
+    at low precision itself (ResNets, VGG: `sd_jax.nn.batch_norm`), else {} (its conv and dense layers
+    take the option from their factories or rules)."""
+    return {"stored_activation_bits": bits} if bits and "stored_activation_bits" in options(name) else {}
+
+
 def get(name: str, *, num_classes: int, sd: bool | SDRules = False, **kwargs: Any) -> nn.Module:
     """The model registered as `name` with `num_classes` outputs; `kwargs` set or override its fields.
 

@@ -105,10 +105,8 @@ def _model(config: ml_collections.ConfigDict, num_classes: int, rules: SDRules) 
     with `sd.activation_bits` / `sd.gradient_bits` set gets the SD layers' low-precision numerics (the
     dense 8-bit baseline of the paper's training claims). `sd.stored_activation_bits` also goes to the
     model itself where it has that option (its batch norms and ReLUs, `sd_jax.nn.batch_norm`)."""
-    options = config.model.options.to_dict()
-    bits = config.sd.get("stored_activation_bits") or None
-    if bits and "stored_activation_bits" in models.options(config.model.name):
-        options.setdefault("stored_activation_bits", bits)  # the model's batch norms and ReLUs
+    options = {**models.stored_activation_options(config.model.name, config.sd.get("stored_activation_bits")),
+               **config.model.options.to_dict()}
     if config.model.sd:
         return models.get(config.model.name, num_classes=num_classes, sd=rules, **options)
     if not any(config.sd.get(key) for key in ("activation_bits", "gradient_bits", "stored_activation_bits")):

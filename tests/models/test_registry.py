@@ -32,6 +32,14 @@ def test_get_passes_options_to_the_model():
     assert model.dtype == jnp.bfloat16
 
 
+def test_stored_activation_options_only_for_models_that_store_their_batch_norm_inputs():
+    assert models.stored_activation_options("resnet20", 4) == {"stored_activation_bits": 4}
+    assert models.stored_activation_options("resnet20", None) == {}
+    assert models.stored_activation_options("mlp", 8) == {}
+    assert models.get("resnet20", num_classes=10, **models.stored_activation_options("resnet20", 8)
+                      ).stored_activation_bits == 8
+
+
 def test_unknown_name_raises_value_error_listing_known_names():
     with pytest.raises(ValueError, match="unknown model 'resnet21'.*resnet20.*vgg19"):
         models.get("resnet21", num_classes=10)
