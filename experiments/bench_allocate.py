@@ -20,7 +20,6 @@ from typing import Any
 from absl import app, flags
 
 from experiments import benchmarking
-from experiments.benchmarking import report
 from sd_jax import models
 from sd_jax.core import report as sd_report
 from sd_jax.core.allocation import Target
@@ -62,16 +61,16 @@ def measure(name: str, target: float, repeats: int) -> dict[str, Any]:
                 layers=len(found.layers))
 
 
+def _describe(name: str, figures: dict[str, Any]) -> str:
+    return (f"{name}: target {figures['target']:g}x, achieved {figures['achieved']:.3f}x ({figures['off']:+.1%}); "
+            f"search first call {figures['first_search_seconds']:.1f} s, then median {figures['search_seconds']:.1f} s "
+            f"= {figures['search_over_decompose']:.1f}x one decomposition ({figures['decompose_seconds']:.1f} s)")
+
+
 def main(argv: list[str]) -> None:
     del argv
-    results = {}
-    for name in _MODELS.value:
-        results[name] = figures = measure(name, _TARGET.value, benchmarking.repeats(2))
-        print(f"{name}: target {figures['target']:g}x, achieved {figures['achieved']:.3f}x "
-              f"({figures['off']:+.1%}); search first call {figures['first_search_seconds']:.1f} s, then median "
-              f"{figures['search_seconds']:.1f} s = {figures['search_over_decompose']:.1f}x one decomposition "
-              f"({figures['decompose_seconds']:.1f} s)", flush=True)
-    report(results, as_json=benchmarking.JSON.value)
+    benchmarking.each_model(_MODELS.value, lambda name: measure(name, _TARGET.value, benchmarking.repeats(2)),
+                            _describe)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import optax
 from absl import app, flags
 
 from experiments import benchmarking
-from experiments.benchmarking import report
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SD_MASK
@@ -99,18 +98,18 @@ def bench_model(name: str, batch: int, repeats: int) -> dict[str, Any]:
     return result
 
 
+def _describe(name: str, r: dict[str, Any]) -> str:
+    return (f"{name}: forward+backward dense {r['dense_seconds']:.4f} s, SD {r['sd_seconds']:.4f} s, "
+            f"SD/dense {r['sd_over_dense']:.3f}; forward dense {r['forward_dense_seconds']:.4f} s, "
+            f"SD {r['forward_sd_seconds']:.4f} s, SD/dense {r['forward_sd_over_dense']:.3f}; compile "
+            f"fwd+bwd dense {r['forward_backward_dense_compile_seconds']:.1f} s, "
+            f"SD {r['forward_backward_sd_compile_seconds']:.1f} s")
+
+
 def main(argv: list[str]) -> None:
     del argv
-    results = {}
-    for name in _MODELS.value:
-        results[name] = bench_model(name, _BATCH.value, benchmarking.repeats(_REPEATS))
-        r = results[name]
-        print(f"{name}: forward+backward dense {r['dense_seconds']:.4f} s, SD {r['sd_seconds']:.4f} s, "
-              f"SD/dense {r['sd_over_dense']:.3f}; forward dense {r['forward_dense_seconds']:.4f} s, "
-              f"SD {r['forward_sd_seconds']:.4f} s, SD/dense {r['forward_sd_over_dense']:.3f}; compile "
-              f"fwd+bwd dense {r['forward_backward_dense_compile_seconds']:.1f} s, "
-              f"SD {r['forward_backward_sd_compile_seconds']:.1f} s", flush=True)
-    report(results, as_json=benchmarking.JSON.value)
+    benchmarking.each_model(_MODELS.value, lambda name: bench_model(name, _BATCH.value,
+                                                                      benchmarking.repeats(_REPEATS)), _describe)
 
 
 if __name__ == "__main__":

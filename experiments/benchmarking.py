@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -41,3 +42,14 @@ def report(results: dict[str, dict[str, Any]], *, as_json: bool) -> None:
     print(f"machine: {info}")
     if as_json:
         print(json.dumps({name: dict(r, machine=info) for name, r in results.items()}))
+
+
+def each_model(names: Sequence[str], measure: Callable[[str], dict[str, Any]],
+               describe: Callable[[str, dict[str, Any]], str]) -> None:
+    """`measure` each model, printing `describe(name, figures)` as each lands, then `report` them all
+    (one JSON object with --json)."""
+    results = {}
+    for name in names:
+        results[name] = measure(name)
+        print(describe(name, results[name]), flush=True)
+    report(results, as_json=JSON.value)
