@@ -59,7 +59,11 @@ KNOWN_KEYS = ("skip", *OPTION_NAMES, *DECOMPOSE_ONLY)
 TARGET_KEYS = tuple(f"target_{field.name}" for field in dataclasses.fields(Target))
 # Training images whose loss weighs the layers of a target's allocation (0: the reconstruction error alone).
 CALIBRATION_KEY = "target_calibration"
-ALLOCATION_KEYS = (*TARGET_KEYS, CALIBRATION_KEY)
+# How a target is met: "per_layer" (each layer's threshold and pruning chosen, `allocate.allocate`) or
+# "uniform" (one factor on every layer's configured threshold, `allocate.uniform`).
+METHOD_KEY = "target_method"
+TARGET_METHODS = ("per_layer", "uniform")
+ALLOCATION_KEYS = (*TARGET_KEYS, CALIBRATION_KEY, METHOD_KEY)
 # DecomposeOptions fields SD layers cannot represent.
 UNSUPPORTED = {"pow2": "SD layers hold power-of-two coefficients; drop pow2",
                "row_scale": "SD layers store no per-row scale; drop row_scale"}
@@ -138,7 +142,7 @@ class SDRules:
         return dict({key: getattr(layer, key) for key in OPTION_NAMES if key != "kind"},
                     **{key: getattr(decompose, key) for key in DECOMPOSE_ONLY}, max_kernel_size=MAX_KERNEL_SIZE,
                     rules=[], **{key: getattr(target, key.removeprefix("target_")) for key in TARGET_KEYS},
-                    **{CALIBRATION_KEY: 0})
+                    **{CALIBRATION_KEY: 0, METHOD_KEY: TARGET_METHODS[0]})
 
     @staticmethod
     def option_types() -> dict[str, type]:
@@ -170,6 +174,23 @@ class SDRules:
             raise ValueError(f"sd.{CALIBRATION_KEY}={count!r} must be a whole number of training images >= 0 "
                              f"(0 turns the calibration off); pass e.g. sd.{CALIBRATION_KEY}=256")
         return count
+
+    @staticmethod
+    def method_of(config: Any) -> str:
+        """`sd.target_method` of a config ("per_layer" when unset); ValueError for an unknown method, a bad
+        `sd.target_calibration` (`calibration_of`), or "uniform" with a calibration (which weighs per-layer
+        choices that method does not make)."""
+        calibration = SDRules.calibration_of(config)
+        section = config.get("sd") if config is not None else None
+        method = (section.get(METHOD_KEY) if section is not None else None) or TARGET_METHODS[0]
+        if method not in TARGET_METHODS:
+            raise ValueError(f"sd.{METHOD_KEY}={method!r} is not one of {TARGET_METHODS}; pass e.g. "
+                             f"sd.{METHOD_KEY}=uniform")
+        if method == "uniform" and calibration:
+            raise ValueError(f"sd.{METHOD_KEY}='uniform' chooses no layer on its own, so sd.{CALIBRATION_KEY} "
+                             f"has no per-layer choice to weigh; pass sd.{CALIBRATION_KEY}=0 or "
+                             f"sd.{METHOD_KEY}=per_layer")
+        return method
 
     def __repr__(self) -> str:
         return f"SDRules({list(self.rules)!r}, max_kernel_size={self.max_kernel_size}, **{self.defaults!r})"

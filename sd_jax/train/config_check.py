@@ -154,7 +154,7 @@ def _check_sd(config: ml_collections.ConfigDict) -> None:
         SDRules.target_of(config)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{error}; pass e.g. sd.target_compression=12.0, or 0 for no target") from None
-    SDRules.calibration_of(config)
+    SDRules.method_of(config)  # checks the calibration too
     try:
         SDRules.from_config(config)
     except ValueError as error:

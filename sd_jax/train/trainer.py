@@ -135,9 +135,9 @@ def _run_rules(config: ml_collections.ConfigDict, workdir: epath.Path, progress:
     if SD_COEFF in loaded:
         raise ValueError(f"init.from_params={config.init.from_params} holds SD variables, but sd.{target.describe()} "
                          "allocates per-layer settings on dense kernels; pass a dense checkpoint")
-    progress.report(f"allocate: per-layer thresholds for {target.describe()} on the dense kernels of "
-                    f"{config.init.from_params}")
-    found = allocate.allocate(loaded["params"], rules, target)
+    progress.report(f"allocate: thresholds ({SDRules.method_of(config)}) for {target.describe()} on the dense "
+                    f"kernels of {config.init.from_params}")
+    found = allocate.targeted_rules(config, loaded["params"])[1]
     progress.report(f"allocate: estimated compression {found.estimated:.2f}x; the rules go to {path}")
     if run_files.reports():
         workdir.mkdir(parents=True, exist_ok=True)

@@ -116,12 +116,58 @@ def test_the_config_target_keys_are_read_and_checked():
     assert SDRules.target_of(config) == Target(compression=8.0)
     SDRules.from_config(config)  # the target keys are not layer options
     assert SDRules.calibration_of(config) == 0
+    assert SDRules.method_of(config) == "per_layer"
+    config.sd.target_method = "greedy"
+    with pytest.raises(ValueError, match="sd.target_method='greedy' is not one of"):
+        SDRules.method_of(config)
+    config.sd.target_method, config.sd.target_calibration = "uniform", 64
+    with pytest.raises(ValueError, match="pass sd.target_calibration=0 or sd.target_method=per_layer"):
+        SDRules.method_of(config)
     config.sd.target_calibration = -1
     with pytest.raises(ValueError, match="whole number of training images"):
         SDRules.calibration_of(config)
     config.sd.target_bytes = 1e6
     with pytest.raises(ValueError, match="set only one target"):
         SDRules.target_of(config)
+
+
+def test_uniform_meets_the_target_with_one_factor_on_the_configured_thresholds(tmp_path):
+    params = _params()
+    rules = SDRules([("^dense$", {"threshold": 0.02})], iterations=4, threshold=0.01)
+    found = allocate.uniform(params, rules, Target(compression=6.0))
+    achieved, decomposition = _compression(params, found.sd_rules(rules))
+    assert achieved == pytest.approx(6.0, rel=0.05) and found.estimated == pytest.approx(achieved, rel=1e-6)
+    chosen = {choice.layer: choice for choice in found.layers}
+    assert chosen["dense"].threshold == pytest.approx(2 * chosen["conv"].threshold)  # the configured ratio
+    assert {choice.threshold_scale for choice in found.layers} == {"absolute"}
+    path = tmp_path / allocate.ALLOCATION_FILE
+    found.write(str(path))
+    again = _compression(params, SDRules(allocate.read_rules(str(path)), iterations=4))[1]
+    assert [r.storage_bits for r in again.reports] == [r.storage_bits for r in decomposition.reports]
+
+
+def test_uniform_finds_the_configured_threshold_for_the_compression_it_gives():
+    params = _params()
+    rules = SDRules(iterations=4, threshold=0.05)
+    own, _ = _compression(params, rules)
+    found = allocate.uniform(params, rules, Target(compression=own))
+    assert _compression(params, found.sd_rules(rules))[0] == pytest.approx(own, rel=0.01)
+    assert found.layers[0].threshold == pytest.approx(0.05, rel=0.25)
+
+
+def test_uniform_refuses_an_unreachable_target_and_thresholds_it_cannot_scale():
+    with pytest.raises(ValueError, match=r"out of reach: .* reaches compression [\d.]+x to [\d.]+x .*one factor"):
+        allocate.uniform(_params(), SDRules(iterations=4, threshold=0.01), Target(compression=1000.0))
+    with pytest.raises(ValueError, match="every selected layer's is 0; set sd.threshold"):
+        allocate.uniform(_params(), SDRules(iterations=4, threshold=0.0), Target(compression=6.0))
+
+
+def test_targeted_rules_follow_the_config_method():
+    sd = ml_collections.ConfigDict(dict(SDRules.option_defaults(), target_compression=6.0, iterations=4,
+                                        threshold=0.01, target_method="uniform"))
+    rules, found = allocate.targeted_rules(ml_collections.ConfigDict(dict(sd=sd)), _params())
+    assert {options["threshold_scale"] for _, options in found.rules} == {"absolute"}
+    assert _compression(_params(), rules)[0] == pytest.approx(6.0, rel=0.05)
 
 
 def test_read_rules_names_a_bad_file(tmp_path):

@@ -59,6 +59,7 @@ BAD = {
     "sd.target_compression": 0.5,
     "sd.target_energy_ratio": -0.5,
     "sd.target_calibration": -1,
+    "sd.target_method": "layerwise",
     "optim.coeff_update": "adam",
     "optim.compressibility_weight": -0.1,
     "optim.optimizer": "lamb",
@@ -103,6 +104,7 @@ ACROSS = {
     "eval.every_steps": {"optim.project_every_epoch": True, "eval.every_steps": 10},
     "optim.coeff_update": {"optim.coeff_update": "latent", "model.sd": True},
     "optim.compressibility_weight": {"optim.compressibility_weight": 0.1, "model.sd": False},
+    "sd.target_method": {"sd.target_method": "uniform", "sd.target_calibration": 64},
 }
 
 
