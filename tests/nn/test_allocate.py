@@ -206,3 +206,14 @@ def test_zoo_models_land_within_5_percent_of_an_energy_target(name):
     target = (least + most) / 2
     found = allocate.allocate(params, rules, Target(energy_ratio=target), pricing=pricing)
     assert _energy_ratio(model, params, found.sd_rules(rules), shape) == pytest.approx(target, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.names())
+def test_zoo_models_land_within_5_percent_of_a_compression_target_with_one_factor(name):
+    _, _, params = _zoo(name)
+    rules = SDRules(threshold=0.03)
+    found = allocate.uniform(params, rules, Target(compression=8.0))
+    achieved, _ = _compression(params, found.sd_rules(rules))
+    assert achieved == pytest.approx(8.0, rel=0.05)
+    assert len({choice.threshold for choice in found.layers}) == 1

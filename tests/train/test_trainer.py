@@ -396,3 +396,6 @@ def test_a_target_needs_a_dense_checkpoint_to_start_from(tmp_path):
         check_training_config(_config(model__sd=True, sd__target_compression=6.0))
     with pytest.raises(ValueError, match="training meets storage targets only"):
         check_training_config(_config(model__sd=True, init__from_params=str(dense), sd__target_energy_ratio=0.2))
+    with pytest.raises(ValueError, match="training allocates without a calibration; decompose with it"):
+        check_training_config(_config(model__sd=True, init__from_params=str(dense), sd__target_compression=6.0,
+                                      sd__target_calibration=64))
