@@ -29,7 +29,7 @@ from sd_jax.models.synthetic import he_normal_params
 from sd_jax.nn import allocate, convert
 from sd_jax.nn.rules import TARGET_METHODS, SDRules
 
-_MODELS = flags.DEFINE_list("models", ["resnet50_imagenet", "vgg16"], "Zoo models to allocate for.")
+MODELS = ("resnet50_imagenet", "vgg16")
 _TARGET = flags.DEFINE_float("target", 8.0, "Compression target (dense 32-bit storage over SD storage).")
 _METHOD = flags.DEFINE_enum("method", "per_layer", TARGET_METHODS, "How the target is met (sd.target_method).")
 
@@ -76,7 +76,7 @@ def _describe(name: str, figures: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     repeats = benchmarking.repeats(2)
-    benchmarking.each_model(_MODELS.value, lambda name: measure(name, _TARGET.value, repeats, _METHOD.value), _describe)
+    benchmarking.each_model(benchmarking.models(MODELS), lambda name: measure(name, _TARGET.value, repeats, _METHOD.value), _describe)
 
 
 if __name__ == "__main__":

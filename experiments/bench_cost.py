@@ -18,7 +18,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app
 
 from experiments import benchmarking
 from experiments.benchmarking import machine

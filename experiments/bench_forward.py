@@ -25,15 +25,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import app
 
 from experiments import benchmarking
 from sd_jax import models
 from sd_jax.models.synthetic import synthetic_variables
 from sd_jax.nn import SD_MASK
 
-_MODELS = flags.DEFINE_list("models", ["resnet20", "resnet18"], "Zoo models to time (CIFAR forms).")
-_BATCH = flags.DEFINE_integer("batch", 128, "Batch size.")
+MODELS = ("resnet20", "resnet18")  # CIFAR forms
+BATCH = 128
 _REPEATS = 5  # timed runs per function unless --repeats says otherwise
 
 NUM_CLASSES = 10
@@ -108,7 +108,7 @@ def _describe(name: str, r: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    benchmarking.each_model(_MODELS.value, lambda name: bench_model(name, _BATCH.value,
+    benchmarking.each_model(benchmarking.models(MODELS), lambda name: bench_model(name, benchmarking.batch(BATCH),
                                                                       benchmarking.repeats(_REPEATS)), _describe)
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the input pipeline's host and device paths on CIFAR-10 shapes, and how long a step waits.
 
-    python -m experiments.bench_input [--batch=128] [--batches=40] [--step_ms=100] [--json]
+    python -m experiments.bench_input [--batch=128] [--timed_batches=40] [--step_ms=100] [--json]
 
 Data: the real CIFAR-10 training split as prepared `cifar10_jpeg` (in `SD_JAX_DATA_DIR` or TFDS's
 folder, `python -m sd_jax.data.prepare cifar10_jpeg --source ...`) when it is there, else 50,000
@@ -11,9 +11,9 @@ float32 images and int32 labels:
 - device: `placement="device"`, the split held as uint8 on the devices and batches made there by
   one jitted function, each call ended with `jax.block_until_ready`.
 Host and device calls alternate (A B A B ...) in one process after one warm-up call each (the device
-path's compilation, reported as `device_first_batch_seconds`); medians of `--batches` calls give
+path's compilation, reported as `device_first_batch_seconds`); medians of `--timed_batches` calls give
 `host_images_per_second` and `device_images_per_second`.
-Wait time: a consumer takes `--batches` batches, and after each runs a stand-in step of fixed
+Wait time: a consumer takes `--timed_batches` batches, and after each runs a stand-in step of fixed
 duration (`--step_ms` of sleep, which frees the CPU as an accelerator step would); the median time
 it waits in `next()` is `host_wait_seconds` (the default `prefetch=2`: batches made in a background
 thread meanwhile), `host_wait_seconds_no_prefetch` and `device_wait_seconds`.
@@ -38,8 +38,8 @@ from experiments import benchmarking
 from experiments.benchmarking import report
 from sd_jax import data
 
-_BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
-_BATCHES = flags.DEFINE_integer("batches", 40, "Timed batches per measurement.")
+BATCH = 128
+_BATCHES = flags.DEFINE_integer("timed_batches", 40, "Timed batches per measurement.")
 _STEP_MS = flags.DEFINE_float("step_ms", 100.0, "Duration of the stand-in train step, in milliseconds.")
 
 REAL = "cifar10_jpeg"
@@ -103,7 +103,7 @@ def measure(name: str, batch: int, batches: int, step_seconds: float) -> dict[st
 def main(argv: list[str]) -> None:
     del argv
     with cifar10() as (name, source):
-        figures = measure(name, _BATCH.value, _BATCHES.value, _STEP_MS.value / 1000)
+        figures = measure(name, benchmarking.batch(BATCH), _BATCHES.value, _STEP_MS.value / 1000)
     figures["data"] = source
     print(f"data: {source}")
     print(f"host {figures['host_images_per_second']:.0f} images/s, device {figures['device_images_per_second']:.0f} "

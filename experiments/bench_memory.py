@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app
 
 from experiments import benchmarking
 from experiments.benchmarking import report
@@ -34,8 +34,8 @@ from sd_jax.train import sharding
 from sd_jax.train.optimizer import sd_optimizer
 from sd_jax.train.step import create_train_state, make_steps, step_memory
 
-_MODELS = flags.DEFINE_list("models", ["resnet20"], "Zoo models to compile.")
-_BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
+MODELS = ("resnet20",)
+BATCH = 128
 
 NUM_CLASSES = 10
 SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -94,13 +94,13 @@ def measure(name: str, shape: tuple[int, ...], sd: bool, batch_size: int, repeat
 
 def main(argv: list[str]) -> None:
     del argv
-    results = {}
-    for name in _MODELS.value:
+    results, batch = {}, benchmarking.batch(BATCH)
+    for name in benchmarking.models(MODELS):
         for dataset, shape in SHAPES.items():
             for sd in (False, True):
                 key = f"{dataset}_{name}_{'sd' if sd else 'dense'}"
-                figures = measure(name, shape, sd, _BATCH.value, benchmarking.repeats(0))
-                results[key] = dict(figures, dataset=dataset, model=name, sd=sd, batch=_BATCH.value,
+                figures = measure(name, shape, sd, batch, benchmarking.repeats(0))
+                results[key] = dict(figures, dataset=dataset, model=name, sd=sd, batch=batch,
                                     input_shape=list(shape))
                 ratios = {bits: round(results[key][f"peak_memory_ratio_{bits}"], 3) for bits in BITS[1:]}
                 timed = ""

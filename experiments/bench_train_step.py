@@ -59,8 +59,8 @@ from sd_jax.train.bucket_switch import bucket_switch
 from sd_jax.train.optimizer import sd_optimizer, sgd
 from sd_jax.train.step import TrainState, create_train_state, make_steps
 
-_MODELS = flags.DEFINE_list("models", ["resnet20", "resnet18"], "Zoo models to time (CIFAR forms).")
-_BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
+MODELS = ("resnet20", "resnet18")  # CIFAR forms
+BATCH = 128
 _REPEATS = 5  # timed runs per function unless --repeats says otherwise
 _LR = flags.DEFINE_float("lr", 0.01, "Constant learning rate of both optimizers.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time gradients and optimizer update apart.")
@@ -229,8 +229,8 @@ def bench_model(name: str, batch_size: int, repeats: int, lr: float, breakdown: 
 def main(argv: list[str]) -> None:
     del argv
     results = {}
-    for name in _MODELS.value:
-        r = results[name] = bench_model(name, _BATCH.value, benchmarking.repeats(_REPEATS), _LR.value, _BREAKDOWN.value,
+    for name in benchmarking.models(MODELS):
+        r = results[name] = bench_model(name, benchmarking.batch(BATCH), benchmarking.repeats(_REPEATS), _LR.value, _BREAKDOWN.value,
                                         _BASELINE.value, _DTYPE.value, _XLA_DEFAULTS.value)
         print(f"{name}: train step dense {r['dense_seconds']:.4f} s ({r['dense_images_per_second']:.0f} img/s), "
               f"SD {r['sd_seconds']:.4f} s ({r['sd_images_per_second']:.0f} img/s), SD/dense {r['sd_over_dense']:.3f}; "

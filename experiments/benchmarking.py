@@ -20,9 +20,23 @@ REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per measured functio
                                "(default: the benchmark's own).")
 
 
+MODELS = flags.DEFINE_list("models", None, "Zoo models to measure (default: the benchmark's own).")
+BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the benchmark's own).")
+
+
 def repeats(default: int) -> int:
     """`--repeats`, or the benchmark's `default` when it is not given."""
     return default if REPEATS.value is None else REPEATS.value
+
+
+def models(default: Sequence[str]) -> list[str]:
+    """`--models`, or the benchmark's `default` when it is not given."""
+    return list(default) if MODELS.value is None else MODELS.value
+
+
+def batch(default: int) -> int:
+    """`--batch`, or the benchmark's `default` when it is not given."""
+    return default if BATCH.value is None else BATCH.value
 
 
 def machine() -> dict[str, Any]:

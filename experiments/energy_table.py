@@ -18,6 +18,7 @@ import json
 
 from absl import app, flags
 
+from experiments import benchmarking
 from experiments.configs import default
 from sd_jax.commands import inputs
 from sd_jax.commands.analyze import network_of
@@ -26,9 +27,8 @@ from sd_jax.cost import analysis, comparison
 PAPER = dict(inference_energy_ratio=2.44, training_storage_ratio=10.56, training_energy_ratio=4.48)
 RATIOS = ("inference_energy_ratio", "storage_ratio", "training_energy_ratio", "training_storage_ratio")
 
-_MODELS = flags.DEFINE_list("models", ["resnet20", "vgg19", "mobilenet_v2", "resnet50_imagenet"], "Zoo models.")
+MODELS = ("resnet20", "vgg19", "mobilenet_v2", "resnet50_imagenet")
 _TABLE = flags.DEFINE_string("table", "horowitz45nm", "Energy table name or JSON path.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 
 
 def model_entry(name: str, table: str) -> dict:
@@ -49,7 +49,7 @@ def model_entry(name: str, table: str) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    results = {name: model_entry(name, _TABLE.value) for name in _MODELS.value}
+    results = {name: model_entry(name, _TABLE.value) for name in benchmarking.models(MODELS)}
     header = f"{'model':20s}{'MACs':>14s}{'C density':>10s}" + "".join(f"{k.replace('_ratio', ''):>24s}" for k in RATIOS)
     print(header)
     for name, entry in results.items():
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
         print(f"{name:20s}{entry['macs']:>14,}{entry['sd_density']:>10.3f}{cells}")
     print("(each cell: dense fp32 / SD, then dense int8 / SD)")
     print("paper (headline, up to): " + ", ".join(f"{k} {v}x" for k, v in PAPER.items()))
-    if _JSON.value:
+    if benchmarking.JSON.value:
         print(json.dumps(dict(models=results, paper=PAPER, table=_TABLE.value)))
 
 

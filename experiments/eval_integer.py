@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import benchmarking
 from sd_jax.commands import inputs
 from sd_jax.nn.rules import SDRules
 from sd_jax.serve import integer
@@ -31,7 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config (mod
 _PARAMS = flags.DEFINE_string("params", None, "The run's checkpoints directory or a parameter file.", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write integer_eval.json.", required=True)
 _CALIBRATION = flags.DEFINE_integer("calibration", 500, "Training images that set the activation ranges.")
-_BATCH = flags.DEFINE_integer("batch", 250, "Evaluation batch.")
+BATCH = 250  # evaluation batch (--batch)
 _DENSE_RUN = flags.DEFINE_string("dense_run", None, "The dense twin's run directory (its summary.json): its top-1 "
                                  "is recorded beside the SD figures.")
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
     float_logits = jax.jit(lambda x: model.apply(variables, x, train=False))
     integer_logits = jax.jit(integer_model.apply)
     correct, agree, count = np.zeros(2), 0, 0
-    for batch in inputs.pipeline(config, "eval", _BATCH.value):
+    for batch in inputs.pipeline(config, "eval", benchmarking.batch(BATCH)):
         valid = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)), bool)
         labels = np.asarray(batch["label"])[valid]
         predictions = [np.asarray(f(batch["image"])).argmax(-1)[valid] for f in (float_logits, integer_logits)]

@@ -1,21 +1,11 @@
 """experiments/bench_memory.py measures what it says: a ResNet's compiled train step peaks lower with
-low-bit stored activations, and the timing path reports medians and ratios against exact. In a
-subprocess: the benchmarks each define --models, so two cannot be imported into one test worker."""
+low-bit stored activations, and the timing path reports medians and ratios against exact."""
 
-import json
-import pathlib
-import subprocess
-import sys
-
-MEASURE = ("import json; from experiments import bench_memory; "
-           "print(json.dumps(bench_memory.measure('resnet20', (16, 16, 1), sd=True, batch_size=16, repeats=1)))")
+from experiments import bench_memory
 
 
 def test_measure_reports_lower_peaks_for_fewer_stored_bits_and_times_against_exact():
-    done = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, timeout=600,
-                          check=False, cwd=pathlib.Path(__file__).parents[2])
-    assert done.returncode == 0, done.stderr[-2000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures = bench_memory.measure("resnet20", (16, 16, 1), sd=True, batch_size=16, repeats=1)
     assert figures["bits_exact"]["peak_bytes"] > 0
     # Batch norm inputs as codes and ReLU masks as bits: about half of exact at this small shape (0.53 / 0.50
     # measured), about a quarter at batch 128 on 28 x 28 (BENCHMARKS.md).

@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments.configs import paper
-from sd_jax import data, models
+from sd_jax import data
 from sd_jax.nn.rules import SDRules
 from sd_jax.train import trainer
 from sd_jax.train.optimizer import sd_optimizer
