@@ -155,6 +155,18 @@ def test_uniform_finds_the_configured_threshold_for_the_compression_it_gives():
     assert found.layers[0].threshold == pytest.approx(0.05, rel=0.25)
 
 
+def test_uniform_straddles_a_jump_no_single_factor_lands_near():
+    """The MLP at threshold 0.03: one exponent fewer in its two hidden layers at once takes the network
+    from 7.2x to 8.5x within 2 % of the factor. About 8 s."""
+    params = he_normal_params(models.get("mlp", num_classes=10), (1, 28, 28, 1))
+    rules = SDRules(threshold=0.03, iterations=4)
+    found = allocate.uniform(params, rules, Target(compression=8.0))
+    achieved, _ = _compression(params, found.sd_rules(rules))
+    assert achieved == pytest.approx(8.0, rel=0.05) and achieved == pytest.approx(found.estimated, rel=1e-6)
+    thresholds = [choice.threshold for choice in found.layers]
+    assert len(set(thresholds)) == 2 and max(thresholds) / min(thresholds) <= allocate.FACTOR_RESOLUTION
+
+
 def test_uniform_refuses_an_unreachable_target_and_thresholds_it_cannot_scale():
     with pytest.raises(ValueError, match=r"out of reach: .* reaches compression [\d.]+x to [\d.]+x .*one factor"):
         allocate.uniform(_params(), SDRules(iterations=4, threshold=0.01), Target(compression=1000.0))
