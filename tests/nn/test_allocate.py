@@ -223,9 +223,11 @@ def test_zoo_models_land_within_5_percent_of_an_energy_target(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", models.names())
 def test_zoo_models_land_within_5_percent_of_a_compression_target_with_one_factor(name):
+    """All 20 in 7.5 minutes on 2 workers (2026-12-01); five straddle a jump (thresholds 0.3 % apart)."""
     _, _, params = _zoo(name)
     rules = SDRules(threshold=0.03)
     found = allocate.uniform(params, rules, Target(compression=8.0))
     achieved, _ = _compression(params, found.sd_rules(rules))
     assert achieved == pytest.approx(8.0, rel=0.05)
-    assert len({choice.threshold for choice in found.layers}) == 1
+    thresholds = [choice.threshold for choice in found.layers]
+    assert max(thresholds) / min(thresholds) <= allocate.FACTOR_RESOLUTION
