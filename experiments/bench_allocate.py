@@ -9,8 +9,8 @@ or `allocate.uniform` (--method=uniform, one factor on the default threshold) fo
 repeats after it; as the baseline, in the same process and alternated with the repeats, one
 decomposition of the whole network with the chosen rules (`convert.to_sd`, compiled before it is
 timed), the work a user does anyway once the settings are known. It reports the achieved compression
-of that decomposition against the target. The issue's bar: ResNet-50 searched in under 30 s on the 2-core CPU, compilation
-included, and every target within 5 %. About 3 minutes for the two default models.
+of that decomposition against the target. The issue's bar: ResNet-50 searched in under 30 s on the
+2-core CPU, compilation included, and every target within 5 %. About 3 minutes for the two default models.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _describe(name: str, figures: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     repeats = benchmarking.repeats(2)
-    benchmarking.each_model(benchmarking.models(MODELS), lambda name: measure(name, _TARGET.value, repeats, _METHOD.value), _describe)
+    benchmarking.each_model(benchmarking.models(MODELS),
+                            lambda name: measure(name, _TARGET.value, repeats, _METHOD.value), _describe)
 
 
 if __name__ == "__main__":

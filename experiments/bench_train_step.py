@@ -230,8 +230,8 @@ def main(argv: list[str]) -> None:
     del argv
     results = {}
     for name in benchmarking.models(MODELS):
-        r = results[name] = bench_model(name, benchmarking.batch(BATCH), benchmarking.repeats(_REPEATS), _LR.value, _BREAKDOWN.value,
-                                        _BASELINE.value, _DTYPE.value, _XLA_DEFAULTS.value)
+        r = results[name] = bench_model(name, benchmarking.batch(BATCH), benchmarking.repeats(_REPEATS), _LR.value,
+                                        _BREAKDOWN.value, _BASELINE.value, _DTYPE.value, _XLA_DEFAULTS.value)
         print(f"{name}: train step dense {r['dense_seconds']:.4f} s ({r['dense_images_per_second']:.0f} img/s), "
               f"SD {r['sd_seconds']:.4f} s ({r['sd_images_per_second']:.0f} img/s), SD/dense {r['sd_over_dense']:.3f}; "
               f"compile dense {r['dense_compile_seconds']:.1f} s, SD {r['sd_compile_seconds']:.1f} s", flush=True)
