@@ -183,6 +183,14 @@ class StoragePricing:
         return np.array([candidate.storage_bits for candidate in candidates], np.float64)
 
 
+def _pricing(target: Target, pricing: Pricing | None) -> Pricing:
+    """`pricing`, storage bits when None; an energy target without one is refused."""
+    if target.counts_energy and pricing is None:
+        raise ValueError(f"{target.describe()} needs the model's layers to price energy; pass "
+                         "pricing=sd_jax.cost.pricing.energy_pricing(...) (the commands do)")
+    return pricing or StoragePricing()
+
+
 def _sample(weight: np.ndarray) -> tuple[np.ndarray, float]:
     """(evenly spaced output channels of `weight` holding about SAMPLE_WEIGHTS weights, layer size / sample size).
 
@@ -326,10 +334,7 @@ def allocate(params: Any, rules: SDRules, target: Target, sensitivity: Mapping[s
     whose chosen candidate a missed exponent would make costlier are measured in full. Raises
     ValueError naming the reachable range when the target is out of it.
     """
-    if target.counts_energy and pricing is None:
-        raise ValueError(f"{target.describe()} needs the model's layers to price energy; pass "
-                         "pricing=sd_jax.cost.pricing.energy_pricing(...) (the commands do)")
-    pricing = pricing or StoragePricing()
+    pricing = _pricing(target, pricing)
     layers, dense_params = _layers(params, rules, thresholds, prune_fractions)
     grid_jobs = [layer.job(*candidate) for layer in layers for candidate in layer.grid]
     # Every call pads its buckets to the larger of the grid's and a full round's sizes: one compilation
@@ -397,10 +402,7 @@ def uniform(params: Any, rules: SDRules, target: Target, *, pricing: Pricing | N
     single factor lands that near, layers take the two sides of the jump (`_straddled`). Raises
     ValueError naming the reachable range when the target is out of it, or when every selected layer's
     threshold is 0 (no factor changes anything)."""
-    if target.counts_energy and pricing is None:
-        raise ValueError(f"{target.describe()} needs the model's layers to price energy; pass "
-                         "pricing=sd_jax.cost.pricing.energy_pricing(...) (the commands do)")
-    pricing = pricing or StoragePricing()
+    pricing = _pricing(target, pricing)
     layers, dense_params = _layers(params, rules, (1.0,), (0.0,))
     if not any(layer.options.threshold for layer in layers):
         raise ValueError("a uniform target scales the configured thresholds, and every selected layer's is 0; "

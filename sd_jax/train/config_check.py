@@ -228,8 +228,9 @@ def check_training_config(config: ml_collections.ConfigDict) -> ml_collections.C
     if not (config.model.sd and config.init.from_params):
         raise ValueError(f"sd.{target.describe()} chooses the thresholds on dense weights: start from a dense "
                          "checkpoint (model.sd=True, init.from_params=<dense checkpoint or .npz>)")
-    if SDRules.calibration_of(config):
-        raise ValueError(f"sd.target_calibration={SDRules.calibration_of(config)}: training allocates without "
+    calibration = SDRules.calibration_of(config)
+    if calibration:
+        raise ValueError(f"sd.target_calibration={calibration}: training allocates without "
                          "a calibration; decompose with it (--mode=decompose --output=sd.npz), then train with "
                          "init.from_params=sd.npz and config.sd.rules = "
                          "sd_jax.nn.allocate.read_rules('sd.npz.sd_allocation.json'), the target keys at 0")

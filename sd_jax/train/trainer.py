@@ -134,7 +134,7 @@ def _run_rules(config: ml_collections.ConfigDict, workdir: epath.Path, progress:
     loaded = models.upgrade_layout(sd_io.load_variables(config.init.from_params))
     if SD_COEFF in loaded:
         raise ValueError(f"init.from_params={config.init.from_params} holds SD variables, but sd.{target.describe()} "
-                         "allocates per-layer settings on dense kernels; pass a dense checkpoint")
+                         "chooses its thresholds on dense kernels; pass a dense checkpoint")
     progress.report(f"allocate: thresholds ({SDRules.method_of(config)}) for {target.describe()} on the dense "
                     f"kernels of {config.init.from_params}")
     found = allocate.targeted_rules(config, loaded["params"])[1]
